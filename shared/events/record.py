@@ -45,6 +45,15 @@ Id = Annotated[
     str,
     BeforeValidator(_coerce_id),
     StringConstraints(min_length=1, max_length=64, strict=True),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "maxLength": 64},
+                {"type": "integer", "description": "sent as a number; read as its string"},
+            ]
+        },
+        mode="validation",
+    ),
 ]
 """An entity id: a non-empty string of at most 64 characters (JSON integers accepted)."""
 
@@ -58,6 +67,15 @@ Timestamp = Annotated[
     AfterValidator(_utc),
     PlainSerializer(
         lambda d: d.isoformat().replace("+00:00", "Z"), return_type=str, when_used="json"
+    ),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "number", "description": "seconds since the Unix epoch"},
+            ]
+        },
+        mode="validation",
     ),
 ]
 """A UTC instant; accepts ISO-8601 (naive means UTC) or epoch seconds."""
@@ -114,13 +132,15 @@ def new_event_id() -> str:
 class Event(BaseModel):
     """Base of every topic's value."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, use_attribute_docstrings=True
+    )
 
 
 class People(BaseModel):
     """Names or ids of a movie's people; order matters (first director, lead actor)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     directors: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
         default_factory=list, max_length=50
@@ -202,7 +222,9 @@ class UserProfileUpdated(Event):
 
 
 class RecommendedItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """One entry of a recommendation list, best first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     movie_id: Id
     title: str

@@ -1,0 +1,118 @@
+"""The wire contract's models: what they accept, what they refuse, how they look."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import orjson
+import pytest
+
+from shared.events import (
+    ItemEmbedded,
+    MoviePublished,
+    RatingSubmitted,
+    decode,
+    decode_vector,
+    encode,
+    encode_vector,
+)
+from shared.exceptions import InvalidEventError
+
+RATING = {"user_id": "196", "movie_id": "242", "rating": 3.0, "occurred_at": "1997-12-04T15:55:49Z"}
+
+
+def test_rating_from_the_readme_example() -> None:
+    event = decode(RatingSubmitted, orjson.dumps(RATING))
+    assert event.user_id == "196"
+    assert event.occurred_at == datetime(1997, 12, 4, 15, 55, 49, tzinfo=UTC)
+    assert len(event.event_id) == 32  # assigned when absent
+
+
+def test_numeric_ids_and_epoch_seconds_are_accepted() -> None:
+    raw = {"user_id": 196, "movie_id": 242, "rating": 3, "occurred_at": 881250949}
+    event = decode(RatingSubmitted, orjson.dumps(raw))
+    assert (event.user_id, event.movie_id) == ("196", "242")
+    assert event.occurred_at == datetime(1997, 12, 4, 15, 55, 49, tzinfo=UTC)
+
+
+def test_naive_timestamps_are_utc_and_serialise_with_z() -> None:
+    event = decode(RatingSubmitted, orjson.dumps({**RATING, "occurred_at": "1997-12-04T15:55:49"}))
+    assert orjson.loads(encode(event))["occurred_at"] == "1997-12-04T15:55:49Z"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"rating": 7}, "rating"),
+        ({"rating": 0.0}, "rating"),
+        ({"rating": "three"}, "rating"),
+        ({"user_id": True}, "user_id"),
+        ({"user_id": ""}, "user_id"),
+        ({"user_id": None}, "user_id"),
+        ({"movie_id": [1]}, "movie_id"),
+        ({"occurred_at": "yesterday"}, "occurred_at"),
+        ({"stars": 3}, "stars"),
+    ],
+)
+def test_invalid_ratings_name_the_field(change: dict[str, object], reason: str) -> None:
+    with pytest.raises(InvalidEventError, match=reason):
+        decode(RatingSubmitted, orjson.dumps({**RATING, **change}))
+
+
+def test_missing_field_is_reported() -> None:
+    with pytest.raises(InvalidEventError, match="movie_id: Field required"):
+        decode(RatingSubmitted, orjson.dumps({k: v for k, v in RATING.items() if k != "movie_id"}))
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [(b"", "empty"), (b"{not json", "invalid JSON"), (b"[1, 2]", "JSON object"), (None, "empty")],
+)
+def test_undecodable_values(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(InvalidEventError, match=reason):
+        decode(RatingSubmitted, raw)
+
+
+def test_minimal_movie_gets_defaults() -> None:
+    movie = decode(MoviePublished, b'{"movie_id": 1683, "title": "  New Film "}')
+    assert movie.movie_id == "1683"
+    assert movie.title == "New Film"
+    assert movie.genres == [] and movie.people.cast == [] and movie.poster is None
+
+
+def test_vector_travels_as_base64_float32() -> None:
+    vector = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    text = encode_vector(vector)
+    assert len(text) == 4 * 384 * 4 // 3  # base64 of 1,536 bytes
+    np.testing.assert_array_equal(decode_vector(text), vector)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("not base64!", "base64"),
+        (encode_vector(np.array([np.nan], dtype=np.float32)), "NaN"),
+        ("AAA=", "multiple of 4"),
+        ([], "1-D"),
+    ],
+)
+def test_bad_vectors_are_refused(value: object, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        decode_vector(value)
+
+
+def test_item_embedding_round_trip() -> None:
+    item = ItemEmbedded(
+        movie_id="1",
+        title="Toy Story",
+        year=1995,
+        genres=["Animation"],
+        vector=np.ones(8, dtype=np.float32) / np.sqrt(8),
+        modalities=["text", "metadata"],
+        model_version="test",
+        embedded_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    back = decode(ItemEmbedded, encode(item))
+    np.testing.assert_array_equal(back.vector, item.vector)
+    assert back.model_dump(exclude={"vector"}) == item.model_dump(exclude={"vector"})

@@ -1,0 +1,133 @@
+"""The micro-batch loop on the real broker: dead letters, error policy, commits."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from shared.config import Settings
+from shared.events import DEAD_LETTERS, RATINGS, DeadLetter, Event, RatingSubmitted
+from shared.exceptions import UnprocessableEventError
+from shared.kafka.batch_consumer import BatchConsumer, BatchHandler
+from shared.kafka.message import Incoming, Outgoing
+from tests.conftest import SettingsFactory
+from tests.kafka_helpers import produce_raw, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def rating(user: str, movie: str, stars: float = 4.0) -> bytes:
+    return (
+        f'{{"user_id": "{user}", "movie_id": "{movie}", "rating": {stars}, '
+        f'"occurred_at": 881250949}}'
+    ).encode()
+
+
+@contextmanager
+def running(settings: Settings, handler: BatchHandler) -> Iterator[BatchConsumer]:
+    loop = BatchConsumer(
+        settings, "test", [RATINGS], handler, ready_file=settings.ready_file("test")
+    )
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def dead_letters(settings: Settings, n: int) -> list[DeadLetter]:
+    events = read_topic(settings, DEAD_LETTERS, lambda ev: len(ev) >= n)
+    return [e for e in events if isinstance(e, DeadLetter)]
+
+
+def test_bad_input_is_dead_lettered_and_the_next_valid_event_processed(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings(max_message_bytes=2048)
+    seen: list[RatingSubmitted] = []
+    done = threading.Event()
+
+    def handler(batch: list[Incoming[Event]]) -> list[Outgoing]:
+        for incoming in batch:
+            assert isinstance(incoming.event, RatingSubmitted)
+            seen.append(incoming.event)
+            if incoming.event.movie_id == "last":
+                done.set()
+        return []
+
+    with running(settings, handler):
+        produce_raw(settings, RATINGS, b"{not json", b"1")
+        produce_raw(settings, RATINGS, b'{"user_id": "1", "rating": "x"}', b"1")
+        produce_raw(settings, RATINGS, rating("1", "9", stars=7), b"1")
+        produce_raw(settings, RATINGS, rating("1", "9") + b" " * 3000, b"1")
+        produce_raw(settings, RATINGS, rating("1", "9"), b"not-the-user")
+        produce_raw(settings, RATINGS, rating("1", "last"), b"1")
+        letters = dead_letters(settings, 5)
+        assert done.wait(30)
+
+    reasons = sorted(letter.error for letter in letters)
+    assert any("invalid JSON" in r for r in reasons)
+    assert any("rating: Input should be less than or equal to 5" in r for r in reasons)
+    assert any("exceeds the limit" in r for r in reasons)
+    assert any("must be the user_id" in r for r in reasons)
+    assert all(
+        letter.service == "test" and letter.source_topic.endswith("ratings") for letter in letters
+    )
+    assert [e.movie_id for e in seen] == ["last"]
+
+
+def test_an_event_the_handler_cannot_process_is_dead_lettered_alone(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings()
+    handled: list[str] = []
+
+    def handler(batch: list[Incoming[Event]]) -> list[Outgoing]:
+        movies = [i.event.movie_id for i in batch if isinstance(i.event, RatingSubmitted)]
+        if "poison" in movies:
+            raise UnprocessableEventError("movie poison cannot be rated")
+        handled.extend(movies)
+        return []
+
+    with running(settings, handler):
+        for movie in ("a", "poison", "b"):
+            produce_raw(settings, RATINGS, rating("2", movie), b"2")
+        letters = dead_letters(settings, 1)
+    assert "UnprocessableEventError: movie poison cannot be rated" in letters[0].error
+    assert letters[0].offset == 1
+    assert "a" in handled and "b" in handled and "poison" not in handled
+
+
+def test_offsets_are_committed_after_the_work_so_a_restart_resumes(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings()
+    seen: list[str] = []
+    got = threading.Condition()
+
+    def handler(batch: list[Incoming[Event]]) -> list[Outgoing]:
+        with got:
+            seen.extend(i.event.movie_id for i in batch if isinstance(i.event, RatingSubmitted))
+            got.notify_all()
+        return []
+
+    def wait_for(n: int) -> None:
+        with got:
+            assert got.wait_for(lambda: len(seen) >= n, timeout=30), seen
+
+    with running(settings, handler) as loop:
+        produce_raw(settings, RATINGS, rating("3", "m1"), b"3")
+        wait_for(1)
+        assert settings.ready_file("test").exists()
+    assert not settings.ready_file("test").exists()
+    with running(settings, handler):
+        produce_raw(settings, RATINGS, rating("3", "m2"), b"3")
+        wait_for(2)
+    assert seen == ["m1", "m2"]
+    assert loop.processed == 1
