@@ -1,0 +1,162 @@
+"""``python -m services.recommender worker``: user profiles in, recommendation lists out.
+
+Wiring only: a ``TopicReader`` hydrates the catalogue from the whole of
+``item-embeddings`` and keeps following it; once it has caught up, a ``BatchConsumer``
+turns ``user-profiles`` into ``recommendations`` with ``handle_user_profiles``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from types import FrameType
+from typing import cast
+
+from services.recommender import SERVICE
+from services.recommender.handler import handle_item_embeddings, handle_user_profiles
+from shared.config import Settings
+from shared.events import ITEM_EMBEDDINGS, USER_PROFILES, Event, ItemEmbedded, UserProfileUpdated
+from shared.kafka.batch_consumer import BatchConsumer
+from shared.kafka.message import Incoming, Outgoing, Source, dead_letter
+from shared.kafka.publisher import DeliveryError, Publisher
+from shared.kafka.topic_reader import TopicReader
+from shared.logs import configure_logging
+from shared.retrieval.catalogue import Catalogue
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_TIMEOUT_S = 300.0
+"""Longest wait (seconds) for the catalogue to load before serving anyway."""
+
+PROGRESS_EVERY_S = 5.0
+"""How often (seconds) catch-up progress is logged."""
+
+
+class RecommenderWorker:
+    """The recommender's reader thread, consumer loop and their clean stop.
+
+    ``run`` blocks until ``stop`` (from a signal handler or another thread).
+    """
+
+    def __init__(self, settings: Settings, *, catch_up_timeout_s: float = CATCH_UP_TIMEOUT_S):
+        """``catch_up_timeout_s``: see ``CATCH_UP_TIMEOUT_S`` (default 300 s)."""
+        self.settings = settings
+        self.catalogue = Catalogue()
+        self._catch_up_timeout_s = catch_up_timeout_s
+        self._stopping = threading.Event()
+        # The reader thread gets its own producer: the consumer loop's flush must only
+        # answer for the outputs of its own batches.
+        self._reader_publisher = Publisher(settings)
+        self._reader = TopicReader(
+            settings, ITEM_EMBEDDINGS, self._on_items, self._on_invalid_item, name=SERVICE
+        )
+        self.consumer = BatchConsumer(
+            settings,
+            SERVICE,
+            [USER_PROFILES],
+            self._on_profiles,
+            ready_file=settings.ready_file(SERVICE),
+        )
+
+    def run(self) -> None:
+        self._reader.start()
+        try:
+            if self._wait_for_catalogue():
+                self.consumer.run()
+        finally:
+            self._reader.stop()
+            try:
+                self._reader_publisher.flush()
+            except DeliveryError as exc:
+                log.error("dead letters of item-embeddings not delivered error=%s", exc)
+            log.info("stopped items=%d", len(self.catalogue))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.consumer.stop()
+
+    def _wait_for_catalogue(self) -> bool:
+        """False when asked to stop while waiting; True otherwise (even on time-out)."""
+        started = time.monotonic()
+        last_report = started
+        while not self._stopping.is_set():
+            if self._reader.wait_caught_up(0.5):
+                log.info(
+                    "catalogue loaded items=%d dim=%s model_version=%s",
+                    len(self.catalogue),
+                    self.catalogue.dim,
+                    self.catalogue.model_version,
+                )
+                return True
+            now = time.monotonic()
+            if now - started > self._catch_up_timeout_s:
+                log.warning(
+                    "catalogue not caught up after %.0fs; serving with items=%d",
+                    now - started,
+                    len(self.catalogue),
+                )
+                return True
+            if now - last_report >= PROGRESS_EVERY_S:
+                last_report = now
+                log.info("loading catalogue items=%d", len(self.catalogue))
+        return False
+
+    def _on_profiles(self, batch: list[Incoming[Event]]) -> list[Outgoing]:
+        # The loop reads only user-profiles, and parse() validated each against its record.
+        profiles = cast(list[Incoming[UserProfileUpdated]], batch)
+        return handle_user_profiles(profiles, self.catalogue, self.settings, datetime.now(UTC))
+
+    def _on_items(self, batch: list[Incoming[Event]]) -> None:
+        items = cast(list[Incoming[ItemEmbedded]], batch)
+        try:
+            out = handle_item_embeddings(items, self.catalogue)
+        except Exception:
+            # The reader thread must survive anything, or the catalogue would silently
+            # freeze: retry one by one and dead-letter what still fails.
+            log.exception("item batch of %d failed; retrying one by one", len(items))
+            out = []
+            for incoming in items:
+                try:
+                    out.extend(handle_item_embeddings([incoming], self.catalogue))
+                except Exception as exc:
+                    log.exception("item offset=%s failed", incoming.source.offset)
+                    out.append(
+                        dead_letter(incoming.source, f"{type(exc).__name__}: {exc}", SERVICE)
+                    )
+        self._reader_publisher.publish_all(out)
+
+    def _on_invalid_item(self, source: Source, reason: str) -> None:
+        log.warning(
+            "dead-letter topic=%s partition=%s offset=%s error=%s",
+            source.topic,
+            source.partition,
+            source.offset,
+            reason,
+        )
+        self._reader_publisher.publish(dead_letter(source, reason, SERVICE))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.recommender")
+    parser.add_argument("command", choices=["worker"], help="run the recommender worker")
+    parser.parse_args(argv)
+    configure_logging(SERVICE)
+    worker = RecommenderWorker(Settings())
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal=%s stopping", signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

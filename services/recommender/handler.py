@@ -1,0 +1,157 @@
+"""Pure batch handlers of the recommender: item vectors in, recommendation lists out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+
+import numpy as np
+
+from services.recommender import SERVICE
+from shared.config import Settings
+from shared.events import (
+    RECOMMENDATIONS,
+    ItemEmbedded,
+    RecommendationsGenerated,
+    RecommendedItem,
+    UserProfileUpdated,
+)
+from shared.exceptions import UnprocessableEventError
+from shared.kafka.message import Incoming, Outgoing, dead_letter
+from shared.retrieval.catalogue import Catalogue, check_unit_norm
+from shared.retrieval.recommend import ScoredItem, recommend_batch
+from shared.types import UserId
+
+log = logging.getLogger(__name__)
+
+MIN_STARS = 0.5
+MAX_STARS = 5.0
+
+
+def handle_item_embeddings(
+    batch: Sequence[Incoming[ItemEmbedded]], catalogue: Catalogue
+) -> list[Outgoing]:
+    """Upsert a batch of item vectors into the catalogue; returns dead letters for the
+    items it refused (wrong dimension, vector not L2-normalised)."""
+    refusals = catalogue.apply([incoming.event for incoming in batch])
+    out: list[Outgoing] = []
+    for refusal in refusals:
+        source = batch[refusal.position].source
+        log.warning(
+            "dead-letter topic=%s partition=%s offset=%s error=%s",
+            source.topic,
+            source.partition,
+            source.offset,
+            refusal.error,
+        )
+        out.append(dead_letter(source, str(refusal.error), SERVICE))
+    return out
+
+
+def handle_user_profiles(
+    batch: Sequence[Incoming[UserProfileUpdated]],
+    catalogue: Catalogue,
+    settings: Settings,
+    now: datetime,
+) -> list[Outgoing]:
+    """A ``RecommendationsGenerated`` list per user of the batch, plus dead letters.
+
+    Profiles are coalesced by user: only the last valid profile of a user in the batch
+    gets a list (at full replay speed one list per rating would swamp the output, and
+    the earlier ones are already stale). A profile whose vector does not fit the
+    catalogue (other dimension, not L2-normalised) is dead-lettered; the rest of the
+    batch still gets lists. All lists come from one ``recommend_batch`` call with
+    ``settings.top_k``, ``settings.n_candidates`` and ``settings.mmr_lambda``.
+
+    Empty catalogue: the profile is fine and the catalogue will fill up, so neither a
+    dead letter nor silence is right; the list is published with the items that exist
+    (none) and a warning is logged.
+
+    Items: ``score`` is the cosine relevance, ``predicted_rating`` the profile's
+    ``mean_rating`` clipped to [0.5, 5] (the baseline rating predictor).
+    ``latency_ms`` is ``now - cause_published_at`` in milliseconds, never negative
+    (clocks of different hosts may disagree by a little).
+
+    Args:
+        now: the time the lists are generated (UTC), also their ``generated_at``.
+    """
+    out: list[Outgoing] = []
+    dim = catalogue.dim
+    latest: dict[UserId, UserProfileUpdated] = {}
+    n_valid = 0
+    for incoming in batch:
+        profile = incoming.event
+        try:
+            _check_profile(profile, dim)
+        except UnprocessableEventError as exc:
+            s = incoming.source
+            log.warning(
+                "dead-letter topic=%s partition=%s offset=%s user=%s error=%s",
+                s.topic,
+                s.partition,
+                s.offset,
+                profile.user_id,
+                exc,
+            )
+            out.append(dead_letter(s, str(exc), SERVICE))
+            continue
+        n_valid += 1
+        latest.pop(profile.user_id, None)  # keep users in the order of their last profile
+        latest[profile.user_id] = profile
+    if not latest:
+        return out
+
+    profiles = list(latest.values())
+    if dim is None:
+        log.warning("catalogue is empty; publishing empty lists users=%d", len(profiles))
+        lists: list[list[ScoredItem]] = [[] for _ in profiles]
+    else:
+        lists = recommend_batch(
+            np.stack([np.asarray(p.vector, dtype=np.float32) for p in profiles]),
+            [p.rated for p in profiles],
+            catalogue,
+            k=settings.top_k,
+            n_candidates=settings.n_candidates,
+            mmr_lambda=settings.mmr_lambda,
+        )
+    item_version = catalogue.model_version
+    for profile, scored in zip(profiles, lists, strict=True):
+        predicted = float(np.clip(profile.mean_rating, MIN_STARS, MAX_STARS))
+        latency_ms = (now - profile.cause_published_at).total_seconds() * 1000.0
+        event = RecommendationsGenerated(
+            user_id=profile.user_id,
+            items=[
+                RecommendedItem(
+                    movie_id=item.movie_id,
+                    title=catalogue.title(item.movie_id),
+                    score=item.score,
+                    predicted_rating=predicted,
+                )
+                for item in scored
+            ],
+            model_version=(
+                f"user={profile.model_version};item={item_version};mmr={settings.mmr_lambda:g}"
+            ),
+            cause_event_id=profile.cause_event_id,
+            generated_at=now,
+            latency_ms=max(0.0, latency_ms),
+        )
+        out.append(Outgoing(RECOMMENDATIONS, event))
+    log.debug(
+        "lists=%d superseded=%d dead_lettered=%d",
+        len(profiles),
+        n_valid - len(profiles),
+        len(out) - len(profiles),
+    )
+    return out
+
+
+def _check_profile(profile: UserProfileUpdated, dim: int | None) -> None:
+    size = int(np.asarray(profile.vector).shape[0])
+    if dim is not None and size != dim:
+        raise UnprocessableEventError(
+            f"user {profile.user_id} profile vector has dimension {size}; "
+            f"the item catalogue's dimension is {dim}"
+        )
+    check_unit_norm(np.asarray(profile.vector), f"user {profile.user_id} profile vector")
