@@ -43,10 +43,11 @@ def read_topic(
                     f"{[e.model_dump() for e in events][-3:]}"
                 )
             for message in consumer.consume(500, timeout=0.2):
-                if message.error() is None:
+                error = message.error()
+                if error is None:
                     events.append(decode(spec.record, message.value()))
-                elif message.error().code() != KafkaError._PARTITION_EOF:
-                    raise AssertionError(str(message.error()))
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    raise AssertionError(str(error))
         return events
     finally:
         consumer.close()

@@ -35,7 +35,7 @@ class Source:
         """The source of a confluent-kafka message."""
         kind, ts = message.timestamp()
         return cls(
-            topic=message.topic(),
+            topic=message.topic() or "",
             partition=message.partition(),
             offset=message.offset(),
             key=message.key(),

@@ -56,6 +56,10 @@ class TopicReader:
         self._stop.set()
         self._thread.join(timeout_s)
 
+    def is_alive(self) -> bool:
+        """False once the reader thread has stopped (asked to, or crashed: see the log)."""
+        return self._thread.is_alive()
+
     def wait_caught_up(self, timeout_s: float | None = None) -> bool:
         """Block until everything that was in the topic at start has been read."""
         return self._caught_up.wait(timeout_s)
