@@ -1,0 +1,7 @@
+"""``python -m services.ingest <command>``; see ``services.ingest.cli``."""
+
+import sys
+
+from services.ingest.cli import main
+
+sys.exit(main())
