@@ -1,0 +1,1 @@
+"""The item-embedding service: ``movies`` in, Qdrant points and ``item-embeddings`` out."""

@@ -1,0 +1,319 @@
+"""Image modality: an open_clip embedding of a movie's poster.
+
+The modality is optional. Without ``CLIP_WEIGHTS`` it is off and movies are embedded
+from text and metadata only. With it, the weights are read from that local file only
+(nothing is ever downloaded). A poster that cannot be loaded never fails its movie: the
+caller masks the image modality for that movie and logs why.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.config import Settings
+from shared.exceptions import ConfigurationError, NumericalError, ReelstreamError
+from shared.models.device import resolve_device
+from shared.types import Matrix
+
+log = logging.getLogger(__name__)
+
+POSTER_TIMEOUT_S = 5.0
+"""Longest time (seconds) spent fetching one poster over HTTP."""
+
+MAX_POSTER_BYTES = 10 * 1024 * 1024
+"""Largest poster file accepted (bytes), whatever its source."""
+
+MAX_POSTER_PIXELS = 40_000_000
+"""Largest poster (pixels, before downscaling); a bigger one is refused as a
+decompression bomb."""
+
+POSTER_MAX_SIDE = 512
+"""Posters are downscaled to fit this square (pixels) on load: CLIP sees 224-ish pixels,
+and a batch of full-size posters would hold gigabytes."""
+
+_READ_CHUNK = 64 * 1024
+_REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+class PosterError(ReelstreamError):
+    """A poster reference that cannot be turned into an image. The message is the reason."""
+
+
+# --- posters -------------------------------------------------------------------------
+
+
+def load_poster(
+    ref: str,
+    *,
+    timeout_s: float = POSTER_TIMEOUT_S,
+    max_bytes: int = MAX_POSTER_BYTES,
+    max_side: int = POSTER_MAX_SIDE,
+) -> Image.Image:
+    """Load a poster as an RGB image no larger than ``max_side`` on either side.
+
+    Args:
+        ref: A local file path (or ``file://`` URI), a ``data:image/...;base64,...`` URI
+            or an ``http(s)://`` URL.
+        timeout_s: Deadline for an HTTP download, seconds (default 5).
+        max_bytes: Largest accepted encoded image, bytes (default 10 MiB).
+        max_side: Larger images are downscaled (aspect kept) to fit (default 512 px).
+
+    Raises:
+        PosterError: unreadable, too big, too slow, or not an image; the message says which.
+    """
+    ref = ref.strip()
+    if not ref:
+        raise PosterError("empty poster reference")
+    scheme = urllib.parse.urlsplit(ref).scheme.lower()
+    if scheme == "data":
+        raw = _read_data_uri(ref, max_bytes)
+    elif scheme in ("http", "https"):
+        raw = _read_url(ref, timeout_s, max_bytes)
+    elif scheme == "file":
+        raw = _read_file(Path(urllib.parse.unquote(urllib.parse.urlsplit(ref).path)), max_bytes)
+    elif len(scheme) > 1:
+        # One letter is a Windows drive ("C:\..."), anything longer a scheme we do not fetch.
+        raise PosterError(f"unsupported poster scheme {scheme!r} (use a path, data: or http(s):)")
+    else:
+        raw = _read_file(Path(ref).expanduser(), max_bytes)
+    return _decode_image(raw, max_side)
+
+
+def _read_data_uri(ref: str, max_bytes: int) -> bytes:
+    header, sep, data = ref.partition(",")
+    if not sep:
+        raise PosterError("data URI has no ',' before its data")
+    media = header[len("data:") :].lower()
+    if not media.startswith("image/") or not media.endswith(";base64"):
+        raise PosterError(f"data URI must be data:image/...;base64, (got {header[:40]!r})")
+    # Base64 is 4 characters per 3 bytes; refuse before decoding a huge string.
+    if len(data) > (max_bytes // 3 + 1) * 4:
+        raise PosterError(f"inline poster exceeds {max_bytes} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error as exc:
+        raise PosterError(f"data URI is not valid base64: {exc}") from exc
+
+
+def _read_url(url: str, timeout_s: float, max_bytes: int) -> bytes:
+    deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(url, headers={"User-Agent": "reelstream/0.1"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise PosterError(f"poster of {length} bytes exceeds {max_bytes} bytes")
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := response.read(_READ_CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PosterError(f"poster exceeds {max_bytes} bytes")
+                # The socket timeout applies per read; a server dripping bytes would
+                # otherwise hold the consumer thread far beyond ``timeout_s``.
+                if time.monotonic() > deadline:
+                    raise PosterError(f"poster download took longer than {timeout_s}s")
+                chunks.append(chunk)
+    except urllib.error.HTTPError as exc:
+        raise PosterError(f"HTTP {exc.code} fetching poster") from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PosterError(f"cannot fetch poster: {reason}") from exc
+    return b"".join(chunks)
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    try:
+        if not path.is_file():
+            raise PosterError(f"poster file {str(path)!r} does not exist")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise PosterError(f"poster file of {size} bytes exceeds {max_bytes} bytes")
+        return path.read_bytes()
+    except OSError as exc:
+        raise PosterError(f"cannot read poster file {str(path)!r}: {exc}") from exc
+
+
+def _decode_image(raw: bytes, max_side: int) -> Image.Image:
+    if not raw:
+        raise PosterError("poster is empty")
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            width, height = image.size
+            if width * height > MAX_POSTER_PIXELS:
+                raise PosterError(f"poster of {width}x{height} pixels is too large")
+            # JPEG can decode straight at a reduced scale; other formats ignore this.
+            image.draft("RGB", (max_side, max_side))
+            rgb = image.convert("RGB")
+        rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        return rgb
+    except PosterError:
+        raise
+    except Exception as exc:
+        # Decoders raise many kinds of errors on malformed input; all mean "not an image".
+        raise PosterError(f"poster is not a readable image: {exc!r}") from exc
+
+
+# --- encoder -------------------------------------------------------------------------
+
+
+class _ImageTower(Protocol):
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
+
+
+class ImageEncoder:
+    """An open_clip image tower in eval mode: PIL images in, normalised vectors out.
+
+    Built by ``load_image_encoder``; ``model`` is an open_clip model with
+    ``encode_image`` and ``preprocess`` its inference transform.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        name: str,
+        device: torch.device,
+    ) -> None:
+        self._model = model.eval()
+        self._tower = cast(_ImageTower, model)
+        self._preprocess = preprocess
+        self._name = name
+        self._device = device
+        # One forward of a blank image tells the output dimension of any architecture
+        # and proves the weights give finite numbers before the service takes traffic.
+        self._dim = int(self.encode([Image.new("RGB", (64, 64))]).shape[1])
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the image embeddings (the CLIP ``embed_dim``)."""
+        return self._dim
+
+    @property
+    def name(self) -> str:
+        """Short description of the model, part of the item encoder's model version."""
+        return self._name
+
+    def encode(self, images: list[Image.Image], batch_size: int = 32) -> Matrix:
+        """L2-normalised float32 embeddings, one row per image (``batch_size`` per forward).
+
+        Raises:
+            NumericalError: the model produced a NaN or infinity.
+        """
+        rows: list[np.ndarray] = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                pixels = torch.stack([self._preprocess(img.convert("RGB")) for img in chunk])
+                features = self._tower.encode_image(pixels.to(self._device), normalize=True)
+                rows.append(features.float().cpu().numpy())
+        if not rows:
+            return np.zeros((0, getattr(self, "_dim", 0)), dtype=np.float32)
+        matrix = np.concatenate(rows).astype(np.float32, copy=False)
+        if not np.isfinite(matrix).all():
+            raise NumericalError(f"NaN or infinity in image embeddings of {self._name}")
+        return matrix
+
+
+def load_image_encoder(settings: Settings) -> ImageEncoder | None:
+    """The poster encoder described by the settings, or None when the modality is off.
+
+    ``CLIP_WEIGHTS`` unset turns the image modality off. Otherwise ``CLIP_MODEL`` names
+    the open_clip architecture (a built-in one, or one registered from the JSON file
+    ``CLIP_MODEL_CONFIG``, whose file name must be ``<CLIP_MODEL>.json`` as open_clip
+    names architectures by file stem) and ``CLIP_WEIGHTS`` its local state_dict file.
+
+    Raises:
+        ConfigurationError: a missing file, an unknown architecture, or weights that do
+            not fit the architecture.
+    """
+    if settings.clip_weights is None:
+        log.info("image modality off: CLIP_WEIGHTS not set")
+        return None
+    import open_clip
+
+    name = settings.clip_model
+    if ":" in name:
+        # hf-hub: would download; local-dir: would ignore CLIP_WEIGHTS.
+        raise ConfigurationError(
+            f"CLIP_MODEL={name!r} must be a plain architecture name, not a hub or dir reference"
+        )
+    if settings.clip_model_config is not None:
+        _register_config(open_clip, settings.clip_model_config, name)
+    if name not in open_clip.list_models():
+        raise ConfigurationError(
+            f"CLIP_MODEL={name!r} is not an open_clip architecture; set CLIP_MODEL_CONFIG "
+            "to a JSON config named after it to register a custom one"
+        )
+    weights = settings.clip_weights.expanduser()
+    if not weights.is_file():
+        raise ConfigurationError(f"CLIP_WEIGHTS={str(weights)!r} is not a file")
+    device = resolve_device(settings.device)
+    try:
+        # An absolute path is never mistaken for a pretrained tag (which would download).
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=str(weights.resolve()),
+            device=device,
+            weights_only=True,
+            pretrained_text=False,
+            require_pretrained=True,
+        )
+    except Exception as exc:
+        reason = str(exc).replace("\n", " ")
+        raise ConfigurationError(
+            f"CLIP_WEIGHTS={str(weights)!r} cannot be loaded as CLIP_MODEL={name!r}: {reason[:600]}"
+        ) from exc
+    # The digest tells two checkpoints of one architecture apart in model versions.
+    encoder = ImageEncoder(model, preprocess, f"{name}@{_digest(weights)}", device)
+    log.info(
+        "image modality on: model=%s weights=%s dim=%d device=%s",
+        name,
+        weights,
+        encoder.dim,
+        device,
+    )
+    return encoder
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()[:8]
+
+
+def _register_config(open_clip: Any, path: Path, name: str) -> None:
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigurationError(f"CLIP_MODEL_CONFIG={str(path)!r} is not a file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"CLIP_MODEL_CONFIG={str(path)!r} is not JSON: {exc}") from exc
+    missing = [k for k in _REQUIRED_CONFIG_KEYS if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ConfigurationError(
+            f"CLIP_MODEL_CONFIG={str(path)!r} is not an open_clip model config: "
+            f"it lacks {', '.join(missing)}"
+        )
+    if path.stem != name:
+        raise ConfigurationError(
+            f"CLIP_MODEL_CONFIG={str(path)!r} registers architecture {path.stem!r} "
+            f"(open_clip names it after the file) but CLIP_MODEL={name!r}"
+        )
+    open_clip.add_model_config(path)

@@ -1,0 +1,1 @@
+"""Vector retrieval: ANN indexes, the recommender catalogue, MMR re-ranking."""

@@ -1,0 +1,129 @@
+"""The text encoder (the real all-MiniLM-L6-v2 shipped in a package) and movie text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.events import MoviePublished, People
+from shared.exceptions import ConfigurationError
+from shared.models.text import TextEncoder, is_freebase_id, movie_text
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    return TextEncoder()
+
+
+def movie(movie_id: str, title: str, **fields: object) -> MoviePublished:
+    return MoviePublished.model_validate({"movie_id": movie_id, "title": title, **fields})
+
+
+STAR_WARS = movie(
+    "50",
+    "Star Wars",
+    year=1977,
+    genres=["Action", "Adventure", "Sci-Fi"],
+    overview="A farm boy joins rebels to fight the evil Galactic Empire in space.",
+)
+EMPIRE = movie(
+    "172",
+    "The Empire Strikes Back",
+    year=1980,
+    genres=["Action", "Adventure", "Sci-Fi"],
+    overview="The rebels flee the Empire's starships while Luke trains as a Jedi in space.",
+)
+SENSE = movie(
+    "275",
+    "Sense and Sensibility",
+    year=1995,
+    genres=["Drama", "Romance"],
+    overview="Two sisters of an English family seek love and marriage after losing their home.",
+)
+
+
+def test_default_model_is_all_minilm_with_384_dims(encoder: TextEncoder) -> None:
+    assert encoder.dim == 384
+    assert encoder.name == "all-MiniLM-L6-v2"
+
+
+def test_embeddings_are_normalised_float32(encoder: TextEncoder) -> None:
+    vectors = encoder.encode(["Toy Story", "Heat", "a much longer sentence about a movie"])
+    assert vectors.shape == (3, 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_similar_movies_are_closer_than_unrelated_ones(encoder: TextEncoder) -> None:
+    star_wars, empire, sense = encoder.encode([movie_text(m) for m in (STAR_WARS, EMPIRE, SENSE)])
+    assert star_wars @ empire > star_wars @ sense + 0.1
+    assert empire @ star_wars > empire @ sense + 0.1
+
+
+def test_similar_titles_are_closer_than_unrelated_ones(encoder: TextEncoder) -> None:
+    toy, toy2, schindler = encoder.encode(["Toy Story", "Toy Story 2", "Schindler's List"])
+    assert toy @ toy2 > toy @ schindler
+
+
+def test_batch_equals_single(encoder: TextEncoder) -> None:
+    texts = [movie_text(m) for m in (STAR_WARS, EMPIRE, SENSE)] + ["Heat"]
+    batch = encoder.encode(texts, batch_size=3)
+    singles = np.concatenate([encoder.encode([t]) for t in texts])
+    np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_empty_batch(encoder: TextEncoder) -> None:
+    assert encoder.encode([]).shape == (0, 384)
+
+
+def test_a_missing_model_directory_is_refused_not_downloaded(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="not a local sentence-transformers directory"):
+        TextEncoder(tmp_path / "missing")
+    with pytest.raises(ConfigurationError, match="not a local"):
+        TextEncoder("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_a_directory_without_a_model_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot load the text model"):
+        TextEncoder(tmp_path)
+
+
+def test_movie_text_reads_everything_but_freebase_ids() -> None:
+    film = movie(
+        "1",
+        "Toy Story",
+        year=1995,
+        genres=["Animation", "Comedy"],
+        overview="Toys come to life.",
+        people=People(
+            directors=["John Lasseter"], cast=["Tom Hanks", "m.0c1pj"], writers=["/m/0d4wn"]
+        ),
+    )
+    text = movie_text(film)
+    assert text.startswith("Toy Story (1995).")
+    for part in ("Animation, Comedy", "John Lasseter", "Tom Hanks", "Toys come to life."):
+        assert part in text
+    assert "m.0c1pj" not in text
+    assert "0d4wn" not in text
+    assert "Written by" not in text
+
+
+def test_movie_text_of_a_bare_title() -> None:
+    assert movie_text(movie("2", "Heat")) == "Heat."
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("m.0bln8", True),
+        ("/m/02_jjm", True),
+        ("M.0H0WD9", True),
+        ("Tom Hanks", False),
+        ("m", False),
+        ("Mr. T", False),
+    ],
+)
+def test_freebase_ids(value: str, expected: bool) -> None:
+    assert is_freebase_id(value) is expected
