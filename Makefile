@@ -1,0 +1,91 @@
+# reelstream: local development. `make help` lists the targets.
+#
+# A fresh clone needs only `make up` or `make test`: both create the virtualenv and
+# fetch the ML-100K data first. Nothing downloads at run time (HF_HUB_OFFLINE=1).
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+.DELETE_ON_ERROR:
+
+PYTHON_BASE ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Written after a successful install; remade when the pinned dependencies change.
+VENV_STAMP := $(VENV)/.reelstream-installed
+DATA_DIR := data/ml-100k
+DATA_STAMP := $(DATA_DIR)/ml-100k.inter
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+# make replay LIMIT=5000 RATE=1000 TIME_SCALE=3600: each is passed on only when set.
+REPLAY_ARGS := $(if $(LIMIT),--limit $(LIMIT)) $(if $(RATE),--rate $(RATE)) \
+	$(if $(TIME_SCALE),--time-scale $(TIME_SCALE))
+
+.PHONY: help venv data up down status recs replay test test-fast lint bench \
+	up-docker down-docker clean distclean
+
+help: ## list the targets
+	@echo "usage: make <target>   (replay takes LIMIT=, RATE=, TIME_SCALE=)"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' \
+		$(MAKEFILE_LIST)
+
+venv: $(VENV_STAMP) ## create .venv and install the project with its pinned dependencies
+
+# torch and its CUDA libraries are big wheels: the first install takes a while
+# (pip finds them in the configured local wheel folders when there is no internet).
+$(VENV_STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	@echo "installing reelstream into $(VENV) (pinned by constraints.txt)..."
+	@$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+data: $(DATA_STAMP) ## fetch the MovieLens-100K data into data/ml-100k
+
+$(DATA_STAMP): | $(VENV_STAMP)
+	@$(PY) -m infra.data --dest $(DATA_DIR)
+
+up: venv data ## start the broker (if none runs) and the four services; wait until ready
+	@$(PY) -m infra.stack up
+
+down: ## stop the services, and the broker if `make up` started it
+	@if [ -x $(PY) ]; then $(PY) -m infra.stack down; fi
+
+status: venv ## broker, services, readiness and consumer lag
+	@$(PY) -m infra.stack status
+
+recs: venv ## follow the recommendation lists as they are published
+	@$(PY) -m infra.stack tail
+
+replay: venv data ## replay ML-100K into the running stack (LIMIT=, RATE=, TIME_SCALE=)
+	@$(PY) -m services.ingest replay --dataset $(DATA_DIR) $(REPLAY_ARGS)
+
+test: venv data ## the whole test suite, slow and integration tests included
+	@$(PY) -m pytest -q
+
+test-fast: venv data ## the test suite without the slow tests
+	@$(PY) -m pytest -q -m "not slow"
+
+lint: venv ## ruff (lint and format check) and mypy
+	@$(VENV)/bin/ruff check --quiet .
+	@$(VENV)/bin/ruff format --check --quiet .
+	@$(VENV)/bin/mypy --no-error-summary shared services infra
+
+bench: venv data ## throughput and latency benchmark of the pipeline
+	@$(PY) -m infra.bench
+
+up-docker: ## the stack in Docker: Apache Kafka, Qdrant and the services
+	docker compose up -d --build
+
+down-docker: ## stop the Docker stack
+	docker compose down
+
+clean: down ## stop the stack, remove var/ (broker data, logs, Qdrant) and caches
+	@rm -rf var .pytest_cache .mypy_cache .ruff_cache build
+	@find shared services infra tests -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean ## also remove .venv and the downloaded data
+	@rm -rf $(VENV) data
