@@ -93,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     part.add_argument("--movies-only", action="store_true", help="publish only the movies")
     part.add_argument("--ratings-only", action="store_true", help="publish only the ratings")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
+    replay.add_argument(
+        "--embed-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="between movies and ratings, wait this long for the movies' vectors on "
+        "item-embeddings (0: do not wait) [%(default)s]",
+    )
     replay.set_defaults(run=_replay)
 
     rating = commands.add_parser("publish-rating", help="publish one rating")
@@ -148,6 +156,7 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         movies=not args.ratings_only,
         ratings=not args.movies_only,
+        embed_timeout_s=args.embed_timeout,
     )
     print(
         f"published movies={stats.movies} ratings={stats.ratings} "

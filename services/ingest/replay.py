@@ -9,8 +9,9 @@ compressed by a time scale.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -18,10 +19,11 @@ from tqdm import tqdm
 
 from shared.config import Settings
 from shared.data import MovieLens
-from shared.events import MOVIES, RATINGS, RatingSubmitted, TopicSpec
+from shared.events import ITEM_EMBEDDINGS, MOVIES, RATINGS, Event, RatingSubmitted, TopicSpec
 from shared.exceptions import ConfigurationError
-from shared.kafka.message import Outgoing
+from shared.kafka.message import Incoming, Outgoing, Source
 from shared.kafka.publisher import DeliveryError, Publisher
+from shared.kafka.topic_reader import TopicReader
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,50 @@ def schedule(
     return None
 
 
+def wait_until_embedded(
+    settings: Settings, movie_ids: Collection[str], *, timeout_s: float, progress: bool = True
+) -> int:
+    """Block until every movie id has a vector on ``item-embeddings``; returns how many
+    are still missing when ``timeout_s`` runs out (0 when all arrived).
+
+    A replay waits here between movies and ratings, as in production where a movie is
+    in the catalogue long before its ratings: otherwise a full-speed replay outruns the
+    item-embedding service and ratings wait (bounded) for their movies' vectors.
+    """
+    wanted = set(movie_ids)
+    seen: set[str] = set()
+    changed = threading.Condition()
+
+    def on_events(batch: list[Incoming[Event]]) -> None:
+        with changed:
+            seen.update(str(getattr(i.event, "movie_id", "")) for i in batch)
+            changed.notify_all()
+
+    def on_invalid(source: Source, reason: str) -> None:
+        # Not ours to dead-letter: the services reading this topic do that.
+        log.debug("skipping invalid item-embedding offset=%s reason=%s", source.offset, reason)
+
+    reader = TopicReader(settings, ITEM_EMBEDDINGS, on_events, on_invalid, name="replay")
+    bar = tqdm(total=len(wanted), desc="embedded", unit="movie", disable=not progress)
+    deadline = time.monotonic() + timeout_s
+    reader.start()
+    try:
+        with changed:
+            while True:
+                done = len(wanted & seen)
+                bar.update(done - bar.n)
+                if done == len(wanted) or time.monotonic() > deadline or not reader.is_alive():
+                    break
+                changed.wait(0.5)
+    finally:
+        reader.stop()
+        bar.close()
+    missing = len(wanted - seen)
+    if missing:
+        log.warning("movies without a vector after %.0fs missing=%d", timeout_s, missing)
+    return missing
+
+
 def replay(
     settings: Settings,
     dataset: MovieLens,
@@ -130,6 +176,7 @@ def replay(
     movies: bool = True,
     ratings: bool = True,
     publisher: Publisher | None = None,
+    embed_timeout_s: float = 0.0,
 ) -> ReplayStats:
     """Publish the dataset's movies, then the first ``limit`` ratings (all by default).
 
@@ -139,6 +186,8 @@ def replay(
         time_scale: keep the real gaps between ratings divided by this factor.
         progress: show a tqdm bar (events/s) on stderr.
         movies, ratings: publish that part (``--ratings-only`` / ``--movies-only``).
+        embed_timeout_s: when > 0 and both parts are replayed, wait up to this long
+            (seconds) for the movies' vectors before the ratings (``wait_until_embedded``).
 
     Raises:
         ValueError: negative limit, non-positive rate or time scale, or both given.
@@ -164,6 +213,14 @@ def replay(
             # Ratings must not overtake the catalogue: consumers of ratings look movies up.
             publisher.flush()
             bar.update(sent_movies)
+            if selected and embed_timeout_s > 0:
+                bar.clear()
+                wait_until_embedded(
+                    settings,
+                    {m.movie_id for m in dataset.movies},
+                    timeout_s=embed_timeout_s,
+                    progress=progress,
+                )
         pacer = Pacer()
         pending = 0
         for i, rating in enumerate(selected):

@@ -104,7 +104,17 @@ def test_publish_movie(make_settings: SettingsFactory) -> None:
 def test_replay_command(make_settings: SettingsFactory, tmp_path: Path) -> None:
     settings = make_settings()
     folder = write_recbole(tmp_path / "ml")
-    done = ingest(settings, "replay", "--dataset", str(folder), "--limit", "4", "--no-progress")
+    done = ingest(
+        settings,
+        "replay",
+        "--dataset",
+        str(folder),
+        "--limit",
+        "4",
+        "--no-progress",
+        "--embed-timeout",
+        "0",
+    )
 
     assert done.returncode == 0, done.stderr
     assert "published movies=5 ratings=4" in done.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from shared.exceptions import ConfigurationError
 from shared.kafka.client import make_consumer
 from tests.conftest import SettingsFactory
 from tests.data.ml100k_files import generated_ratings, write_recbole
+from tests.kafka_helpers import produce_raw
 
 
 def read_keyed(
@@ -134,3 +136,28 @@ def test_missing_topics_are_reported_before_publishing(bootstrap: str, tmp_path:
     )
     with pytest.raises(ConfigurationError, match=r"infra\.topics"):
         replay(settings, dataset, progress=False)
+
+
+@pytest.mark.integration
+def test_replay_waits_for_the_movies_vectors_before_the_ratings(
+    make_settings: SettingsFactory,
+) -> None:
+    import numpy as np
+
+    from services.ingest.replay import wait_until_embedded
+    from shared.events import ITEM_EMBEDDINGS, ItemEmbedded, encode
+
+    settings = make_settings()
+    for movie_id in ("1", "2"):
+        item = ItemEmbedded(
+            movie_id=movie_id,
+            title=f"movie {movie_id}",
+            vector=np.ones(4, dtype=np.float32) / 2,
+            modalities=["text"],
+            model_version="test",
+            embedded_at=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+        produce_raw(settings, ITEM_EMBEDDINGS, encode(item), movie_id.encode())
+
+    assert wait_until_embedded(settings, {"1", "2"}, timeout_s=30, progress=False) == 0
+    assert wait_until_embedded(settings, {"1", "3"}, timeout_s=1, progress=False) == 1
