@@ -1,0 +1,193 @@
+"""Every item vector, kept in memory and followed live from ``item-embeddings``.
+
+Each instance of the service reads all partitions of the topic (ratings of any user may
+name any movie), in a ``TopicReader`` thread; the asyncio side reads the map and waits
+for vectors that have not arrived yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.user_profile.naming import SERVICE
+from shared.config import Settings
+from shared.events import ITEM_EMBEDDINGS, Event, ItemEmbedded
+from shared.kafka.message import Incoming, Source
+from shared.kafka.topic_reader import TopicReader
+from shared.types import MovieId, Vector
+
+log = logging.getLogger(__name__)
+
+UNIT_NORM_TOLERANCE = 1e-3
+"""An item vector whose L2 norm is further than this from 1 is refused."""
+
+CAUGHT_UP_POLL_S = 0.05
+"""How often (seconds) ``wait_caught_up`` looks at the reader."""
+
+InvalidHandler = Callable[[Source, str], None]
+"""Gets an ``item-embeddings`` message that cannot be used and the reason; called on
+the reader's thread."""
+
+
+@dataclass
+class _Waiter:
+    missing: set[MovieId]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class ItemVectors(Mapping[MovieId, Vector]):
+    """A thread-safe ``movie_id -> vector`` map fed by ``item-embeddings``.
+
+    A movie's latest embedding wins; a tombstone (null value) removes the movie. Invalid
+    messages and vectors that are not L2-normalised are handed to ``on_invalid`` (the
+    service dead-letters them); the map keeps the previous vector of that movie, if any.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_invalid: InvalidHandler | None = None,
+        *,
+        name: str = f"{SERVICE}-items",
+    ) -> None:
+        self._settings = settings
+        self._on_invalid = on_invalid
+        self._name = name
+        self._lock = threading.Lock()
+        self._vectors: dict[MovieId, Vector] = {}
+        self._waiters: list[_Waiter] = []
+        self._model_version: str | None = None
+        self._reader: TopicReader | None = None
+
+    # --- lifecycle ---------------------------------------------------------------
+    def start(self) -> ItemVectors:
+        """Start reading the whole topic from the beginning, in a thread."""
+        if self._reader is None:
+            self._reader = TopicReader(
+                self._settings, ITEM_EMBEDDINGS, self.add, self._invalid, name=self._name
+            ).start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._reader is not None:
+            self._reader.stop(timeout_s)
+            self._reader = None
+
+    @property
+    def caught_up(self) -> bool:
+        """True once everything that was in the topic at ``start`` has been read."""
+        return self._reader is not None and self._reader.wait_caught_up(0)
+
+    async def wait_caught_up(self) -> None:
+        """Wait until ``caught_up`` (without blocking the event loop)."""
+        while not self.caught_up:
+            await asyncio.sleep(CAUGHT_UP_POLL_S)
+
+    # --- the map -----------------------------------------------------------------
+    def __getitem__(self, movie_id: MovieId) -> Vector:
+        with self._lock:
+            return self._vectors[movie_id]
+
+    def __contains__(self, movie_id: object) -> bool:
+        with self._lock:
+            return movie_id in self._vectors
+
+    def __iter__(self) -> Iterator[MovieId]:
+        with self._lock:
+            return iter(list(self._vectors))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._vectors)
+
+    def get_many(self, movie_ids: Iterable[MovieId]) -> dict[MovieId, Vector]:
+        """A snapshot of the vectors of ``movie_ids`` that are known (others left out)."""
+        with self._lock:
+            return {m: self._vectors[m] for m in set(movie_ids) if m in self._vectors}
+
+    @property
+    def model_version(self) -> str | None:
+        """``model_version`` of the most recently read embedding (None before any)."""
+        return self._model_version
+
+    # --- feeding -----------------------------------------------------------------
+    def add(self, batch: Sequence[Incoming[Event]]) -> None:
+        """Take a batch of ``item-embeddings`` events (the reader's callback) and wake
+        the waiters whose movies are all there now."""
+        accepted: dict[MovieId, Vector] = {}
+        version = None
+        for incoming in batch:
+            event = incoming.event
+            if not isinstance(event, ItemEmbedded):
+                self._invalid(incoming.source, f"not an ItemEmbedded: {type(event).__name__}")
+                continue
+            norm = float(np.linalg.norm(event.vector.astype(np.float64)))
+            if abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
+                self._invalid(
+                    incoming.source, f"item vector is not L2-normalised (norm {norm:.6g})"
+                )
+                continue
+            accepted[event.movie_id] = event.vector.astype(np.float32, copy=False)
+            version = event.model_version
+        if not accepted:
+            return
+        with self._lock:
+            self._vectors.update(accepted)
+            if version is not None:
+                self._model_version = version
+            for waiter in self._waiters:
+                if waiter.missing and not waiter.missing.isdisjoint(accepted):
+                    waiter.missing.difference_update(accepted)
+                    if not waiter.missing:
+                        waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+
+    def _invalid(self, source: Source, reason: str) -> None:
+        if source.value is None and source.key is not None:
+            # A tombstone of the compacted topic: the movie left the catalogue.
+            movie_id = source.key.decode("utf-8", errors="replace")
+            with self._lock:
+                self._vectors.pop(movie_id, None)
+            log.info("item removed movie_id=%s", movie_id)
+            return
+        log.warning(
+            "invalid item embedding topic=%s partition=%s offset=%s error=%s",
+            source.topic,
+            source.partition,
+            source.offset,
+            reason,
+        )
+        if self._on_invalid is not None:
+            self._on_invalid(source, reason)
+
+    # --- waiting -----------------------------------------------------------------
+    async def wait_for(self, movie_ids: Iterable[MovieId], timeout_s: float) -> set[MovieId]:
+        """Wait up to ``timeout_s`` seconds until every movie has a vector; returns the
+        ones still missing (empty when all arrived)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            missing = {m for m in movie_ids if m not in self._vectors}
+            if not missing or timeout_s <= 0:
+                return missing
+            waiter = _Waiter(missing, loop, loop.create_future())
+            self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter.future, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiters.remove(waiter)
+                still = set(waiter.missing)
+        return still

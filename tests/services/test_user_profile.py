@@ -1,0 +1,562 @@
+"""The user-profile service: the pure handler, the item-vector map, and the real worker
+(``python -m services.user_profile worker``) on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+from services.user_profile import naming
+from services.user_profile.app import broker_url
+from services.user_profile.handler import Rating, handle_ratings
+from services.user_profile.item_vectors import ItemVectors
+from shared.config import Settings
+from shared.events import (
+    DEAD_LETTERS,
+    ITEM_EMBEDDINGS,
+    RATINGS,
+    USER_PROFILES,
+    DeadLetter,
+    Event,
+    ItemEmbedded,
+    RatingSubmitted,
+    TopicSpec,
+    UserProfileUpdated,
+    encode,
+)
+from shared.kafka.client import make_admin, make_consumer, make_producer
+from shared.kafka.message import Incoming, Source, parse
+from shared.models.updater import RatingWeightedMean, UserState
+from shared.types import MovieId, UserId, Vector
+from tests.conftest import SettingsFactory
+from tests.kafka_helpers import produce_raw, read_topic
+
+REPO = Path(__file__).resolve().parents[2]
+DIM = 12
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+NOW = datetime(2024, 5, 2, tzinfo=UTC)
+UPDATER = RatingWeightedMean()
+
+
+def catalogue(n: int, seed: int = 0) -> dict[MovieId, Vector]:
+    """Seeded random unit vectors for movies ``m0`` .. ``m{n-1}``."""
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(n, DIM)).astype(np.float32)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    return {f"m{i}": m[i] for i in range(n)}
+
+
+def rating_event(user: UserId, movie: MovieId, stars: float, minute: int = 0) -> RatingSubmitted:
+    return RatingSubmitted(
+        user_id=user, movie_id=movie, rating=stars, occurred_at=T0 + timedelta(minutes=minute)
+    )
+
+
+def incoming(event: RatingSubmitted, offset: int, partition: int = 0) -> Rating:
+    """A rating as the agent hands it over: parsed from the bytes a producer sent."""
+    source = Source(
+        topic="ratings",
+        partition=partition,
+        offset=offset,
+        key=event.user_id.encode(),
+        value=encode(event),
+        timestamp_ms=1_714_564_800_000 + offset,
+    )
+    parsed = parse(RATINGS, source, 1_000_000)
+    assert isinstance(parsed.event, RatingSubmitted)
+    return Incoming(parsed.event, source)
+
+
+def by_hand(vectors: dict[MovieId, Vector], ratings: list[tuple[MovieId, float]]) -> Vector:
+    total = np.sum([stars * vectors[m].astype(np.float64) for m, stars in ratings], axis=0)
+    unit: Vector = (total / np.linalg.norm(total)).astype(np.float32)
+    return unit
+
+
+def profiles_of(out: list) -> dict[UserId, UserProfileUpdated]:
+    found = [o.event for o in out if isinstance(o.event, UserProfileUpdated)]
+    assert len(found) == len({p.user_id for p in found}), "one profile per user per batch"
+    return {p.user_id: p for p in found}
+
+
+def letters_of(out: list) -> list[DeadLetter]:
+    return [o.event for o in out if isinstance(o.event, DeadLetter)]
+
+
+def stored(updated: dict[UserId, UserState]) -> dict[UserId, bytes]:
+    return {u: s.to_bytes() for u, s in updated.items()}
+
+
+# --- handler -------------------------------------------------------------------------
+
+
+def test_one_profile_per_user_per_batch_from_all_its_ratings() -> None:
+    vectors = catalogue(6)
+    rows = [("u1", "m0", 5.0), ("u2", "m1", 2.0), ("u1", "m2", 1.5), ("u1", "m3", 4.0)]
+    rows += [("u2", "m4", 3.0)]
+    batch = [incoming(rating_event(u, m, r, i), offset=i) for i, (u, m, r) in enumerate(rows)]
+
+    out, updated = handle_ratings(batch, {}, vectors, UPDATER, NOW, item_model_version="enc-1")
+
+    profiles = profiles_of(out)
+    assert set(profiles) == {"u1", "u2"} and not letters_of(out)
+    u1 = profiles["u1"]
+    assert u1.n_ratings == 3
+    assert u1.rated == ["m0", "m2", "m3"]
+    assert u1.cause_event_id == batch[3].event.event_id
+    assert u1.cause_published_at == datetime.fromtimestamp(
+        (batch[3].source.timestamp_ms or 0) / 1000, UTC
+    )
+    assert u1.updated_at == NOW
+    assert u1.model_version == f"{UPDATER.model_version}+enc-1"
+    assert u1.mean_rating == pytest.approx(UPDATER.mean_rating(updated["u1"]))
+    np.testing.assert_allclose(
+        u1.vector, by_hand(vectors, [("m0", 5.0), ("m2", 1.5), ("m3", 4.0)]), atol=1e-6
+    )
+    assert profiles["u2"].n_ratings == 2
+    assert updated["u1"].last_offset == 3 and updated["u2"].last_offset == 4
+
+
+def test_batches_continue_from_the_stored_state() -> None:
+    vectors = catalogue(4)
+    first = [incoming(rating_event("u", "m0", 4.0), 0), incoming(rating_event("u", "m1", 2.0), 1)]
+    second = [incoming(rating_event("u", "m2", 5.0), 2), incoming(rating_event("u", "m0", 3.0), 3)]
+
+    _, updated = handle_ratings(first, {}, vectors, UPDATER, NOW)
+    out, updated = handle_ratings(second, stored(updated), vectors, UPDATER, NOW)
+
+    profile = profiles_of(out)["u"]
+    assert profile.n_ratings == 4
+    assert profile.rated == ["m0", "m1", "m2"]  # a re-rated movie is listed once
+    expected = by_hand(vectors, [("m0", 4.0), ("m1", 2.0), ("m2", 5.0), ("m0", 3.0)])
+    np.testing.assert_allclose(profile.vector, expected, atol=1e-6)
+
+
+def test_a_redelivered_batch_is_not_applied_twice() -> None:
+    vectors = catalogue(5)
+    batch = [incoming(rating_event("u", f"m{i}", 4.0, i), offset=10 + i) for i in range(5)]
+    # A crash after the first three ratings were stored, before the offsets were
+    # committed: the whole batch comes again.
+    _, partial = handle_ratings(batch[:3], {}, vectors, UPDATER, NOW)
+
+    out, updated = handle_ratings(batch, stored(partial), vectors, UPDATER, NOW)
+
+    profile = profiles_of(out)["u"]
+    assert profile.n_ratings == 5
+    assert profile.cause_event_id == batch[4].event.event_id
+    assert updated["u"].n_ratings == 5 and updated["u"].last_offset == 14
+
+    # Delivered yet again: nothing changes, the last profile is published again.
+    again, unchanged = handle_ratings(batch, stored(updated), vectors, UPDATER, NOW)
+    assert unchanged == {}
+    republished = profiles_of(again)["u"]
+    assert republished.n_ratings == 5
+    assert republished.cause_event_id == batch[4].event.event_id
+    np.testing.assert_allclose(republished.vector, profile.vector)
+
+
+def test_old_ratings_before_the_stored_one_publish_nothing() -> None:
+    vectors = catalogue(3)
+    batch = [incoming(rating_event("u", f"m{i}", 3.0, i), offset=i) for i in range(3)]
+    _, updated = handle_ratings(batch, {}, vectors, UPDATER, NOW)
+
+    out, unchanged = handle_ratings(batch[:2], stored(updated), vectors, UPDATER, NOW)
+
+    assert out == [] and unchanged == {}
+
+
+def test_a_rating_without_item_vector_is_dead_lettered_and_the_rest_applied() -> None:
+    vectors = catalogue(3)
+    batch = [
+        incoming(rating_event("u", "m0", 4.0), 0),
+        incoming(rating_event("u", "unknown", 5.0), 1),
+        incoming(rating_event("u", "m1", 2.0), 2),
+        incoming(rating_event("v", "unknown", 1.0), 3),
+    ]
+
+    out, updated = handle_ratings(batch, {}, vectors, UPDATER, NOW)
+
+    letters = letters_of(out)
+    assert [(d.offset, d.service) for d in letters] == [(1, "user-profile"), (3, "user-profile")]
+    assert all("'unknown'" in d.error and "no item vector" in d.error for d in letters)
+    assert letters[0].payload == batch[1].source.value.decode()  # type: ignore[union-attr]
+    profiles = profiles_of(out)
+    assert set(profiles) == {"u"}  # v had nothing applied: no profile
+    assert profiles["u"].n_ratings == 2
+    assert set(updated) == {"u"}
+
+
+def test_numerical_faults_are_dead_lettered_per_rating() -> None:
+    vectors = catalogue(3)
+    vectors["nan"] = np.full(DIM, np.nan, dtype=np.float32)
+    vectors["short"] = vectors["m0"][:5]
+    batch = [
+        incoming(rating_event("a", "m0", 4.0), 0),
+        incoming(rating_event("b", "m1", 4.0), 1),
+        incoming(rating_event("a", "nan", 4.0), 2),
+        incoming(rating_event("b", "short", 4.0), 3),
+        incoming(rating_event("a", "m2", 4.0), 4),
+    ]
+
+    out, updated = handle_ratings(batch, {}, vectors, UPDATER, NOW)
+
+    letters = letters_of(out)
+    assert [d.offset for d in letters] == [2, 3]
+    assert "NumericalError" in letters[0].error
+    assert "dimension" in letters[1].error
+    assert profiles_of(out)["a"].n_ratings == 2
+    assert profiles_of(out)["b"].n_ratings == 1
+    assert updated["a"].rated == ("m0", "m2")
+
+
+def test_an_unreadable_stored_state_dead_letters_instead_of_resetting() -> None:
+    vectors = catalogue(2)
+    batch = [incoming(rating_event("u", "m0", 4.0), 5), incoming(rating_event("w", "m1", 4.0), 6)]
+
+    out, updated = handle_ratings(batch, {"u": b"garbage"}, vectors, UPDATER, NOW)
+
+    letters = letters_of(out)
+    assert [d.offset for d in letters] == [5]
+    assert "stored state of user is unreadable" in letters[0].error
+    assert set(updated) == {"w"}
+
+
+def test_ratings_without_offsets_are_always_applied() -> None:
+    vectors = catalogue(2)
+    event = rating_event("u", "m0", 4.0)
+    source = Source("ratings", None, None, b"u", encode(event), None)
+    batch = [Incoming(event, source), Incoming(rating_event("u", "m1", 3.0), source)]
+    _, updated = handle_ratings(batch, {}, vectors, UPDATER, NOW)
+
+    out, updated = handle_ratings(batch, stored(updated), vectors, UPDATER, NOW)
+
+    profile = profiles_of(out)["u"]
+    assert profile.n_ratings == 4
+    assert profile.cause_published_at == NOW  # no broker timestamp: latency starts now
+
+
+# --- item vectors --------------------------------------------------------------------
+
+
+def embedded(movie: MovieId, vector: Vector, version: str = "enc-1") -> ItemEmbedded:
+    return ItemEmbedded(
+        movie_id=movie,
+        title=movie,
+        vector=vector,
+        modalities=["text"],
+        model_version=version,
+        embedded_at=T0,
+    )
+
+
+def item_batch(events: list[ItemEmbedded]) -> list[Incoming[Event]]:
+    return [
+        Incoming(e, Source("item-embeddings", 0, i, e.movie_id.encode(), encode(e), None))
+        for i, e in enumerate(events)
+    ]
+
+
+def test_waiters_wake_when_their_vectors_arrive_from_another_thread() -> None:
+    vectors = catalogue(3)
+    refused: list[str] = []
+    # Never started: fed by hand here, by its TopicReader in the service.
+    items = ItemVectors(Settings(), on_invalid=lambda _s, reason: refused.append(reason))
+    items.add(item_batch([embedded("m0", vectors["m0"])]))
+
+    async def scenario() -> tuple[set[MovieId], set[MovieId], float]:
+        loop = asyncio.get_running_loop()
+        # Arrives from a thread, as from the TopicReader, while the loop is waiting.
+        loop.call_later(
+            0.2,
+            lambda: loop.run_in_executor(
+                None,
+                items.add,
+                item_batch([embedded("m1", vectors["m1"]), embedded("m2", vectors["m2"])]),
+            ),
+        )
+        started = time.monotonic()
+        arrived = await items.wait_for({"m0", "m1", "m2"}, timeout_s=30)
+        waited = time.monotonic() - started
+        never = await items.wait_for({"m1", "never"}, timeout_s=0.1)
+        return arrived, never, waited
+
+    arrived, never, waited = asyncio.run(scenario())
+
+    assert arrived == set()
+    assert waited < 30  # woken by the arrival, not by the timeout
+    assert never == {"never"}
+    assert set(items) == {"m0", "m1", "m2"}
+    assert items.model_version == "enc-1"
+    np.testing.assert_array_equal(items.get_many(["m1", "x"])["m1"], vectors["m1"])
+
+    items.add(item_batch([embedded("bad", vectors["m0"] * 3)]))
+    assert "bad" not in items
+    assert refused and "not L2-normalised" in refused[0]
+
+
+# --- the real worker -----------------------------------------------------------------
+
+
+def test_broker_url_lists_every_host() -> None:
+    assert broker_url("a:1, b:2") == "kafka://a:1;kafka://b:2"
+
+
+@contextmanager
+def worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m services.user_profile worker`` with ``settings`` in its environment;
+    waits for its ready file, stops it with SIGTERM and checks that it exits cleanly."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "REELSTREAM_TOPIC_PREFIX": settings.topic_prefix,
+        "REELSTREAM_PARTITIONS": str(settings.topic_partitions),
+        "REELSTREAM_VAR_DIR": str(settings.var_dir),
+        "REELSTREAM_RATING_WAIT_S": str(settings.rating_wait_s),
+        "REELSTREAM_BATCH_TIMEOUT_S": str(settings.batch_timeout_s),
+        "REELSTREAM_BATCH_SIZE": str(settings.batch_size),
+    }
+    ready = settings.ready_file(naming.SERVICE)
+    ready.unlink(missing_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.user_profile", "worker"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while not ready.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"worker did not get ready:\n{log.read_text()[-5000:]}")
+            time.sleep(0.1)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            rc = process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert rc == 0, log.read_text()[-5000:]
+    assert not ready.exists(), "the ready file must go when the worker stops"
+
+
+def publish(settings: Settings, spec: TopicSpec, events: list[Event]) -> None:
+    """Publish events keyed by their entity id with one producer (a producer per message
+    would take most of a test's time)."""
+    producer = make_producer(settings)
+    for event in events:
+        producer.produce(settings.topic(spec.name), value=encode(event), key=spec.key_of(event))
+    assert producer.flush(10) == 0
+
+
+def publish_items(settings: Settings, vectors: dict[MovieId, Vector]) -> None:
+    publish(settings, ITEM_EMBEDDINGS, [embedded(m, v) for m, v in vectors.items()])
+
+
+def publish_ratings(settings: Settings, events: list[RatingSubmitted]) -> None:
+    publish(settings, RATINGS, list(events))
+
+
+def profiles_until(settings: Settings, expected: dict[UserId, int]) -> list[UserProfileUpdated]:
+    """Read ``user-profiles`` until every user has a profile with its expected count;
+    fails at once when a user's count goes past it (an update applied twice)."""
+
+    def counts(events: list[Event]) -> set[tuple[UserId, int]]:
+        return {(e.user_id, e.n_ratings) for e in events if isinstance(e, UserProfileUpdated)}
+
+    def done(events: list[Event]) -> bool:
+        seen = counts(events)
+        overshoot = any(n > expected.get(u, n) for u, n in seen)
+        return overshoot or all((u, n) in seen for u, n in expected.items())
+
+    events = read_topic(settings, USER_PROFILES, done, timeout_s=60)
+    over = sorted((u, n) for u, n in counts(events) if n > expected.get(u, n))
+    assert not over, f"more ratings applied than published: {over}"
+    return [e for e in events if isinstance(e, UserProfileUpdated)]
+
+
+def letters_until(settings: Settings, n: int) -> list[DeadLetter]:
+    events = read_topic(settings, DEAD_LETTERS, lambda ev: len(ev) >= n, timeout_s=60)
+    return [e for e in events if isinstance(e, DeadLetter)]
+
+
+@pytest.mark.integration
+def test_worker_turns_ratings_into_profiles(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    settings = make_settings()
+    vectors = catalogue(8, seed=1)
+    publish_items(settings, vectors)
+    plan = {
+        "alice": [("m0", 5.0), ("m1", 4.0), ("m2", 1.0)],
+        "bob": [("m3", 3.5), ("m4", 2.0)],
+        "carol": [("m5", 0.5), ("m6", 5.0), ("m7", 4.5), ("m0", 3.0)],
+    }
+    events = [
+        rating_event(user, movie, stars, i)
+        for user, ratings in plan.items()
+        for i, (movie, stars) in enumerate(ratings)
+    ]
+    with worker(settings, tmp_path / "worker.log"):
+        publish_ratings(settings, events)
+        profiles = profiles_until(settings, {u: len(r) for u, r in plan.items()})
+
+    for user, ratings in plan.items():
+        final = [p for p in profiles if p.user_id == user and p.n_ratings == len(ratings)][-1]
+        np.testing.assert_allclose(final.vector, by_hand(vectors, ratings), atol=1e-5)
+        assert final.rated == list(dict.fromkeys(m for m, _ in ratings))
+        assert final.model_version == f"{UPDATER.model_version}+enc-1"
+        assert final.cause_event_id == [e for e in events if e.user_id == user][-1].event_id
+        assert final.cause_published_at <= final.updated_at
+        counts = [p.n_ratings for p in profiles if p.user_id == user]
+        assert counts == sorted(counts) and max(counts) == len(ratings)
+
+
+@pytest.mark.integration
+def test_bad_input_is_dead_lettered_and_the_next_rating_processed(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = make_settings()
+    vectors = catalogue(2, seed=2)
+    publish_items(settings, vectors)
+    # An item embedding that is not L2-normalised is refused too.
+    produce_raw(settings, ITEM_EMBEDDINGS, encode(embedded("m9", vectors["m0"] * 2)), b"m9")
+    with worker(settings, tmp_path / "worker.log"):
+        produce_raw(settings, RATINGS, b"{not json", b"u")
+        seven = encode(rating_event("u", "m0", 4.0)).replace(b'"rating":4.0', b'"rating":7')
+        assert b'"rating":7' in seven
+        produce_raw(settings, RATINGS, seven, b"u")
+        produce_raw(settings, RATINGS, encode(rating_event("u", "m0", 4.0)), b"someone-else")
+        publish_ratings(settings, [rating_event("u", "m1", 3.0)])
+
+        profiles = profiles_until(settings, {"u": 1})
+        letters = letters_until(settings, 4)
+
+    assert profiles[-1].rated == ["m1"]
+    by_error = {d.error: d for d in letters}
+    assert len(letters) == 4
+    assert any(e.startswith("invalid JSON") for e in by_error)
+    assert any("rating: Input should be less than or equal to 5" in e for e in by_error)
+    assert any("message key 'someone-else' must be the user_id 'u'" in e for e in by_error)
+    assert any("not L2-normalised" in e for e in by_error)
+    assert all(d.service == "user-profile" for d in letters)
+    json_letter = next(d for e, d in by_error.items() if e.startswith("invalid JSON"))
+    assert json_letter.payload == "{not json"
+    assert json_letter.source_topic == settings.topic(RATINGS.name)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ratings_wait_a_while_for_their_movie_vector(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = make_settings(rating_wait_s=5.0)
+    vectors = catalogue(3, seed=3)
+    publish_items(settings, {"m0": vectors["m0"]})
+    with worker(settings, tmp_path / "worker.log"):
+        publish_ratings(
+            settings,
+            [rating_event("early", "m1", 4.0), rating_event("lost", "never-embedded", 4.0)],
+        )
+        time.sleep(0.5)  # the vector arrives a moment after the rating
+        publish_items(settings, {"m1": vectors["m1"]})
+
+        profiles = profiles_until(settings, {"early": 1})
+        letters = letters_until(settings, 1)
+        # A rating of a known movie after the dead letter is still processed.
+        publish_ratings(settings, [rating_event("lost", "m0", 2.0)])
+        after = profiles_until(settings, {"lost": 1})
+
+    assert next(p for p in profiles if p.user_id == "early").rated == ["m1"]
+    assert len(letters) == 1
+    assert "'never-embedded' has no item vector" in letters[0].error
+    assert next(p for p in after if p.user_id == "lost").rated == ["m0"]
+
+
+def partitions_by_key(settings: Settings, topic: str) -> dict[str, set[int]]:
+    """The partitions of ``topic`` that hold messages of each key (read to the end)."""
+    consumer = make_consumer(settings, f"test-{time.time_ns()}")
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        found: dict[str, set[int]] = {}
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 2:
+            for message in consumer.consume(500, timeout=0.2):
+                key, partition = message.key(), message.partition()
+                if message.error() is None and key is not None and partition is not None:
+                    found.setdefault(key.decode(), set()).add(partition)
+                    idle_since = time.monotonic()
+        return found
+    finally:
+        consumer.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_restart_neither_loses_nor_repeats_an_update(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = make_settings()
+    vectors = catalogue(20, seed=4)
+    publish_items(settings, vectors)
+    users = [f"user-{i}" for i in range(6)]  # spread over both partitions
+    n_first, n_second, n_third = 4, 3, 2
+    log = tmp_path / "worker.log"
+
+    def publish_round(round_: int, n: int) -> None:
+        publish_ratings(
+            settings,
+            [
+                rating_event(user, f"m{(round_ * 7 + k * 3 + j) % 20}", 1.0 + (k + j) % 5, k)
+                for k in range(n)
+                for j, user in enumerate(users)
+            ],
+        )
+
+    with worker(settings, log):
+        publish_round(0, n_first)
+        profiles_until(settings, dict.fromkeys(users, n_first))
+    # SIGTERM: a clean stop commits the offsets; the state comes back from the changelog.
+    with worker(settings, log):
+        publish_round(1, n_second)
+        profiles_until(settings, dict.fromkeys(users, n_first + n_second))
+
+    # As after a crash before the commit: the offsets are lost and every rating comes
+    # again; the stored last_offset must keep them from being applied twice.
+    admin = make_admin(settings)
+    for future in admin.delete_consumer_groups([naming.app_id(settings)]).values():
+        future.result()
+    with worker(settings, log):
+        publish_round(2, n_third)
+        total = n_first + n_second + n_third
+        profiles = profiles_until(settings, dict.fromkeys(users, total))
+
+    for user in users:
+        counts = [p.n_ratings for p in profiles if p.user_id == user]
+        assert max(counts) == total, f"{user}: {counts}"
+    assert "skipped re-delivered ratings" in log.read_text()
+
+    # The table's changelog is partitioned like the ratings: a user's state is
+    # recovered by the instance that owns the user's ratings partition.
+    changelog = partitions_by_key(settings, naming.changelog_topic(settings))
+    ratings = partitions_by_key(settings, settings.topic(RATINGS.name))
+    assert set(changelog) == set(users)
+    for user in users:
+        assert changelog[user] == ratings[user], user
+    assert len({p for parts in ratings.values() for p in parts}) == 2
