@@ -59,7 +59,7 @@ class AsyncPublisher:
 
     def __init__(self, settings: Settings, producer: Producer | None = None) -> None:
         self._settings = settings
-        self._producer = producer or make_producer(
+        self._producer: Producer | None = producer or make_producer(
             settings, **{"message.timeout.ms": DELIVERY_TIMEOUT_MS}
         )
         self._stop = threading.Event()
@@ -74,6 +74,9 @@ class AsyncPublisher:
         Raises:
             DeliveryError: the broker refused it or did not answer in time.
         """
+        producer = self._producer
+        if producer is None:
+            raise DeliveryError("the gateway is shutting down")
         loop = asyncio.get_running_loop()
         delivered: asyncio.Future[None] = loop.create_future()
 
@@ -87,7 +90,7 @@ class AsyncPublisher:
         key, value = outgoing.spec.key_of(outgoing.event), encode(outgoing.event)
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
                 break
             except BufferError:
                 # The local queue is full: give the poller time to drain it.
@@ -99,10 +102,13 @@ class AsyncPublisher:
         self._stop.set()
         if self._poller.is_alive():
             self._poller.join()
-        return int(self._producer.flush(timeout_s))
+        producer, self._producer = self._producer, None
+        # Dropping the last reference destroys the client now, not whenever the object
+        # holding this publisher is collected (long after its broker may be gone).
+        return 0 if producer is None else int(producer.flush(timeout_s))
 
     def _poll(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self._producer is not None:
             self._producer.poll(0.05)
 
 
