@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     """How long (seconds) a rating of a movie with no vector yet waits for its embedding
     before it goes to ``dead-letters`` [REELSTREAM_RATING_WAIT_S]."""
 
+    empty_fetch_backoff_s: float = Field(
+        0.02, ge=0, validation_alias="REELSTREAM_EMPTY_FETCH_BACKOFF_S"
+    )
+    """After an empty fetch, the faust worker's client waits this long (seconds) before
+    asking the same broker again, as a long poll would; for brokers that answer empty
+    fetches at once. 0 disables [REELSTREAM_EMPTY_FETCH_BACKOFF_S]."""
+
     max_message_bytes: int = Field(
         1_000_000, ge=1024, validation_alias="REELSTREAM_MAX_MESSAGE_BYTES"
     )

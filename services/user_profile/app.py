@@ -41,6 +41,7 @@ from services.user_profile.naming import SERVICE
 from shared.config import Settings
 from shared.events import DEAD_LETTERS, RATINGS, USER_PROFILES, RatingSubmitted, encode
 from shared.exceptions import ConfigurationError, InvalidEventError
+from shared.kafka import aiokafka_backoff
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, parse
 from shared.models.updater import RatingWeightedMean, UserState, UserUpdater
 from shared.types import MovieId, UserId, Vector
@@ -103,6 +104,7 @@ class UserProfileApp:
         self.ready_file = settings.ready_file(SERVICE)
         # faust makes its data directory without parents, before any hook of ours runs.
         settings.var_dir.mkdir(parents=True, exist_ok=True)
+        aiokafka_backoff.install(settings.empty_fetch_backoff_s)
         self.app = faust.App(
             naming.app_id(settings),
             broker=broker_url(settings.kafka_bootstrap_servers),
