@@ -32,7 +32,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, TopicPartition
 
-from services.ingest.replay import replay
+from services.ingest.replay import replay, wait_until_embedded
 from shared.config import Settings
 from shared.data.movielens import MovieLens, load_movielens
 from shared.events import RECOMMENDATIONS, RatingSubmitted
@@ -68,7 +68,9 @@ class Collector:
                     if message.error() is not None:
                         continue
                     # orjson directly: validating every list would slow the reader, not the stack.
-                    value = orjson.loads(message.value())
+                    value = orjson.loads(message.value() or b"{}")
+                    if "latency_ms" not in value:
+                        continue
                     self.latencies_ms.append(float(value["latency_ms"]))
                     self.causes.add(value["cause_event_id"])
                     self.last_consumed_at = time.time()
@@ -135,10 +137,11 @@ def run(
 
     collector = Collector(settings)
     thread = collector.start()
-    replay(settings, dataset, limit=None, rate=None, time_scale=None, progress=True, ratings=False)
-    # Give the item-embedding service time to embed the catalogue before ratings flow,
-    # as in production where movies arrive long before their ratings.
-    time.sleep(2.0)
+    replay(settings, dataset, progress=True, ratings=False)
+    # As in production, the catalogue is embedded before its ratings flow.
+    missing = wait_until_embedded(settings, {m.movie_id for m in dataset.movies}, timeout_s=900)
+    if missing:
+        sys.exit(f"{missing} movies were not embedded: is the item-embedding service up?")
     started = time.time()
     stats = replay(
         settings, dataset, limit=None, rate=rate, time_scale=None, progress=True, movies=False

@@ -53,4 +53,4 @@ def install(pause_s: float) -> None:
                     return False
         return got_records
 
-    Fetcher._proc_fetch_request = proc_fetch_request  # type: ignore[method-assign]
+    Fetcher._proc_fetch_request = proc_fetch_request

@@ -1,0 +1,214 @@
+"""The whole pipeline end to end: the four real services (started by ``infra.stack`` as
+``make up`` starts them) on the real broker, with the real text model and embedded
+Qdrant. Everything goes in as a user would send it (raw JSON on the topics) and is
+read back from ``recommendations`` and ``dead-letters``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from infra import broker, stack
+from infra.topics import ensure_topics
+from shared.config import Settings
+from shared.events import (
+    DEAD_LETTERS,
+    ITEM_EMBEDDINGS,
+    MOVIES,
+    RATINGS,
+    RECOMMENDATIONS,
+    DeadLetter,
+    Event,
+    ItemEmbedded,
+    RecommendationsGenerated,
+)
+from tests.kafka_helpers import produce_raw, read_topic
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ANIMATION = {
+    "1": ("Toy Story", "A cowboy doll is threatened by a new spaceman action figure."),
+    "2": ("Toy Story 2", "Woody the toy cowboy is stolen by a toy collector."),
+    "3": ("A Bug's Life", "An ant recruits circus bugs to fight greedy grasshoppers."),
+    "4": ("Monsters, Inc.", "Monsters who scare children find a little girl."),
+    "5": ("Finding Nemo", "A clownfish crosses the ocean to find his son."),
+}
+HORROR = {
+    "11": ("The Shining", "A caretaker of an isolated hotel descends into madness."),
+    "12": ("Halloween", "A masked killer stalks babysitters on Halloween night."),
+    "13": ("The Exorcist", "A priest tries to save a girl possessed by a demon."),
+    "14": ("Scream", "A killer in a ghost mask murders teenagers."),
+    "15": ("Alien", "A deadly creature hunts the crew of a spaceship."),
+}
+DRAMA = {
+    "21": ("The Godfather", "The ageing patriarch of a crime dynasty hands over to his son."),
+    "22": ("Schindler's List", "A businessman saves Jewish refugees during the war."),
+    "23": ("Casablanca", "A nightclub owner meets his former lover in wartime Morocco."),
+    "24": ("12 Angry Men", "A jury deliberates the guilt of a young defendant."),
+    "25": ("Forrest Gump", "A kind man witnesses decades of American history."),
+}
+GENRES: dict[str, list[str]] = {
+    **{movie: ["Animation", "Children's", "Comedy"] for movie in ANIMATION},
+    **{movie: ["Horror", "Thriller"] for movie in HORROR},
+    **{movie: ["Drama"] for movie in DRAMA},
+}
+CATALOGUE = {**ANIMATION, **HORROR, **DRAMA}
+
+
+def movie_json(movie_id: str, title: str, overview: str, genres: list[str]) -> bytes:
+    return orjson.dumps(
+        {"movie_id": int(movie_id), "title": title, "overview": overview, "genres": genres}
+    )
+
+
+def rating_json(user: str, movie: str, stars: float, event_id: str) -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": event_id,
+            "user_id": user,
+            "movie_id": movie,
+            "rating": stars,
+            "occurred_at": time.time(),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def running(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A whole stack of our own: a fresh topic prefix on the session broker."""
+    var = tmp_path_factory.mktemp("stack")
+    settings = Settings(
+        kafka_bootstrap_servers=bootstrap,
+        topic_prefix=f"p{uuid.uuid4().hex[:10]}.",
+        topic_partitions=2,
+        var_dir=var / "var",
+        qdrant_path=var / "qdrant",
+        ingest_http_port=broker.free_port(),
+        recommender_http_port=broker.free_port(),
+        rating_wait_s=5.0,
+        max_message_bytes=20_000,
+    )
+    ensure_topics(settings)
+    lines: list[str] = []
+    try:
+        stack.up(settings, timeout_s=420, out=lines.append)
+        for movie_id, (title, overview) in CATALOGUE.items():
+            produce_raw(
+                settings,
+                MOVIES,
+                movie_json(movie_id, title, overview, GENRES[movie_id]),
+                movie_id.encode(),
+            )
+        wait_for_items(settings, set(CATALOGUE))
+        yield settings
+    finally:
+        stack.down(settings, out=lines.append)
+        print("\n".join(lines))
+
+
+def wait_for_items(settings: Settings, movie_ids: set[str]) -> None:
+    def embedded(events: list[Event]) -> bool:
+        return movie_ids <= {e.movie_id for e in events if isinstance(e, ItemEmbedded)}
+
+    read_topic(settings, ITEM_EMBEDDINGS, embedded, timeout_s=180)
+
+
+def list_caused_by(settings: Settings, event_id: str) -> RecommendationsGenerated:
+    def found(events: list[Event]) -> bool:
+        return any(getattr(e, "cause_event_id", None) == event_id for e in events)
+
+    events = read_topic(settings, RECOMMENDATIONS, found, timeout_s=60)
+    return next(
+        e
+        for e in events
+        if isinstance(e, RecommendationsGenerated) and e.cause_event_id == event_id
+    )
+
+
+def rate(settings: Settings, user: str, movie: str, stars: float) -> str:
+    event_id = f"e-{uuid.uuid4().hex}"
+    produce_raw(settings, RATINGS, rating_json(user, movie, stars, event_id), user.encode())
+    return event_id
+
+
+def test_ratings_produce_lists_that_exclude_what_the_user_rated(running: Settings) -> None:
+    for movie in ("1", "2"):
+        rate(running, "alice", movie, 5.0)
+    last = rate(running, "alice", "3", 4.5)
+
+    recs = list_caused_by(running, last)
+
+    ids = [item.movie_id for item in recs.items]
+    assert recs.user_id == "alice"
+    assert len(ids) == 10 and len(set(ids)) == 10
+    assert not {"1", "2", "3"} & set(ids)
+    assert all(item.title == CATALOGUE[item.movie_id][0] for item in recs.items)
+    # Her taste is animation: the other two animated films lead the list.
+    assert set(ids[:2]) == {"4", "5"}, [CATALOGUE[i][0] for i in ids]
+    assert recs.latency_ms >= 0 and recs.model_version
+
+
+def test_a_new_movie_is_recommendable_before_anyone_rates_it(running: Settings) -> None:
+    produce_raw(
+        running,
+        MOVIES,
+        movie_json(
+            "100",
+            "Toy Story 3",
+            "Woody, Buzz and the other toys are donated to a daycare centre.",
+            ["Animation", "Children's", "Comedy"],
+        ),
+        b"100",
+    )
+    wait_for_items(running, {"100"})
+    last = rate(running, "bob", "1", 5.0)
+
+    recs = list_caused_by(running, last)
+
+    assert "100" in [item.movie_id for item in recs.items[:3]]
+
+
+@pytest.mark.parametrize(
+    ("spec", "key", "value", "reason"),
+    [
+        (RATINGS, b"carol", b"{not json", "invalid JSON"),
+        (RATINGS, b"carol", rating_json("carol", "1", 7.0, "bad-1"), "less than or equal to 5"),
+        (RATINGS, b"carol", b'{"user_id": "carol", "movie_id": "1"}', "Field required"),
+        (RATINGS, b"dave", rating_json("carol", "1", 4.0, "bad-2"), "must be the user_id"),
+        (RATINGS, b"carol", rating_json("carol", "nope", 4.0, "bad-3"), "has no item vector"),
+        (RATINGS, b"carol", b'{"user_id": "carol", "x": "' + b"a" * 30_000 + b'"}', "limit"),
+        (MOVIES, b"7", b'{"movie_id": 7, "title": "", "genres": []}', "title"),
+        (MOVIES, b"8", b'{"movie_id": 8, "title": "X", "budget": 1}', "Extra inputs"),
+    ],
+    ids=["json", "range", "missing", "key", "unknown-movie", "oversized", "title", "extra"],
+)
+def test_bad_input_is_dead_lettered_and_the_next_event_still_processed(
+    running: Settings, spec: object, key: bytes, value: bytes, reason: str
+) -> None:
+    from shared.events import TopicSpec
+
+    assert isinstance(spec, TopicSpec)
+    produce_raw(running, spec, value, key)
+    valid = rate(running, "carol", "11", 4.0)
+
+    def has_letter(events: list[Event]) -> bool:
+        return any(isinstance(e, DeadLetter) and reason in e.error for e in events)
+
+    letters = read_topic(running, DEAD_LETTERS, has_letter, timeout_s=60)
+    letter = next(e for e in letters if isinstance(e, DeadLetter) and reason in e.error)
+    assert letter.source_topic == running.topic(spec.name)
+    assert letter.service in {"item-embedding", "user-profile"}
+    assert letter.offset is not None and letter.partition is not None
+    assert list_caused_by(running, valid).user_id == "carol"
+
+
+def test_recommendations_carry_the_contract_fields(running: Settings) -> None:
+    last = rate(running, "erin", "22", 5.0)
+    recs = list_caused_by(running, last)
+    required = {"user_id", "items", "cause_event_id", "model_version", "generated_at", "latency_ms"}
+    assert required <= set(recs.model_dump())
+    assert {"movie_id", "title", "score", "predicted_rating"} <= set(recs.items[0].model_dump())
