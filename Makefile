@@ -74,8 +74,9 @@ lint: venv ## ruff (lint and format check) and mypy
 	@$(VENV)/bin/ruff format --check --quiet .
 	@$(VENV)/bin/mypy --no-error-summary shared services infra
 
-bench: venv data ## throughput and latency benchmark of the pipeline
-	@$(PY) -m infra.bench
+bench: venv data ## end-to-end throughput/latency/RSS on the running stack (LIMIT=, RATE=)
+	@$(PY) -m infra.bench --json reports/bench.json $(if $(LIMIT),--limit $(LIMIT)) \
+		$(if $(RATE),--rate $(RATE))
 
 up-docker: ## the stack in Docker: Apache Kafka, Qdrant and the services
 	docker compose up -d --build

@@ -88,7 +88,7 @@ def pid(data_dir: Path) -> int | None:
         broker_pid = int(json.loads(control.read_text())["pid"])
     except (OSError, ValueError, KeyError):
         return None
-    return broker_pid if _alive(broker_pid) else None
+    return broker_pid if process_alive(broker_pid) else None
 
 
 def stop(data_dir: Path, timeout_s: float = 30.0) -> None:
@@ -101,14 +101,15 @@ def stop(data_dir: Path, timeout_s: float = 30.0) -> None:
     )
     # `noida-db down` returns before the process has written its last snapshot.
     deadline = time.monotonic() + timeout_s
-    while _alive(broker_pid):
+    while process_alive(broker_pid):
         if time.monotonic() > deadline:
             os.kill(broker_pid, 9)
             break
         time.sleep(0.1)
 
 
-def _alive(process_id: int) -> bool:
+def process_alive(process_id: int) -> bool:
+    """True when ``process_id`` is a running process (a zombie is not running)."""
     try:
         os.kill(process_id, 0)
     except ProcessLookupError:

@@ -131,13 +131,6 @@ class RecommenderWorker:
         self._reader_publisher.publish_all(out)
 
     def _on_invalid_item(self, source: Source, reason: str) -> None:
-        log.warning(
-            "dead-letter topic=%s partition=%s offset=%s error=%s",
-            source.topic,
-            source.partition,
-            source.offset,
-            reason,
-        )
         self._reader_publisher.publish(dead_letter(source, reason, SERVICE))
 
 

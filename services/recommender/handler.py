@@ -19,7 +19,7 @@ from shared.events import (
 )
 from shared.exceptions import UnprocessableEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
-from shared.retrieval.catalogue import Catalogue, check_unit_norm
+from shared.retrieval.catalogue import Catalogue, check_vector
 from shared.retrieval.recommend import ScoredItem, recommend_batch
 from shared.types import UserId
 
@@ -37,15 +37,7 @@ def handle_item_embeddings(
     refusals = catalogue.apply([incoming.event for incoming in batch])
     out: list[Outgoing] = []
     for refusal in refusals:
-        source = batch[refusal.position].source
-        log.warning(
-            "dead-letter topic=%s partition=%s offset=%s error=%s",
-            source.topic,
-            source.partition,
-            source.offset,
-            refusal.error,
-        )
-        out.append(dead_letter(source, str(refusal.error), SERVICE))
+        out.append(dead_letter(batch[refusal.position].source, str(refusal.error), SERVICE))
     return out
 
 
@@ -83,18 +75,9 @@ def handle_user_profiles(
     for incoming in batch:
         profile = incoming.event
         try:
-            _check_profile(profile, dim)
+            check_vector(np.asarray(profile.vector), dim, f"user {profile.user_id} profile vector")
         except UnprocessableEventError as exc:
-            s = incoming.source
-            log.warning(
-                "dead-letter topic=%s partition=%s offset=%s user=%s error=%s",
-                s.topic,
-                s.partition,
-                s.offset,
-                profile.user_id,
-                exc,
-            )
-            out.append(dead_letter(s, str(exc), SERVICE))
+            out.append(dead_letter(incoming.source, str(exc), SERVICE))
             continue
         n_valid += 1
         latest.pop(profile.user_id, None)  # keep users in the order of their last profile
@@ -145,13 +128,3 @@ def handle_user_profiles(
         len(out) - len(profiles),
     )
     return out
-
-
-def _check_profile(profile: UserProfileUpdated, dim: int | None) -> None:
-    size = int(np.asarray(profile.vector).shape[0])
-    if dim is not None and size != dim:
-        raise UnprocessableEventError(
-            f"user {profile.user_id} profile vector has dimension {size}; "
-            f"the item catalogue's dimension is {dim}"
-        )
-    check_unit_norm(np.asarray(profile.vector), f"user {profile.user_id} profile vector")

@@ -333,14 +333,6 @@ class UserProfileApp:
                 self.dead_lettered += 1
 
     def _reject(self, source: Source, reason: str) -> Outgoing:
-        log.warning(
-            "service=%s dead-letter topic=%s partition=%s offset=%s error=%s",
-            SERVICE,
-            source.topic,
-            source.partition,
-            source.offset,
-            reason,
-        )
         return dead_letter(source, reason, SERVICE)
 
     def _invalid_item(self, source: Source, reason: str) -> None:

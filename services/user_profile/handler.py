@@ -31,16 +31,7 @@ def model_version(updater: UserUpdater, item_model_version: str | None) -> str:
 
 
 def _reject(incoming: Rating, reason: str) -> Outgoing:
-    s = incoming.source
-    log.warning(
-        "dead-letter topic=%s partition=%s offset=%s user_id=%s error=%s",
-        s.topic,
-        s.partition,
-        s.offset,
-        incoming.event.user_id,
-        reason,
-    )
-    return dead_letter(s, reason, SERVICE)
+    return dead_letter(incoming.source, reason, SERVICE)
 
 
 def _is_replay(incoming: Rating, state: UserState) -> bool:

@@ -146,14 +146,6 @@ class BatchConsumer:
         return out
 
     def _reject(self, source: Source, reason: str) -> Outgoing:
-        log.warning(
-            "service=%s dead-letter topic=%s partition=%s offset=%s error=%s",
-            self._service,
-            source.topic,
-            source.partition,
-            source.offset,
-            reason,
-        )
         self.dead_lettered += 1
         return dead_letter(source, reason, self._service)
 

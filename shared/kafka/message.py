@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Generic, Literal, TypeVar
@@ -13,6 +14,8 @@ from shared.events import DEAD_LETTERS, DeadLetter, Event, TopicSpec, decode
 from shared.exceptions import InvalidEventError
 
 E = TypeVar("E", bound=Event)
+
+log = logging.getLogger(__name__)
 
 MAX_DEAD_LETTER_PAYLOAD = 100_000
 """Bytes of an oversized payload kept in its dead letter."""
@@ -83,7 +86,16 @@ def parse(spec: TopicSpec, source: Source, max_bytes: int) -> Incoming[Event]:
 
 
 def dead_letter(source: Source, error: str, service: str) -> Outgoing:
-    """The ``dead-letters`` message for a message that could not be processed."""
+    """The ``dead-letters`` message for a message that could not be processed; logs the
+    failure with topic, partition and offset."""
+    log.warning(
+        "dead-letter service=%s topic=%s partition=%s offset=%s error=%s",
+        service,
+        source.topic,
+        source.partition,
+        source.offset,
+        error,
+    )
     raw = source.value or b""
     if len(raw) > MAX_DEAD_LETTER_PAYLOAD:
         error = f"{error} (payload truncated to {MAX_DEAD_LETTER_PAYLOAD} of {len(raw)} bytes)"

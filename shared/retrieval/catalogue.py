@@ -40,6 +40,18 @@ class Refusal:
     error: UnprocessableEventError
 
 
+def check_vector(vector: np.ndarray, dim: int | None, what: str) -> int:
+    """Raise ``UnprocessableEventError`` unless ``vector`` has dimension ``dim`` (any,
+    when None) and is L2-normalised; returns its dimension."""
+    size = int(vector.shape[0])
+    if dim is not None and size != dim:
+        raise UnprocessableEventError(
+            f"{what} has dimension {size}; the item catalogue's dimension is {dim}"
+        )
+    check_unit_norm(vector, what)
+    return size
+
+
 def check_unit_norm(vector: np.ndarray, what: str) -> None:
     """Raise ``UnprocessableEventError`` unless ``vector`` is L2-normalised."""
     norm = float(np.linalg.norm(vector))
@@ -126,7 +138,9 @@ class Catalogue:
             dim = self.dim
             for position, event in enumerate(events):
                 try:
-                    dim = self._check(event, dim)
+                    dim = check_vector(
+                        np.asarray(event.vector), dim, f"item {event.movie_id} vector"
+                    )
                 except UnprocessableEventError as exc:
                     refusals.append(Refusal(position, exc))
                     continue
@@ -152,14 +166,3 @@ class Catalogue:
                 list(accepted), np.stack([np.asarray(e.vector) for e in accepted.values()])
             )
         return refusals
-
-    @staticmethod
-    def _check(event: ItemEmbedded, dim: int | None) -> int:
-        size = int(np.asarray(event.vector).shape[0])
-        if dim is not None and size != dim:
-            raise UnprocessableEventError(
-                f"item {event.movie_id} has a vector of dimension {size}; "
-                f"the catalogue's dimension is {dim}"
-            )
-        check_unit_norm(np.asarray(event.vector), f"item {event.movie_id} vector")
-        return size

@@ -38,7 +38,7 @@ def test_the_first_item_fixes_the_dimension_and_others_are_refused() -> None:
     )
     assert catalogue.dim == 3 and len(catalogue) == 2
     assert [r.position for r in refusals] == [1, 3]
-    assert "dimension 2; the catalogue's dimension is 3" in str(refusals[0].error)
+    assert "dimension 2; the item catalogue's dimension is 3" in str(refusals[0].error)
     assert "L2 norm 2" in str(refusals[1].error)
     with pytest.raises(UnprocessableEventError, match="dimension 4"):
         catalogue.add(item("e", [0, 0, 0, 1]))

@@ -290,7 +290,7 @@ def test_bad_profiles_and_items_are_dead_lettered_and_the_worker_goes_on(
     assert any("u2 profile vector has dimension 8" in e for e in profiles)
     assert any("invalid JSON" in e for e in profiles)
     assert any("invalid JSON" in e for e in items)
-    assert any("item short has a vector of dimension 4" in e for e in items)
+    assert any("item short vector has dimension 4" in e for e in items)
     assert len(dead) == 4
 
 
