@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from shared.config import Settings
 from shared.events import Event, TopicSpec
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 class TopicReader:
     """Follows a whole topic and hands each batch of valid events to ``on_events``.
 
+    After the first read to the end it checks the partitions' high watermarks every
+    ``follow_interval_s`` (default 0.2 s) and reads only what is new, so a new event
+    is handed over within about that interval.
+
     ``on_invalid(source, reason)`` gets messages that do not parse. Both callbacks run
     on the reader's thread.
     """
@@ -37,6 +41,7 @@ class TopicReader:
         on_invalid: Callable[[Source, str], None],
         *,
         name: str,
+        follow_interval_s: float = 0.2,
     ) -> None:
         self._settings = settings
         self._spec = spec
@@ -44,6 +49,7 @@ class TopicReader:
         self._on_events = on_events
         self._on_invalid = on_invalid
         self._name = name
+        self._follow_interval_s = follow_interval_s
         self._stop = threading.Event()
         self._caught_up = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"reader-{name}", daemon=True)
@@ -75,21 +81,55 @@ class TopicReader:
             topic_meta = metadata.topics.get(self._topic)
             if topic_meta is None or topic_meta.error is not None:
                 raise RuntimeError(f"topic {self._topic} is not available")
-            partitions = sorted(topic_meta.partitions)
-            consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
-            pending = set(partitions)
-            log.info("reader=%s topic=%s partitions=%d", self._name, self._topic, len(partitions))
+            positions = {p: OFFSET_BEGINNING for p in sorted(topic_meta.partitions)}
+            log.info("reader=%s topic=%s partitions=%d", self._name, self._topic, len(positions))
             while not self._stop.is_set():
-                messages = consumer.consume(2000, timeout=0.05)
+                behind = [p for p, at in positions.items() if self._has_news(consumer, p, at)]
+                if behind:
+                    self._read_to_end(consumer, behind, positions)
+                if not self._caught_up.is_set() and not self._stop.is_set():
+                    log.info("reader=%s caught up", self._name)
+                    self._caught_up.set()
+                self._stop.wait(self._follow_interval_s)
+        except Exception:
+            log.exception("reader=%s crashed", self._name)
+            raise
+        finally:
+            consumer.close()
+
+    def _has_news(self, consumer: Consumer, partition: int, position: int) -> bool:
+        low, high = consumer.get_watermark_offsets(
+            TopicPartition(self._topic, partition), timeout=10, cached=False
+        )
+        return high > (low if position == OFFSET_BEGINNING else position)
+
+    def _read_to_end(
+        self, consumer: Consumer, partitions: list[int], positions: dict[int, int]
+    ) -> None:
+        """Assign ``partitions`` at ``positions``, hand over everything up to their ends,
+        advance ``positions``, and unassign: an assigned librdkafka consumer re-fetches
+        at once after every empty answer, and some brokers answer empty fetches at once
+        (a tight loop), so the reader holds partitions only while they have news."""
+        consumer.assign([TopicPartition(self._topic, p, positions[p]) for p in partitions])
+        pending = set(partitions)
+        try:
+            while pending and not self._stop.is_set():
                 batch: list[Incoming[Event]] = []
-                for message in messages:
+                for message in consumer.consume(2000, timeout=0.1):
                     err = message.error()
+                    partition = message.partition()
                     if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            pending.discard(message.partition())
+                        end = message.offset()
+                        if err.code() == KafkaError._PARTITION_EOF and partition is not None:
+                            pending.discard(partition)
+                            if end is not None:
+                                positions[partition] = end
                         else:
                             log.warning("reader=%s error=%s", self._name, err)
                         continue
+                    offset = message.offset()
+                    if partition is not None and offset is not None:
+                        positions[partition] = offset + 1
                     source = Source.of(message)
                     try:
                         batch.append(parse(self._spec, source, self._settings.max_message_bytes))
@@ -97,11 +137,5 @@ class TopicReader:
                         self._on_invalid(source, str(exc))
                 if batch:
                     self._on_events(batch)
-                if not pending and not self._caught_up.is_set():
-                    log.info("reader=%s caught up", self._name)
-                    self._caught_up.set()
-        except Exception:
-            log.exception("reader=%s crashed", self._name)
-            raise
         finally:
-            consumer.close()
+            consumer.unassign()
