@@ -162,6 +162,7 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
         f"published movies={stats.movies} ratings={stats.ratings} "
         f"to {settings.topic(MOVIES.name)}, {settings.topic(RATINGS.name)} "
         f"in {stats.wall_s:.2f}s ({stats.events_per_s:,.0f} events/s)"
+        + (f", after {stats.embed_wait_s:.1f}s waiting for vectors" if stats.embed_wait_s else "")
         + (" [interrupted]" if stats.interrupted else "")
     )
     return 130 if stats.interrupted else 0

@@ -69,9 +69,12 @@ class ReplayStats:
     movies: int
     ratings: int
     wall_s: float
-    """Seconds from the first message to the last delivery confirmed (flush included)."""
+    """Seconds spent publishing, from the first message to the last delivery confirmed
+    (flush included); the wait for the movies' vectors is not part of it."""
     interrupted: bool = False
     """True when Ctrl-C stopped the replay; the counts are what was delivered."""
+    embed_wait_s: float = 0.0
+    """Seconds spent between movies and ratings waiting for the movies' vectors."""
 
     @property
     def events(self) -> int:
@@ -201,6 +204,7 @@ def replay(
     publisher = publisher or Publisher(settings)
     check_topics(publisher, settings, ([MOVIES] if movies else []) + ([RATINGS] if ratings else []))
     sent_movies = sent_ratings = 0
+    embed_wait_s = 0.0
     interrupted = False
     start = time.perf_counter()
     total = (len(dataset.movies) if movies else 0) + len(selected)
@@ -215,12 +219,14 @@ def replay(
             bar.update(sent_movies)
             if selected and embed_timeout_s > 0:
                 bar.clear()
+                waiting_since = time.perf_counter()
                 wait_until_embedded(
                     settings,
                     {m.movie_id for m in dataset.movies},
                     timeout_s=embed_timeout_s,
                     progress=progress,
                 )
+                embed_wait_s = time.perf_counter() - waiting_since
         pacer = Pacer()
         pending = 0
         for i, rating in enumerate(selected):
@@ -240,7 +246,13 @@ def replay(
         publisher.flush()
     finally:
         bar.close()
-    stats = ReplayStats(sent_movies, sent_ratings, time.perf_counter() - start, interrupted)
+    stats = ReplayStats(
+        sent_movies,
+        sent_ratings,
+        time.perf_counter() - start - embed_wait_s,
+        interrupted,
+        embed_wait_s,
+    )
     log.info(
         "replay movies=%d ratings=%d wall_s=%.2f events_per_s=%.0f interrupted=%s",
         stats.movies,
