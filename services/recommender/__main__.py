@@ -22,7 +22,7 @@ from services.recommender.handler import handle_item_embeddings, handle_user_pro
 from shared.config import Settings
 from shared.events import ITEM_EMBEDDINGS, USER_PROFILES, Event, ItemEmbedded, UserProfileUpdated
 from shared.kafka.batch_consumer import BatchConsumer
-from shared.kafka.message import Incoming, Outgoing, Source, dead_letter
+from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, handle_isolating_failures
 from shared.kafka.publisher import DeliveryError, Publisher
 from shared.kafka.topic_reader import TopicReader
 from shared.logs import configure_logging
@@ -112,23 +112,14 @@ class RecommenderWorker:
         return handle_user_profiles(profiles, self.catalogue, self.settings, datetime.now(UTC))
 
     def _on_items(self, batch: list[Incoming[Event]]) -> None:
-        items = cast(list[Incoming[ItemEmbedded]], batch)
-        try:
-            out = handle_item_embeddings(items, self.catalogue)
-        except Exception:
-            # The reader thread must survive anything, or the catalogue would silently
-            # freeze: retry one by one and dead-letter what still fails.
-            log.exception("item batch of %d failed; retrying one by one", len(items))
-            out = []
-            for incoming in items:
-                try:
-                    out.extend(handle_item_embeddings([incoming], self.catalogue))
-                except Exception as exc:
-                    log.exception("item offset=%s failed", incoming.source.offset)
-                    out.append(
-                        dead_letter(incoming.source, f"{type(exc).__name__}: {exc}", SERVICE)
-                    )
+        # The reader thread must survive anything, or the catalogue would silently freeze.
+        out = handle_isolating_failures(self._apply_items, batch, SERVICE)
         self._reader_publisher.publish_all(out)
+
+    def _apply_items(self, batch: list[Incoming[Event]]) -> list[Outgoing]:
+        # The reader follows only item-embeddings, and parse() validated each event.
+        items = cast(list[Incoming[ItemEmbedded]], batch)
+        return handle_item_embeddings(items, self.catalogue)
 
     def _on_invalid_item(self, source: Source, reason: str) -> None:
         self._reader_publisher.publish(dead_letter(source, reason, SERVICE))

@@ -18,10 +18,17 @@ from types import FrameType
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from shared.config import Settings
-from shared.events import Event, TopicSpec
+from shared.events import DEAD_LETTERS, Event, TopicSpec
 from shared.exceptions import InvalidEventError
 from shared.kafka.client import make_consumer
-from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, parse
+from shared.kafka.message import (
+    Incoming,
+    Outgoing,
+    Source,
+    dead_letter,
+    handle_isolating_failures,
+    parse,
+)
 from shared.kafka.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -102,7 +109,9 @@ class BatchConsumer:
                 valid.append(parse(self._specs[source.topic], source, self._max_bytes))
             except InvalidEventError as exc:
                 out.append(self._reject(source, str(exc)))
-        out.extend(self._handle(valid))
+        handled = handle_isolating_failures(self._handler, valid, self._service)
+        self.dead_lettered += sum(o.spec is DEAD_LETTERS for o in handled)
+        out.extend(handled)
         self.processed += len(sources)
         return out
 
@@ -119,31 +128,6 @@ class BatchConsumer:
         except KafkaException as exc:
             # e.g. a rebalance took the partitions away; the new owner re-reads the batch.
             log.warning("service=%s commit failed error=%s", self._service, exc)
-
-    def _handle(self, valid: list[Incoming[Event]]) -> list[Outgoing]:
-        if not valid:
-            return []
-        try:
-            return self._handler(valid)
-        except Exception:
-            log.exception(
-                "service=%s batch of %d failed; retrying one by one", self._service, len(valid)
-            )
-        out: list[Outgoing] = []
-        for incoming in valid:
-            try:
-                out.extend(self._handler([incoming]))
-            except Exception as exc:
-                s = incoming.source
-                log.exception(
-                    "service=%s topic=%s partition=%s offset=%s failed",
-                    self._service,
-                    s.topic,
-                    s.partition,
-                    s.offset,
-                )
-                out.append(self._reject(s, f"{type(exc).__name__}: {exc}"))
-        return out
 
     def _reject(self, source: Source, reason: str) -> Outgoing:
         self.dead_lettered += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Generic, Literal, TypeVar
@@ -83,6 +84,29 @@ def parse(spec: TopicSpec, source: Source, max_bytes: int) -> Incoming[Event]:
             else f"message key {got!r} must be empty"
         )
     return Incoming(event, source)
+
+
+def handle_isolating_failures(
+    handler: Callable[[list[Incoming[Event]]], list[Outgoing]],
+    batch: list[Incoming[Event]],
+    service: str,
+) -> list[Outgoing]:
+    """Run ``handler`` over a batch; if it raises, run it on each event alone and
+    dead-letter the events that still fail, so one bad event never blocks the rest."""
+    if not batch:
+        return []
+    try:
+        return handler(batch)
+    except Exception:
+        log.exception("service=%s batch of %d failed; retrying one by one", service, len(batch))
+    out: list[Outgoing] = []
+    for incoming in batch:
+        try:
+            out.extend(handler([incoming]))
+        except Exception as exc:
+            log.exception("service=%s offset=%s failed", service, incoming.source.offset)
+            out.append(dead_letter(incoming.source, f"{type(exc).__name__}: {exc}", service))
+    return out
 
 
 def dead_letter(source: Source, error: str, service: str) -> Outgoing:
