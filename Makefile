@@ -25,7 +25,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 REPLAY_ARGS := $(if $(LIMIT),--limit $(LIMIT)) $(if $(RATE),--rate $(RATE)) \
 	$(if $(TIME_SCALE),--time-scale $(TIME_SCALE))
 
-.PHONY: help venv data up down status recs replay test test-fast lint bench \
+.PHONY: help venv data up down status recs replay test test-fast lint bench eval eval-stream \
 	up-docker down-docker clean distclean
 
 help: ## list the targets
@@ -77,6 +77,12 @@ lint: venv ## ruff (lint and format check) and mypy
 bench: venv data ## end-to-end throughput/latency/RSS on the running stack (LIMIT=, RATE=)
 	@$(PY) -m infra.bench --json reports/bench.json $(if $(LIMIT),--limit $(LIMIT)) \
 		$(if $(RATE),--rate $(RATE))
+
+eval: venv data ## protocol T1 in process, every model; tables and plots in reports/ (TEST_LIMIT=)
+	@$(PY) -m infra.eval run $(if $(TEST_LIMIT),--test-limit $(TEST_LIMIT))
+
+eval-stream: venv data ## protocol T1 through the running stack vs in process (TEST_LIMIT=, default 1000)
+	@$(PY) -m infra.eval stream --test-limit $(or $(TEST_LIMIT),1000)
 
 up-docker: ## the stack in Docker: Apache Kafka, Qdrant and the services
 	docker compose up -d --build

@@ -1,0 +1,229 @@
+"""The deployed pipeline as an ``EvalModel``: the services' own handlers, in process.
+
+``PipelineModel`` feeds events through exactly the functions the services run, in the
+order the topics would carry them:
+
+- ``movies`` → ``services.item_embedding.handler.handle_movies`` (item encoder + Qdrant
+  upsert) → ``item-embeddings`` → ``services.recommender.handler.handle_item_embeddings``
+  (the recommender's FAISS catalogue) and the user-profile service's vector lookup;
+- ``ratings`` → ``services.user_profile.handler.handle_ratings`` (the user updater over
+  states stored as bytes, as in the faust table) → ``user-profiles`` →
+  ``services.recommender.handler.handle_user_profiles`` (retrieve, exclude, MMR) →
+  ``recommendations``.
+
+Each user's latest ``RecommendationsGenerated`` list is kept, and that is the list a
+test event is scored against: the list the user would be holding when they rate,
+which is also what ``make eval-stream`` reads back from the real topic. With the
+current updater (rating-weighted mean of content vectors) this is the "content kNN"
+baseline. No Kafka is involved: sources are synthetic (one offset counter per topic,
+no broker timestamp), and every output is checked for dead letters, which here mean a
+bug, so they raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from services.item_embedding.handler import handle_movies
+from services.recommender.handler import handle_item_embeddings, handle_user_profiles
+from services.user_profile.handler import handle_ratings
+from shared.config import Settings
+from shared.events import (
+    DEAD_LETTERS,
+    DeadLetter,
+    Event,
+    ItemEmbedded,
+    MoviePublished,
+    RatingSubmitted,
+    RecommendationsGenerated,
+    UserProfileUpdated,
+)
+from shared.exceptions import ReelstreamError
+from shared.kafka.message import Incoming, Outgoing, Source
+from shared.models.item_encoder import ItemEncoder
+from shared.models.updater import UserUpdater, shrunk_mean_rating
+from shared.retrieval.catalogue import Catalogue
+from shared.retrieval.qdrant_store import QdrantStore
+from shared.types import Matrix, MovieId, UserId, Vector
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+
+
+class EvaluationError(ReelstreamError):
+    """The evaluation cannot go on: a model broke its contract or a handler refused an
+    event that a correct pipeline accepts."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a user's current list was computed from: the profile vector and the movies
+    excluded (rated). Kept per test event for the MMR lambda sweep."""
+
+    vector: Vector
+    rated: tuple[MovieId, ...]
+
+
+class PipelineModel:
+    """The services' handler chain as an ``EvalModel`` (see the module docstring).
+
+    Args:
+        settings: ``top_k``, ``n_candidates``, ``mmr_lambda`` and ``batch_size`` (TRAIN is
+            applied in micro-batches of this many ratings, as the user-profile service
+            would take them) are read; Qdrant runs embedded in a temporary folder.
+        encoder: the item encoder (the item-embedding service's).
+        updater: the user model (the user-profile service's).
+        name: the name in reports.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        encoder: ItemEncoder,
+        updater: UserUpdater,
+        *,
+        name: str = "content-knn",
+    ) -> None:
+        self.name = name
+        self._encoder = encoder
+        self._updater = updater
+        self._tmp = tempfile.TemporaryDirectory(prefix="reelstream-eval-")
+        self._settings = settings.model_copy(
+            update={"qdrant_url": None, "qdrant_path": Path(self._tmp.name) / "qdrant"}
+        )
+        self._store = QdrantStore(self._settings, encoder.dim)
+        self.catalogue = Catalogue()
+        self._vectors: dict[MovieId, Vector] = {}
+        self._states: dict[UserId, bytes] = {}
+        self._lists: dict[UserId, RecommendationsGenerated] = {}
+        self._profiles: dict[UserId, UserProfileUpdated] = {}
+        self._offsets: dict[str, int] = {}
+        self._item_version: str | None = None
+        self._cold_prediction = shrunk_mean_rating(updater.initial_state())
+
+    # -- EvalModel ----------------------------------------------------------------------
+
+    def add_movies(self, movies: Sequence[MoviePublished]) -> None:
+        if not movies:
+            return
+        outgoing = handle_movies(
+            self._incoming("movies", movies), self._encoder, self._store, _now()
+        )
+        embedded = [o.event for o in self._checked(outgoing) if isinstance(o.event, ItemEmbedded)]
+        self._checked(
+            handle_item_embeddings(self._incoming("item-embeddings", embedded), self.catalogue)
+        )
+        for item in embedded:
+            self._vectors[item.movie_id] = np.asarray(item.vector, dtype=np.float32)
+            self._item_version = item.model_version
+
+    def fit(self, train: Sequence[RatingSubmitted]) -> None:
+        size = self._settings.batch_size
+        for start in range(0, len(train), size):
+            self._apply(train[start : start + size])
+
+    def recommend(self, user_id: UserId, exclude: AbstractSet[MovieId], k: int) -> list[MovieId]:
+        if k > self._settings.top_k:
+            raise EvaluationError(f"lists have top_k={self._settings.top_k} items; {k} asked")
+        current = self._lists.get(user_id)
+        if current is None:
+            return []  # the recommender publishes a list only after a user's first rating
+        return [item.movie_id for item in current.items[:k]]
+
+    def predict_rating(self, user_id: UserId, movie_id: MovieId) -> float:
+        """The recommender's ``predicted_rating`` from the user's current list (the
+        baseline predictor gives one number per user, so any listed item's will do);
+        the profile's mean rating when the list is empty, the prior before any rating."""
+        profile = self._profiles.get(user_id)
+        fallback = self._cold_prediction if profile is None else profile.mean_rating
+        current = self._lists.get(user_id)
+        if current is None or not current.items:
+            return fallback
+        listed = next((i for i in current.items if i.movie_id == movie_id), current.items[0])
+        return fallback if listed.predicted_rating is None else listed.predicted_rating
+
+    def learn_one(self, rating: RatingSubmitted) -> None:
+        self._apply([rating])
+
+    # -- for the MMR sweep ---------------------------------------------------------------
+
+    def snapshot(self, user_id: UserId) -> Snapshot | None:
+        """The profile the user's current list was computed from (None before any)."""
+        profile = self._profiles.get(user_id)
+        if profile is None:
+            return None
+        return Snapshot(np.asarray(profile.vector, dtype=np.float32), tuple(profile.rated))
+
+    @property
+    def settings(self) -> Settings:
+        """The settings the handlers run with."""
+        return self._settings
+
+    def close(self) -> None:
+        """Release the embedded Qdrant and its temporary folder."""
+        self._store.close()
+        self._tmp.cleanup()
+
+    # -- the handler chain ----------------------------------------------------------------
+
+    def _apply(self, ratings: Sequence[RatingSubmitted]) -> None:
+        users = {r.user_id for r in ratings}
+        states = {u: self._states[u] for u in users if u in self._states}
+        outgoing, updated = handle_ratings(
+            self._incoming("ratings", ratings),
+            states,
+            self._vectors,
+            self._updater,
+            _now(),
+            item_model_version=self._item_version,
+        )
+        for user, state in updated.items():
+            self._states[user] = state.to_bytes()
+        profiles = [
+            o.event for o in self._checked(outgoing) if isinstance(o.event, UserProfileUpdated)
+        ]
+        for profile in profiles:
+            self._profiles[profile.user_id] = profile
+        lists = handle_user_profiles(
+            self._incoming("user-profiles", profiles), self.catalogue, self._settings, _now()
+        )
+        for out in self._checked(lists):
+            if isinstance(out.event, RecommendationsGenerated):
+                self._lists[out.event.user_id] = out.event
+
+    def _incoming(self, topic: str, events: Sequence[E]) -> list[Incoming[E]]:
+        first = self._offsets.get(topic, 0)
+        self._offsets[topic] = first + len(events)
+        return [
+            Incoming(event, Source(topic, 0, first + i, None, None, None))
+            for i, event in enumerate(events)
+        ]
+
+    @staticmethod
+    def _checked(outgoing: list[Outgoing]) -> list[Outgoing]:
+        letters = [o.event for o in outgoing if o.spec is DEAD_LETTERS]
+        if letters:
+            reasons = "; ".join(
+                letter.error for letter in letters if isinstance(letter, DeadLetter)
+            )
+            raise EvaluationError(f"{len(letters)} event(s) dead-lettered: {reasons[:500]}")
+        return outgoing
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def stack_snapshots(snapshots: Sequence[Snapshot]) -> Matrix:
+    """The snapshots' vectors as one ``(n, dim)`` matrix."""
+    return np.stack([s.vector for s in snapshots]).astype(np.float32, copy=False)
