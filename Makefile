@@ -81,8 +81,8 @@ bench: venv data ## end-to-end throughput/latency/RSS on the running stack (LIMI
 eval: venv data ## protocol T1 in process, every model; tables and plots in reports/ (TEST_LIMIT=)
 	@$(PY) -m infra.eval run $(if $(TEST_LIMIT),--test-limit $(TEST_LIMIT))
 
-eval-stream: venv data ## protocol T1 through the running stack vs in process (TEST_LIMIT=, default 1000)
-	@$(PY) -m infra.eval stream --test-limit $(or $(TEST_LIMIT),1000)
+eval-stream: venv data ## T1 through the running stack vs in process (TEST_LIMIT=1000, VARIANT=)
+	@$(PY) -m infra.eval stream --test-limit $(or $(TEST_LIMIT),1000) $(if $(VARIANT),--variant $(VARIANT))
 
 up-docker: ## the stack in Docker: Apache Kafka, Qdrant and the services
 	docker compose up -d --build

@@ -34,7 +34,7 @@ from shared.config import Settings
 from shared.data.movielens import MovieLens, load_movielens
 from shared.evaluation.baselines import MostPopular, OnlineMF, OnlinePopularity
 from shared.evaluation.harness import VARIANTS, ModelRun, Variant, evaluate, mmr_sweep
-from shared.evaluation.metrics import K
+from shared.evaluation.metrics import K, Scoreboard, genre_vectors
 from shared.evaluation.model import EvalModel
 from shared.evaluation.pipeline import PipelineModel
 from shared.evaluation.report import (
@@ -44,9 +44,10 @@ from shared.evaluation.report import (
     sweep_table,
     write_json,
 )
-from shared.evaluation.split import Split, temporal_split
+from shared.evaluation.split import Split, arrivals, temporal_split
+from shared.evaluation.stream import StreamResult, run_stream
 from shared.models.item_encoder import ItemEncoder, build_item_encoder
-from shared.models.updater import RatingWeightedMean
+from shared.models.updater import RatingWeightedMean, UserState, shrunk_mean_rating
 
 log = logging.getLogger("infra.eval")
 
@@ -269,6 +270,165 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare_stream(
+    dataset: MovieLens, split: Split, streamed: StreamResult, in_process: ModelRun
+) -> dict[str, Any]:
+    """Score the lists read back from ``recommendations`` and compare them, event by
+    event, with the in-process lists of the same TEST prefix."""
+    board = Scoreboard(
+        k=K, catalogue_size=len(dataset.movies), genre_vectors=genre_vectors(dataset.movies)
+    )
+    prior = shrunk_mean_rating(UserState())
+    assert in_process.lists is not None and in_process.predictions is not None
+    same_list = same_top1 = 0
+    differences: list[dict[str, Any]] = []
+    for i, (event, local) in enumerate(zip(streamed.events, in_process.lists, strict=True)):
+        recommended = (event.recommended or [])[:K]
+        rating = event.rating
+        board.add(
+            recommended=recommended,
+            target=rating.movie_id,
+            rating=rating.rating,
+            # Without a list the stream has no prediction; the in-process model then
+            # predicts the prior too, so the two stay comparable.
+            predicted=prior if event.predicted is None else event.predicted,
+            cold_user=split.is_cold_user(rating.user_id),
+            cold_item=split.is_cold_item(rating.movie_id),
+        )
+        if recommended == local:
+            same_list += 1
+        elif len(differences) < 10:
+            differences.append(
+                {
+                    "test_event": i,
+                    "user_id": rating.user_id,
+                    "stream": recommended,
+                    "in_process": local,
+                    "exact": event.exact,
+                }
+            )
+        same_top1 += recommended[:1] == local[:1]
+    n = len(streamed.events)
+    return {
+        "stream": board.summary(),
+        "in_process": in_process.summary,
+        "events": n,
+        "identical_lists": same_list,
+        "identical_first_item": same_top1,
+        "exact_lists": sum(e.exact for e in streamed.events),
+        "no_list": sum(e.recommended is None for e in streamed.events),
+        "timeouts": streamed.timeouts,
+        "first_differences": differences,
+        "stream_wall_s": streamed.wall_s,
+        "in_process_wall_s": in_process.fit_s + in_process.test_s,
+        "run_id": streamed.run_id,
+    }
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    settings = Settings()
+    dataset = load_movielens(args.dataset)
+    split = temporal_split(dataset.ratings)
+    test = split.test[: args.test_limit]
+    variant: Variant = args.variant
+    movies = list(dataset.movies)
+    arriving: dict[str, int] | None = None
+    if variant == "mid-stream":
+        first = arrivals(split)
+        arriving = {m: i for m, i in first.items() if i < len(test)}
+        # Like the in-process run: a new release that arrives after the prefix never does.
+        movies = [m for m in movies if m.movie_id not in first or m.movie_id in arriving]
+    log.info(
+        "stream run: %d TRAIN + %d TEST ratings through %s",
+        len(split.train),
+        len(test),
+        settings.kafka_bootstrap_servers,
+    )
+    streamed = run_stream(
+        settings, movies, split.train, test, arrivals=arriving, progress=not args.quiet
+    )
+    seed_everything(args.seed)
+    factory = ModelFactory(settings, args.seed)
+    model = factory.build("content-knn")
+    try:
+        local = evaluate(
+            model,
+            dataset.movies,
+            split,
+            variant=variant,
+            test_limit=len(test),
+            keep_lists=True,
+            progress=not args.quiet,
+        )
+    finally:
+        if isinstance(model, PipelineModel):
+            model.close()
+    comparison = compare_stream(dataset, split, streamed, local)
+    document = {
+        "protocol": "T1",
+        "mode": "stream vs in-process (content-knn)",
+        "variant": variant,
+        "command": command_line(),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started,
+        "broker": settings.kafka_bootstrap_servers,
+        "arrivals": len(arriving or {}),
+        "settings": {
+            "top_k": settings.top_k,
+            "n_candidates": settings.n_candidates,
+            "mmr_lambda": settings.mmr_lambda,
+        },
+        **comparison,
+    }
+    name = args.name or ("eval-stream" if variant == "all-items" else f"eval-stream-{variant}")
+    write_json(args.out / f"{name}.json", document)
+    text = stream_markdown(document)
+    (args.out / f"{name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+def stream_markdown(doc: dict[str, Any]) -> str:
+    """The stream-vs-in-process comparison as Markdown."""
+    rows = [
+        "| mode | HR@10 | NDCG@10 | HR@10 liked | NDCG@10 liked | ILD@10 | coverage | RMSE | MAE |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, key in (("Kafka stack", "stream"), ("in process", "in_process")):
+        s = doc[key]
+        seg = s["segments"]
+        rows.append(
+            f"| {label} | {seg['all']['hr']:.4f} | {seg['all']['ndcg']:.4f} | "
+            f"{seg['liked']['hr']:.4f} | {seg['liked']['ndcg']:.4f} | {s['ild'] or 0:.4f} | "
+            f"{s['coverage']:.3f} | {s['rmse']:.4f} | {s['mae']:.4f} |"
+        )
+    n = doc["events"]
+    return "\n".join(
+        [
+            f"# Protocol T1: the Kafka stack against the in-process run ({doc['variant']})",
+            "",
+            f"Command: `{doc['command']}` ({doc['finished_at']}, broker {doc['broker']}).",
+            f"TRAIN replayed in full, then the first {n:,} TEST ratings in a closed loop"
+            + (
+                f"; {doc['arrivals']} new movies published just before their first rating."
+                if doc["variant"] == "mid-stream"
+                else "."
+            ),
+            "",
+            *rows,
+            "",
+            f"- identical lists: {doc['identical_lists']:,} of {n:,}"
+            f" (first item identical: {doc['identical_first_item']:,})",
+            f"- lists caused by the user's previous rating: {doc['exact_lists']:,};"
+            f" no list (user's first rating): {doc['no_list']:,}; time-outs: {doc['timeouts']}",
+            f"- wall: stack {doc['stream_wall_s']:.0f} s, in process"
+            f" {doc['in_process_wall_s']:.0f} s",
+            "",
+        ]
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m infra.eval", description=__doc__.split("\n")[0]
@@ -287,6 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-sweep", action="store_true", help="skip the MMR lambda sweep")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    stream = sub.add_parser(
+        "stream", help="TRAIN + a TEST prefix through the running stack, compared in process"
+    )
+    stream.add_argument("--dataset", type=Path, default=Path("data/ml-100k"))
+    stream.add_argument("--out", type=Path, default=Path("reports"))
+    stream.add_argument("--name", help="report file stem (default eval-stream[-variant])")
+    stream.add_argument("--test-limit", type=int, default=1000, help="TEST prefix length")
+    stream.add_argument("--variant", choices=VARIANTS, default="all-items")
+    stream.add_argument("--seed", type=int, default=0)
+    stream.add_argument("--quiet", action="store_true", help="no progress bars")
+    stream.set_defaults(func=cmd_stream)
     return parser
 
 

@@ -87,7 +87,10 @@ def plot_rolling_ndcg(runs: Sequence[ModelRun], path: Path, window: int = ROLLIN
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     for run in runs:
         series = rolling_mean(run.ndcg_series, window)
-        ax.plot(np.arange(1, len(series) + 1), series, label=f"{run.name}", linewidth=1.4)
+        # Points before the first full window average a handful of events: noise.
+        first = min(window, len(series)) - 1
+        x = np.arange(first + 1, len(series) + 1)
+        ax.plot(x, series[first:], label=f"{run.name}", linewidth=1.4)
     ax.set_xlabel("test event (time order)")
     ax.set_ylabel(f"NDCG@10, trailing mean of {window} events")
     variant = runs[0].variant if runs else ""

@@ -266,3 +266,37 @@ def test_reports_are_written(
         assert path.stat().st_size > 0, path
     assert (tmp_path / "t1-ndcg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| all-items | `most-popular` |" in (tmp_path / "t1.md").read_text()
+
+
+def test_a_user_who_rated_every_movie_gets_an_empty_list_scored_as_a_miss(
+    encoder: ConcatItemEncoder,
+) -> None:
+    movies = make_movies(4)
+    ratings = [
+        RatingSubmitted(
+            event_id=f"e{i}",
+            user_id="u1" if i < 4 else "u2",
+            movie_id=str(i % 4 + 1),
+            rating=4.0,
+            occurred_at=T0 + timedelta(hours=i),
+        )
+        for i in range(6)
+    ]
+    # TEST: u1 re-rates movie 1 after rating all four; u2 rates movie 2.
+    ratings.append(
+        RatingSubmitted(
+            event_id="again",
+            user_id="u1",
+            movie_id="1",
+            rating=5.0,
+            occurred_at=T0 + timedelta(hours=9),
+        )
+    )
+    split = temporal_split(ratings, train_fraction=6 / 7)
+    assert [r.event_id for r in split.test] == ["again"]
+    for model in models(encoder):
+        run = evaluate(model, movies, split, keep_lists=True, progress=False)
+        assert run.lists == [[]], model.name
+        assert run.summary["segments"]["all"]["hr"] == 0.0
+        assert run.summary["empty_lists"] == 1
+        assert run.summary["ild"] is None
