@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from tqdm import tqdm
@@ -366,6 +367,44 @@ def embedded_movie_ids(
     return seen
 
 
+def _wait_until_serving(
+    publisher: Publisher, reader: _ListReader, run_id: str, movie_id: MovieId, timeout_s: float
+) -> None:
+    """Probe until the recommender answers a rating with a non-empty list.
+
+    Vectors on ``item-embeddings`` reach the recommender's catalogue a little later
+    (its reader polls); a list computed before then is empty, and would be scored as
+    a miss that the in-process run never sees. The probe user (``<run_id>.probe``) is
+    namespaced like every other and rates one catalogue movie.
+
+    Raises:
+        StreamError: no non-empty list within ``timeout_s`` seconds.
+    """
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        attempt += 1
+        probe = RatingSubmitted(
+            event_id=f"{run_id}.probe-{attempt}",
+            user_id=f"{run_id}.probe",
+            movie_id=movie_id,
+            rating=3.0,
+            occurred_at=datetime.now(UTC),
+        )
+        publisher.publish(Outgoing(RATINGS, probe))
+        publisher.flush()
+        answer = reader.wait_for(probe.event_id, max(0.1, deadline - time.monotonic()))
+        if answer is not None and answer.movie_ids:
+            log.info("stack serves lists run_id=%s probes=%d", run_id, attempt)
+            return
+        if time.monotonic() > deadline:
+            raise StreamError(
+                f"the recommender published no non-empty list within {timeout_s:.0f} s: "
+                "is it up, and does its catalogue fill (`make status`)?"
+            )
+        time.sleep(0.2)
+
+
 def run_stream(
     settings: Settings,
     movies: Sequence[MoviePublished],
@@ -382,7 +421,8 @@ def run_stream(
     the list each TEST rating's user held when it was published (see the module doc).
 
     1. Catalogue: publish ``movies`` (without the ``arrivals`` ones), flush, and wait up
-       to ``embed_timeout_s`` seconds (default 600) until each has a vector.
+       to ``embed_timeout_s`` seconds (default 600) until each has a vector; then probe
+       until the recommender answers with a non-empty list (its catalogue has filled).
     2. TRAIN: publish every rating at full speed, then wait for the list caused by the
        last TRAIN rating of every user who also rates in TEST, until no list of this run
        has come for ``list_timeout_s`` seconds.
@@ -449,6 +489,9 @@ def run_stream(
                 f"{missing} of {len(catalogue)} movies have no vector after "
                 f"{embed_timeout_s:.0f} s: is the item-embedding service up (`make status`)?"
             )
+
+        if len(catalogue) >= 2:
+            _wait_until_serving(publisher, reader, run_id, catalogue[0].movie_id, embed_timeout_s)
 
         # Namespaced user -> namespaced event id of their last published rating.
         previous: dict[UserId, EventId] = {}

@@ -1,0 +1,108 @@
+"""Versioned model checkpoints: a folder with ``state_dict.pt`` and ``config.json``.
+
+``config.json`` says what the weights are (``kind``), their ``version`` (published with
+every event the model's service emits) and everything needed to rebuild the module
+(dimensions, feature layout, hyper-parameters), plus how they were trained. Loading
+never unpickles: ``torch.load(weights_only=True)``. A checkpoint whose kind, format or
+shapes do not fit is refused with a ``ConfigurationError`` that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.exceptions import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+"""Version of this folder layout; bumped if ``config.json``'s meaning changes."""
+
+WEIGHTS_FILE = "state_dict.pt"
+CONFIG_FILE = "config.json"
+
+
+def save_checkpoint(directory: Path, module: torch.nn.Module, config: dict[str, Any]) -> Path:
+    """Write ``module.state_dict()`` and ``config`` (which must name ``kind`` and
+    ``version``) into ``directory``; returns the directory.
+
+    Raises:
+        ValueError: ``config`` lacks ``kind`` or ``version``, or is not JSON-serialisable.
+    """
+    for key in ("kind", "version"):
+        if not isinstance(config.get(key), str) or not config[key]:
+            raise ValueError(f"checkpoint config needs a non-empty string {key!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()
+    }
+    torch.save(state, directory / WEIGHTS_FILE)
+    (directory / CONFIG_FILE).write_text(
+        json.dumps({**config, "format": FORMAT}, indent=2, sort_keys=True) + "\n"
+    )
+    log.info(
+        "saved checkpoint kind=%s version=%s dir=%s", config["kind"], config["version"], directory
+    )
+    return directory
+
+
+def read_config(directory: Path, kind: str) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint of ``kind``.
+
+    Raises:
+        ConfigurationError: no such folder or file, unreadable JSON, another kind, or
+            another format.
+    """
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigurationError(f"no checkpoint at {directory} ({CONFIG_FILE} missing)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigurationError(f"unreadable checkpoint config {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigurationError(f"checkpoint config {path} is not a JSON object")
+    if config.get("kind") != kind:
+        raise ConfigurationError(
+            f"checkpoint {directory} holds a {config.get('kind')!r} model, not a {kind!r} one"
+        )
+    if config.get("format") != FORMAT:
+        raise ConfigurationError(
+            f"checkpoint {directory} has format {config.get('format')!r}; this code reads {FORMAT}"
+        )
+    return config
+
+
+def load_checkpoint(directory: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict (loaded with ``weights_only=True``, on CPU) and config of a
+    checkpoint of ``kind``.
+
+    Raises:
+        ConfigurationError: as ``read_config``, or the weights file is missing or unreadable.
+    """
+    config = read_config(directory, kind)
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ConfigurationError(f"no checkpoint weights at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt or foreign file
+        raise ConfigurationError(f"unreadable checkpoint weights {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ConfigurationError(f"checkpoint weights {path} are not a state dict")
+    return state, config
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """``module.load_state_dict(state)`` (strict), a mismatch becoming a
+    ``ConfigurationError`` that names the checkpoint."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigurationError(f"checkpoint {where} does not fit its config: {exc}") from exc
