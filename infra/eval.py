@@ -46,13 +46,31 @@ from shared.evaluation.report import (
 )
 from shared.evaluation.split import Split, arrivals, temporal_split
 from shared.evaluation.stream import StreamResult, run_stream
+from shared.models.deployed import (
+    ITEM_ENCODER,
+    RANKER,
+    USER_UPDATER,
+    build_deployed_item_encoder,
+    build_reranker,
+    build_user_updater,
+)
 from shared.models.item_encoder import ItemEncoder, build_item_encoder
 from shared.models.updater import RatingWeightedMean, UserState, shrunk_mean_rating
 
 log = logging.getLogger("infra.eval")
 
-MODELS = ("most-popular", "online-popularity", "online-mf", "content-knn")
-"""Every model ``make eval`` scores, in table order."""
+BASELINES = ("most-popular", "online-popularity", "online-mf", "content-knn")
+"""The baselines: they need no checkpoint."""
+
+TRAINED = ("fusion-mean", "reelstream-no-ranker", "reelstream")
+"""The trained stack and its ablations (checkpoints from ``make train``):
+``fusion-mean`` = trained item encoder + rating-weighted mean, no ranker;
+``reelstream-no-ranker`` = trained encoder + residual updater, candidates by cosine;
+``reelstream`` = the deployed stack: encoder + residual updater + two-tower ranker."""
+
+MODELS = (*BASELINES, *TRAINED)
+"""Every model ``make eval`` scores, in table order (trained ones only when their
+checkpoints exist)."""
 
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -74,11 +92,38 @@ class ModelFactory:
         self.seed = seed
         self._encoder: ItemEncoder | None = None
 
+        self._trained: ItemEncoder | None = None
+
     @property
     def encoder(self) -> ItemEncoder:
+        """The baseline concat encoder (content-knn)."""
         if self._encoder is None:
             self._encoder = build_item_encoder(self.settings)
         return self._encoder
+
+    @property
+    def trained_encoder(self) -> ItemEncoder:
+        """The deployed item encoder: the trained fusion encoder from ``models/``."""
+        if self._trained is None:
+            self._trained = build_deployed_item_encoder(self.settings)
+        return self._trained
+
+    def available(self, names: Sequence[str]) -> list[str]:
+        """``names`` without the trained models when ``make train`` has not run."""
+        missing = [
+            n for n in (ITEM_ENCODER, USER_UPDATER, RANKER) if self.settings.checkpoint(n) is None
+        ]
+        if not missing:
+            return list(names)
+        skipped = [n for n in names if n in TRAINED]
+        if skipped:
+            log.warning(
+                "no checkpoint for %s in %s (run `make train`): skipping %s",
+                ", ".join(missing),
+                self.settings.models_dir,
+                ", ".join(skipped),
+            )
+        return [n for n in names if n not in TRAINED]
 
     def build(self, name: str) -> EvalModel:
         builders: dict[str, Callable[[], EvalModel]] = {
@@ -87,6 +132,22 @@ class ModelFactory:
             "online-mf": lambda: OnlineMF(seed=self.seed),
             "content-knn": lambda: PipelineModel(
                 self.settings, self.encoder, RatingWeightedMean(), name="content-knn"
+            ),
+            "fusion-mean": lambda: PipelineModel(
+                self.settings, self.trained_encoder, RatingWeightedMean(), name="fusion-mean"
+            ),
+            "reelstream-no-ranker": lambda: PipelineModel(
+                self.settings,
+                self.trained_encoder,
+                build_user_updater(self.settings),
+                name="reelstream-no-ranker",
+            ),
+            "reelstream": lambda: PipelineModel(
+                self.settings,
+                self.trained_encoder,
+                build_user_updater(self.settings),
+                reranker=build_reranker(self.settings),
+                name="reelstream",
             ),
         }
         if name not in builders:
@@ -149,7 +210,12 @@ def run_models(
                     progress=progress,
                 )
                 runs.append(run)
-                if isinstance(model, PipelineModel) and variant == "all-items" and lambdas:
+                if (
+                    name == "content-knn"
+                    and isinstance(model, PipelineModel)
+                    and variant == "all-items"
+                    and lambdas
+                ):
                     sweep = mmr_sweep(model, run, dataset.movies, split, lambdas)
                 run.snapshots = []  # the sweep is done; free the recorded profiles
             finally:
@@ -221,14 +287,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings()
     dataset = load_movielens(args.dataset)
     split = temporal_split(dataset.ratings, train_fraction=args.train_fraction)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    factory = ModelFactory(settings, args.seed)
+    models = factory.available([m.strip() for m in args.models.split(",") if m.strip()])
     variants: list[Variant] = []
     for v in args.variants.split(","):
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
         variants.append(v)
     lambdas = [] if args.no_sweep else list(LAMBDAS)
-    factory = ModelFactory(settings, args.seed)
     runs, sweep = run_models(
         factory,
         dataset,

@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     device: str = Field("auto", validation_alias="REELSTREAM_DEVICE")
     """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda`` [REELSTREAM_DEVICE]."""
 
+    models_dir: Path = Field(Path("models"), validation_alias="REELSTREAM_MODELS_DIR")
+    """Folder of the trained checkpoints ``make train`` writes: ``item-encoder/``,
+    ``user-updater/`` and ``ranker/``, each a ``state_dict.pt`` + ``config.json``. A
+    missing checkpoint falls back to the baseline model, and the service says so at start
+    [REELSTREAM_MODELS_DIR]."""
+
+    trained_models: bool = Field(True, validation_alias="REELSTREAM_TRAINED_MODELS")
+    """False runs the baselines even when checkpoints exist [REELSTREAM_TRAINED_MODELS]."""
+
     # --- Recommendation ----------------------------------------------------------
     top_k: int = Field(10, ge=1, validation_alias="REELSTREAM_TOP_K")
     """Length of every published recommendation list [REELSTREAM_TOP_K]."""
@@ -105,6 +114,14 @@ class Settings(BaseSettings):
     def group(self, service: str) -> str:
         """The consumer-group id of a service."""
         return f"{self.topic_prefix}reelstream-{service}"
+
+    def checkpoint(self, name: str) -> Path | None:
+        """``models_dir/name`` when trained models are on and that folder holds a
+        checkpoint (a ``config.json``); None otherwise."""
+        if not self.trained_models:
+            return None
+        path = self.models_dir / name
+        return path if (path / "config.json").is_file() else None
 
     def ready_file(self, service: str) -> Path:
         """Written by a service once it is consuming; removed when it stops."""

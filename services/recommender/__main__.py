@@ -2,7 +2,9 @@
 
 Wiring only: a ``TopicReader`` hydrates the catalogue from the whole of
 ``item-embeddings`` and keeps following it; once it has caught up, a ``BatchConsumer``
-turns ``user-profiles`` into ``recommendations`` with ``handle_user_profiles``.
+turns ``user-profiles`` into ``recommendations`` with ``handle_user_profiles``. With a
+trained ranker (``make train``), a second reader follows the whole of ``ratings`` to keep
+the online item features (popularity, mean rating) the ranker reads.
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ from typing import cast
 from services.recommender import SERVICE
 from services.recommender.handler import handle_item_embeddings, handle_user_profiles
 from shared.config import Settings
-from shared.events import ITEM_EMBEDDINGS, USER_PROFILES, Event, ItemEmbedded, UserProfileUpdated
+from shared.events import (
+    ITEM_EMBEDDINGS,
+    RATINGS,
+    USER_PROFILES,
+    Event,
+    ItemEmbedded,
+    RatingSubmitted,
+    UserProfileUpdated,
+)
 from shared.kafka.batch_consumer import BatchConsumer
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, handle_isolating_failures
 from shared.kafka.publisher import DeliveryError, Publisher
 from shared.kafka.topic_reader import TopicReader
 from shared.logs import configure_logging
+from shared.models.deployed import build_reranker
 from shared.retrieval.catalogue import Catalogue
 
 log = logging.getLogger(__name__)
@@ -47,6 +58,7 @@ class RecommenderWorker:
         """``catch_up_timeout_s``: see ``CATCH_UP_TIMEOUT_S`` (default 300 s)."""
         self.settings = settings
         self.catalogue = Catalogue()
+        self.reranker = build_reranker(settings)
         self._catch_up_timeout_s = catch_up_timeout_s
         self._stopping = threading.Event()
         # The reader thread gets its own producer: the consumer loop's flush must only
@@ -54,6 +66,17 @@ class RecommenderWorker:
         self._reader_publisher = Publisher(settings)
         self._reader = TopicReader(
             settings, ITEM_EMBEDDINGS, self._on_items, self._on_invalid_item, name=SERVICE
+        )
+        self._ratings_reader = (
+            None
+            if self.reranker is None
+            else TopicReader(
+                settings,
+                RATINGS,
+                self._on_ratings,
+                self._on_invalid_rating,
+                name=f"{SERVICE}-ratings",
+            )
         )
         self.consumer = BatchConsumer(
             settings,
@@ -65,11 +88,15 @@ class RecommenderWorker:
 
     def run(self) -> None:
         self._reader.start()
+        if self._ratings_reader is not None:
+            self._ratings_reader.start()
         try:
             if self._wait_for_catalogue():
                 self.consumer.run()
         finally:
             self._reader.stop()
+            if self._ratings_reader is not None:
+                self._ratings_reader.stop()
             try:
                 self._reader_publisher.flush()
             except DeliveryError as exc:
@@ -109,7 +136,22 @@ class RecommenderWorker:
     def _on_profiles(self, batch: list[Incoming[Event]]) -> list[Outgoing]:
         # The loop reads only user-profiles, and parse() validated each against its record.
         profiles = cast(list[Incoming[UserProfileUpdated]], batch)
-        return handle_user_profiles(profiles, self.catalogue, self.settings, datetime.now(UTC))
+        return handle_user_profiles(
+            profiles, self.catalogue, self.settings, datetime.now(UTC), self.reranker
+        )
+
+    def _on_ratings(self, batch: list[Incoming[Event]]) -> None:
+        # Item features only: the user-profile service owns the ratings' validation and
+        # dead letters, so a rating it will refuse (unknown movie) still counts here.
+        assert self.reranker is not None  # the reader exists only with a ranker
+        ratings = [i.event for i in batch if isinstance(i.event, RatingSubmitted)]
+        self.reranker.item_stats.learn_many(
+            [r.movie_id for r in ratings], [r.rating for r in ratings]
+        )
+
+    def _on_invalid_rating(self, source: Source, reason: str) -> None:
+        # Not ours to dead-letter: the user-profile service dead-letters bad ratings.
+        log.debug("skipping invalid rating offset=%s reason=%s", source.offset, reason)
 
     def _on_items(self, batch: list[Incoming[Event]]) -> None:
         # The reader thread must survive anything, or the catalogue would silently freeze.

@@ -19,8 +19,9 @@ from shared.events import (
 )
 from shared.exceptions import UnprocessableEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
+from shared.models.item_stats import user_features_batch
 from shared.retrieval.catalogue import Catalogue, check_vector
-from shared.retrieval.recommend import ScoredItem, recommend_batch
+from shared.retrieval.recommend import Reranker, ScoredItem, recommend_batch
 from shared.types import UserId
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def handle_user_profiles(
     catalogue: Catalogue,
     settings: Settings,
     now: datetime,
+    reranker: Reranker | None = None,
 ) -> list[Outgoing]:
     """A ``RecommendationsGenerated`` list per user of the batch, plus dead letters.
 
@@ -60,8 +62,11 @@ def handle_user_profiles(
     dead letter nor silence is right; the list is published with the items that exist
     (none) and a warning is logged.
 
-    Items: ``score`` is the cosine relevance, ``predicted_rating`` the profile's
-    ``mean_rating`` clipped to [0.5, 5] (the baseline rating predictor).
+    Ranking: with a ``reranker`` (the trained two-tower ranker and the online item
+    features) the retrieved candidates are scored by it before MMR; the items' ``score``
+    is then its logit and ``predicted_rating`` its predicted stars. Without one, ``score``
+    is the cosine relevance and ``predicted_rating`` the profile's ``mean_rating``
+    clipped to [0.5, 5] (the baseline rating predictor).
     ``latency_ms`` is ``now - cause_published_at`` in milliseconds, never negative
     (clocks of different hosts may disagree by a little).
 
@@ -97,8 +102,15 @@ def handle_user_profiles(
             k=settings.top_k,
             n_candidates=settings.n_candidates,
             mmr_lambda=settings.mmr_lambda,
+            reranker=reranker,
+            user_features=None
+            if reranker is None
+            else user_features_batch(
+                [p.n_ratings for p in profiles], [p.mean_rating for p in profiles]
+            ),
         )
     item_version = catalogue.model_version
+    ranker_version = "none" if reranker is None else reranker.ranker.model_version
     for profile, scored in zip(profiles, lists, strict=True):
         predicted = float(np.clip(profile.mean_rating, MIN_STARS, MAX_STARS))
         latency_ms = (now - profile.cause_published_at).total_seconds() * 1000.0
@@ -109,12 +121,15 @@ def handle_user_profiles(
                     movie_id=item.movie_id,
                     title=catalogue.title(item.movie_id),
                     score=item.score,
-                    predicted_rating=predicted,
+                    predicted_rating=predicted
+                    if item.predicted_rating is None
+                    else item.predicted_rating,
                 )
                 for item in scored
             ],
             model_version=(
-                f"user={profile.model_version};item={item_version};mmr={settings.mmr_lambda:g}"
+                f"user={profile.model_version};item={item_version};"
+                f"ranker={ranker_version};mmr={settings.mmr_lambda:g}"
             ),
             cause_event_id=profile.cause_event_id,
             generated_at=now,

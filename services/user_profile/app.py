@@ -43,7 +43,8 @@ from shared.events import DEAD_LETTERS, RATINGS, USER_PROFILES, RatingSubmitted,
 from shared.exceptions import ConfigurationError, InvalidEventError
 from shared.kafka import aiokafka_backoff
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, parse
-from shared.models.updater import RatingWeightedMean, UserState, UserUpdater
+from shared.models.deployed import build_user_updater
+from shared.models.updater import UserState, UserUpdater
 from shared.types import MovieId, UserId, Vector
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,13 @@ class UserProfileApp:
 
     Args:
         settings: topics, broker, batch size and timeout, ``rating_wait_s``, var dir.
-        updater: the user model (default: ``RatingWeightedMean``).
+        updater: the user model (default: the deployed one, ``build_user_updater``:
+            the trained residual updater, or ``RatingWeightedMean`` without one).
     """
 
     def __init__(self, settings: Settings, updater: UserUpdater | None = None) -> None:
         self.settings = settings
-        self.updater: UserUpdater = updater or RatingWeightedMean()
+        self.updater: UserUpdater = updater or build_user_updater(settings)
         self.ready_file = settings.ready_file(SERVICE)
         # faust makes its data directory without parents, before any hook of ours runs.
         settings.var_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from services.user_profile.naming import SERVICE
@@ -57,12 +58,20 @@ class _Batch:
     def admit(self, user: UserId, ratings: list[Rating], raw: bytes | None) -> None:
         """Load a user's state and queue the ratings that can be applied."""
         try:
-            state = self.updater.initial_state() if raw is None else UserState.from_bytes(raw)
+            stored = self.updater.initial_state() if raw is None else UserState.from_bytes(raw)
         except InvalidEventError as exc:
             # Dead-letter rather than reset: resetting would silently drop the history.
             for incoming in ratings:
                 self.out.append(_reject(incoming, f"stored state of user is unreadable: {exc}"))
             return
+        state = stored.for_model(self.updater.model_version)
+        if state.vector is None and stored.vector is not None:
+            log.warning(
+                "user_id=%s state written by %s restarts under %s (vectors are not portable)",
+                user,
+                stored.model,
+                self.updater.model_version,
+            )
         todo: list[Rating] = []
         for incoming in ratings:
             if _is_replay(incoming, state):
@@ -120,8 +129,9 @@ class _Batch:
                 self.out.append(_reject(incoming, f"{type(exc).__name__}: {exc}"))
                 continue
             offset = incoming.source.offset
-            self.current[user] = new.after(
-                event.movie_id, offset if offset is not None else states[i].last_offset
+            self.current[user] = replace(
+                new.after(event.movie_id, offset if offset is not None else states[i].last_offset),
+                model=self.updater.model_version,
             )
             self.applied[user] = incoming
         return True

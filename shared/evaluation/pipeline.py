@@ -50,9 +50,11 @@ from shared.events import (
 from shared.exceptions import ReelstreamError
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.models.item_encoder import ItemEncoder
+from shared.models.item_stats import user_features
 from shared.models.updater import UserUpdater, shrunk_mean_rating
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.qdrant_store import QdrantStore
+from shared.retrieval.recommend import Reranker
 from shared.types import Matrix, MovieId, UserId, Vector
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,10 @@ class PipelineModel:
             would take them) are read; Qdrant runs embedded in a temporary folder.
         encoder: the item encoder (the item-embedding service's).
         updater: the user model (the user-profile service's).
+        reranker: the recommender's trained ranker and online item features, or None
+            (candidates ranked by cosine). Its item features learn each rating after the
+            lists of that rating's batch are computed, as the recommender's ratings
+            reader (polling every 0.2 s) usually does.
         name: the name in reports.
     """
 
@@ -92,9 +98,11 @@ class PipelineModel:
         encoder: ItemEncoder,
         updater: UserUpdater,
         *,
+        reranker: Reranker | None = None,
         name: str = "content-knn",
     ) -> None:
         self.name = name
+        self._reranker = reranker
         self._encoder = encoder
         self._updater = updater
         self._tmp = tempfile.TemporaryDirectory(prefix="reelstream-eval-")
@@ -146,6 +154,18 @@ class PipelineModel:
         the profile's mean rating when the list is empty, the prior before any rating."""
         profile = self._profiles.get(user_id)
         fallback = self._cold_prediction if profile is None else profile.mean_rating
+        if self._reranker is not None and profile is not None and movie_id in self.catalogue:
+            # The ranker's rating head, as the recommender applies it to listed items.
+            index = self.catalogue.index
+            assert index is not None  # the movie is in the catalogue
+            return float(
+                self._reranker.ranker.predict_rating(
+                    np.asarray(profile.vector, dtype=np.float32),
+                    user_features(profile.n_ratings, profile.mean_rating),
+                    index.vectors([movie_id]),
+                    self._reranker.item_stats.features([movie_id]),
+                )[0]
+            )
         current = self._lists.get(user_id)
         if current is None or not current.items:
             return fallback
@@ -195,11 +215,19 @@ class PipelineModel:
         for profile in profiles:
             self._profiles[profile.user_id] = profile
         lists = handle_user_profiles(
-            self._incoming("user-profiles", profiles), self.catalogue, self._settings, _now()
+            self._incoming("user-profiles", profiles),
+            self.catalogue,
+            self._settings,
+            _now(),
+            self._reranker,
         )
         for out in self._checked(lists):
             if isinstance(out.event, RecommendationsGenerated):
                 self._lists[out.event.user_id] = out.event
+        if self._reranker is not None:
+            self._reranker.item_stats.learn_many(
+                [r.movie_id for r in ratings], [r.rating for r in ratings]
+            )
 
     def _incoming(self, topic: str, events: Sequence[E]) -> list[Incoming[E]]:
         first = self._offsets.get(topic, 0)

@@ -62,12 +62,24 @@ class UserState:
     rated: tuple[MovieId, ...] = ()
     last_at: datetime | None = None
     last_offset: int | None = None
+    model: str | None = None
+    """``model_version`` of the updater that wrote ``vector`` (None: unknown, from before
+    states were tagged). Another model cannot read the vector (see ``for_model``)."""
 
     def after(self, movie_id: MovieId, offset: int | None) -> UserState:
         """The same state with ``movie_id`` in ``rated`` (once) and ``last_offset`` set:
         the caller's bookkeeping after a model applied that rating."""
         rated = self.rated if movie_id in self.rated else (*self.rated, movie_id)
         return replace(self, rated=rated, last_offset=offset)
+
+    def for_model(self, model_version: str) -> UserState:
+        """This state as the updater ``model_version`` can use it: unchanged when that
+        model wrote it (or it has no vector yet); otherwise the vector restarts from
+        nothing (a mean's weighted sum means nothing to a residual network, and back),
+        keeping the counts, ``rated`` and ``last_offset``."""
+        if self.vector is None or self.model in (None, model_version):
+            return replace(self, model=model_version)
+        return replace(self, vector=None, weight=0.0, model=model_version)
 
     def to_bytes(self) -> bytes:
         """Compact JSON: one-letter keys, the vector as base64 little-endian float32."""
@@ -83,6 +95,8 @@ class UserState:
             data["t"] = (self.last_at - _EPOCH) // _MICROSECOND
         if self.last_offset is not None:
             data["o"] = self.last_offset
+        if self.model is not None:
+            data["m"] = self.model
         return orjson.dumps(data)
 
     @classmethod
@@ -106,6 +120,7 @@ class UserState:
                 rated=tuple(str(m) for m in data["r"]),
                 last_at=None if micros is None else _EPOCH + int(micros) * _MICROSECOND,
                 last_offset=None if data.get("o") is None else int(data["o"]),
+                model=None if data.get("m") is None else str(data["m"]),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InvalidEventError(f"not a user state: {type(exc).__name__}: {exc}") from exc

@@ -1,7 +1,8 @@
-"""Retrieve → exclude → MMR re-rank: the recommendation list of a user vector.
+"""Retrieve → exclude → rank → MMR re-rank: the recommendation list of a user vector.
 
 Pure functions over a catalogue, shared by the recommender service, the offline
-evaluation and the tests.
+evaluation and the tests. Ranking is optional: without a ``Reranker`` the candidates'
+cosine similarity is their relevance.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from itertools import islice
 
 import numpy as np
 
+from shared.models.item_stats import ItemStats
+from shared.models.ranker import Ranker
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.mmr import mmr
 from shared.types import Matrix, MovieId, Vector
@@ -26,6 +29,32 @@ class ScoredItem:
     """Cosine similarity of the item to the user vector (its relevance, before MMR)."""
     rank: int
     """Position in the list, 1-based (MMR order)."""
+    predicted_rating: float | None = None
+    """Stars the ranker predicts the user gives the item (None without a ranker)."""
+
+
+@dataclass(frozen=True)
+class Reranker:
+    """The trained ranker between retrieval and MMR, with the online item features
+    (popularity, mean rating) it reads; ``item_stats`` is updated by the caller as
+    ratings arrive. Retrieval then has two sources: the cosine neighbours of the user
+    vector and the trending movies."""
+
+    ranker: Ranker
+    item_stats: ItemStats
+    n_trending: int = 100
+    """Candidates added besides the cosine ones: the most-rated movies of late (decayed
+    counts), so the ranker can weigh popularity against taste."""
+
+
+def relevance_scale(scores: np.ndarray) -> np.ndarray:
+    """Ranker logits mapped to [0, 1] within one list (min-max; all 1.0 when equal), so
+    MMR weighs them against cosine redundancy on a fixed scale."""
+    values = np.asarray(scores, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high - low < 1e-12:
+        return np.ones_like(values)
+    return (values - low) / (high - low)
 
 
 def recommend(
@@ -36,11 +65,21 @@ def recommend(
     k: int,
     n_candidates: int,
     mmr_lambda: float,
+    reranker: Reranker | None = None,
+    user_features: np.ndarray | None = None,
 ) -> list[ScoredItem]:
     """The list of one user; same result as the matching row of ``recommend_batch``."""
     query = np.asarray(user_vector, dtype=np.float32).reshape(1, -1)
+    features = None if user_features is None else np.asarray(user_features).reshape(1, -1)
     return recommend_batch(
-        query, [exclude], catalogue, k=k, n_candidates=n_candidates, mmr_lambda=mmr_lambda
+        query,
+        [exclude],
+        catalogue,
+        k=k,
+        n_candidates=n_candidates,
+        mmr_lambda=mmr_lambda,
+        reranker=reranker,
+        user_features=features,
     )[0]
 
 
@@ -52,19 +91,26 @@ def recommend_batch(
     k: int,
     n_candidates: int,
     mmr_lambda: float,
+    reranker: Reranker | None = None,
+    user_features: Matrix | None = None,
 ) -> list[list[ScoredItem]]:
     """Lists of up to ``k`` items for each row of ``user_vectors``, with one index search.
 
     Per user: retrieve ``n_candidates + len(exclude)`` items by cosine similarity (the
     batch searches with the largest exclude, capped at the catalogue size), drop the
-    excluded movies, keep the ``max(n_candidates, k)`` most similar, and re-rank them
-    to ``k`` with MMR (``mmr_lambda`` 1.0 = pure relevance, 0.0 = pure diversity).
+    excluded movies, keep the ``max(n_candidates, k)`` most similar, score them with the
+    ``reranker`` when there is one (relevance = its logits scaled to [0, 1] per list; the
+    items also get its predicted rating), and re-rank them to ``k`` with MMR
+    (``mmr_lambda`` 1.0 = pure relevance, 0.0 = pure diversity).
     An excluded movie is never returned: a user who has rated nearly everything gets
     fewer than ``k`` items, and an empty catalogue gives empty lists.
 
     Args:
         user_vectors: ``(n, dim)`` L2-normalised user vectors.
         excludes: per user, the movies never to recommend (already rated).
+        reranker: the trained ranker and item features; None ranks by cosine.
+        user_features: ``(n, N_USER_FEATURES)`` (``user_features_batch``); required
+            with a ``reranker``.
 
     Raises:
         ConfigurationError: the vectors' dimension is not the catalogue's, or
@@ -80,10 +126,17 @@ def recommend_batch(
     if index is None or queries.shape[0] == 0 or k <= 0:
         return [[] for _ in range(queries.shape[0])]
 
+    if reranker is not None and (user_features is None or len(user_features) != len(queries)):
+        raise ValueError("a reranker needs one row of user_features per user vector")
     keep = max(n_candidates, k)
     exclude_sets = [e if isinstance(e, set | frozenset) else set(e) for e in excludes]
     depth = min(len(index), keep + max(len(e) for e in exclude_sets))
     ids, scores = index.search(queries, depth)
+
+    trending: list[MovieId] = []
+    if reranker is not None and reranker.n_trending > 0:
+        wanted = reranker.n_trending + max(len(e) for e in exclude_sets)
+        trending = [m for m in reranker.item_stats.trending(wanted) if m in catalogue]
 
     lists: list[list[ScoredItem]] = []
     for row, exclude in enumerate(exclude_sets):
@@ -94,10 +147,32 @@ def recommend_batch(
             continue
         candidates = [ids[row][j] for j in picked]
         relevance = scores[row, picked]
-        order = mmr(relevance, index.vectors(candidates), k, mmr_lambda)
+        if reranker is not None and trending:
+            seen = set(candidates)
+            extra = [m for m in trending if m not in exclude and m not in seen]
+            extra = extra[: reranker.n_trending]
+            candidates += extra
+        vectors = index.vectors(candidates)
+        if reranker is None:
+            order = mmr(relevance, vectors, k, mmr_lambda)
+            lists.append(
+                [
+                    ScoredItem(candidates[i], float(relevance[i]), rank)
+                    for rank, i in enumerate(order, start=1)
+                ]
+            )
+            continue
+        assert user_features is not None  # checked above
+        logits, stars = reranker.ranker.score_and_rate_batch(
+            queries[row : row + 1],
+            np.asarray(user_features[row : row + 1], dtype=np.float32),
+            vectors[None, :, :],
+            reranker.item_stats.features(candidates)[None, :, :],
+        )
+        order = mmr(relevance_scale(logits[0]), vectors, k, mmr_lambda)
         lists.append(
             [
-                ScoredItem(candidates[i], float(relevance[i]), rank)
+                ScoredItem(candidates[i], float(logits[0, i]), rank, float(stars[0, i]))
                 for rank, i in enumerate(order, start=1)
             ]
         )

@@ -130,7 +130,7 @@ def test_a_profile_gets_a_list_that_excludes_what_it_rated(catalogue: Catalogue)
     assert {i.predicted_rating for i in rec.items} == {5.0}
     assert rec.latency_ms == pytest.approx(2000.0)
     assert rec.generated_at == NOW
-    assert rec.model_version == "user=mean-v1;item=concat-v1;mmr=0.7"
+    assert rec.model_version == "user=mean-v1;item=concat-v1;ranker=none;mmr=0.7"
 
 
 def test_the_last_profile_of_a_user_in_a_batch_wins(catalogue: Catalogue) -> None:
@@ -250,7 +250,7 @@ def test_the_worker_serves_lists_from_the_whole_catalogue_and_follows_new_items(
         assert rec.items[0].movie_id == "hit" and rec.items[0].title == "Movie hit"
         assert not {i.movie_id for i in rec.items} & {"seen", "r3"}
         assert rec.latency_ms >= 0
-        assert rec.model_version == "user=mean-v1;item=concat-v1;mmr=0.7"
+        assert rec.model_version == "user=mean-v1;item=concat-v1;ranker=none;mmr=0.7"
 
         # A movie nobody has rated is recommended as soon as it is embedded.
         publish(settings, [(ITEM_EMBEDDINGS, item("fresh", axis(0) + 0.05 * axis(2), "Fresh"))])

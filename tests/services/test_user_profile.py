@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -142,6 +143,26 @@ def test_batches_continue_from_the_stored_state() -> None:
     assert profile.rated == ["m0", "m1", "m2"]  # a re-rated movie is listed once
     expected = by_hand(vectors, [("m0", 4.0), ("m1", 2.0), ("m2", 5.0), ("m0", 3.0)])
     np.testing.assert_allclose(profile.vector, expected, atol=1e-6)
+
+
+def test_a_state_written_by_another_model_restarts_its_vector() -> None:
+    """Regression: switching the deployed updater (mean -> trained residual) must not
+    read the old model's vector as its own; counts and rated movies are kept."""
+    vectors = catalogue(4)
+    _, updated = handle_ratings(
+        [incoming(rating_event("u", "m0", 4.0), 0)], {}, vectors, UPDATER, NOW
+    )
+    assert updated["u"].model == UPDATER.model_version
+    foreign = {"u": replace(updated["u"], model="some-other-model-v9").to_bytes()}
+
+    out, after = handle_ratings(
+        [incoming(rating_event("u", "m1", 2.0), 1)], foreign, vectors, UPDATER, NOW
+    )
+
+    profile = profiles_of(out)["u"]
+    assert profile.n_ratings == 2 and profile.rated == ["m0", "m1"]
+    np.testing.assert_allclose(profile.vector, by_hand(vectors, [("m1", 2.0)]), atol=1e-6)
+    assert after["u"].model == UPDATER.model_version
 
 
 def test_a_redelivered_batch_is_not_applied_twice() -> None:

@@ -1,0 +1,128 @@
+"""Which model each service runs: the trained checkpoint named by settings, or the
+baseline, said at start.
+
+``make train`` writes three checkpoints under ``Settings.models_dir``: ``item-encoder``
+(fusion MLP), ``user-updater`` (residual network) and ``ranker`` (two-tower). The updater
+and the ranker were trained on the item encoder's vectors and record its version
+(``item_encoder_version``); a service refuses such a checkpoint when the deployed item
+encoder is another one (its vectors would be meaningless to them) and falls back to the
+baseline instead, with a warning that says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from shared.config import Settings
+from shared.models.checkpoint import read_config
+from shared.models.device import resolve_device
+from shared.models.image import load_image_encoder
+from shared.models.item_encoder import ItemEncoder, build_item_encoder
+from shared.models.text import TextEncoder
+from shared.models.updater import RatingWeightedMean, UserUpdater
+from shared.retrieval.recommend import Reranker
+
+log = logging.getLogger(__name__)
+
+ITEM_ENCODER = "item-encoder"
+USER_UPDATER = "user-updater"
+RANKER = "ranker"
+
+FUSION_KIND = "fusion-item-encoder"
+RESIDUAL_KIND = "residual-updater"
+RANKER_KIND = "two-tower-ranker"
+
+
+def item_encoder_config(settings: Settings) -> dict[str, Any] | None:
+    """The deployed trained item encoder's config, or None when there is none."""
+    path = settings.checkpoint(ITEM_ENCODER)
+    return None if path is None else read_config(path, FUSION_KIND)
+
+
+def build_deployed_item_encoder(settings: Settings) -> ItemEncoder:
+    """The trained fusion encoder when ``models_dir/item-encoder`` holds one; else the
+    baseline ``ConcatItemEncoder``. Logs which one and why.
+
+    Raises:
+        ConfigurationError: a model file is missing, or the checkpoint does not fit the
+            configured text/image encoders.
+    """
+    path = settings.checkpoint(ITEM_ENCODER)
+    if path is None:
+        log.info("item encoder: baseline concat encoder (%s)", _why(settings, ITEM_ENCODER))
+        return build_item_encoder(settings)
+    from shared.models.fusion import load_fusion_encoder
+
+    device = resolve_device(settings.device)
+    encoder = load_fusion_encoder(
+        path, TextEncoder(settings.text_model, device), load_image_encoder(settings)
+    )
+    log.info("item encoder: trained %s from %s", encoder.model_version, path)
+    return encoder
+
+
+def _compatible(settings: Settings, path: Path, kind: str) -> dict[str, Any] | None:
+    """The checkpoint's config when it was trained on the deployed item encoder."""
+    config = read_config(path, kind)
+    encoder = item_encoder_config(settings)
+    wanted = config.get("item_encoder_version")
+    if encoder is None or encoder.get("version") != wanted:
+        have = "the baseline item encoder" if encoder is None else encoder.get("version")
+        log.warning(
+            "checkpoint %s was trained on item encoder %s, but %s is deployed; not using it",
+            path,
+            wanted,
+            have,
+        )
+        return None
+    return config
+
+
+def build_user_updater(settings: Settings) -> UserUpdater:
+    """The trained residual updater when its checkpoint fits the deployed item encoder;
+    else the rating-weighted mean. Logs which one and why.
+
+    Raises:
+        ConfigurationError: the checkpoint exists but cannot be read or does not fit.
+    """
+    path = settings.checkpoint(USER_UPDATER)
+    if path is not None and _compatible(settings, path, RESIDUAL_KIND) is not None:
+        from shared.models.residual import load_residual_updater
+
+        encoder = item_encoder_config(settings)
+        dim = None if encoder is None else int(encoder["out_dim"])
+        updater = load_residual_updater(path, expected_dim=dim)
+        log.info("user updater: trained %s from %s", updater.model_version, path)
+        return updater
+    baseline = RatingWeightedMean()
+    log.info("user updater: baseline %s (%s)", baseline.model_version, _why(settings, USER_UPDATER))
+    return baseline
+
+
+def build_reranker(settings: Settings) -> Reranker | None:
+    """The trained two-tower ranker with fresh online item features when its checkpoint
+    fits the deployed item encoder; else None (candidates are ranked by cosine). Logs
+    which and why.
+
+    Raises:
+        ConfigurationError: the checkpoint exists but cannot be read or does not fit.
+    """
+    path = settings.checkpoint(RANKER)
+    if path is not None and _compatible(settings, path, RANKER_KIND) is not None:
+        from shared.models.ranker import load_ranker
+
+        encoder = item_encoder_config(settings)
+        dim = None if encoder is None else int(encoder["out_dim"])
+        ranker = load_ranker(path, expected_dim=dim)
+        log.info("ranker: trained %s from %s", ranker.model_version, path)
+        return Reranker(ranker, ranker.new_item_stats())
+    log.info("ranker: none, candidates ranked by cosine (%s)", _why(settings, RANKER))
+    return None
+
+
+def _why(settings: Settings, name: str) -> str:
+    if not settings.trained_models:
+        return "trained models off: REELSTREAM_TRAINED_MODELS=false"
+    return f"no usable checkpoint at {settings.models_dir / name}; `make train` writes one"
