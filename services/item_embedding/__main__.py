@@ -23,7 +23,7 @@ from shared.events import MOVIES
 from shared.exceptions import ConfigurationError
 from shared.kafka.batch_consumer import BatchConsumer
 from shared.logs import configure_logging
-from shared.models.item_encoder import build_item_encoder
+from shared.models.deployed import build_deployed_item_encoder
 from shared.retrieval.qdrant_store import QdrantStore
 
 SERVICE = "item-embedding"
@@ -36,7 +36,7 @@ def worker() -> int:
     configure_logging(SERVICE)
     settings = Settings()
     try:
-        encoder = build_item_encoder(settings)
+        encoder = build_deployed_item_encoder(settings)
         store = QdrantStore(settings, encoder.dim)
     except ConfigurationError as exc:
         log.error("service=%s cannot start: %s", SERVICE, exc)
