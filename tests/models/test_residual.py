@@ -1,0 +1,427 @@
+"""The residual user updater: the net's identity skip, the ``UserUpdater`` contract,
+training (loss, reproducibility, beating the rating-weighted mean on sequential data),
+checkpoints, and running inside the user-profile service's handler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.user_profile.handler import handle_ratings
+from shared.events import RatingSubmitted, UserProfileUpdated
+from shared.exceptions import ConfigurationError, NumericalError
+from shared.kafka.message import Incoming, Source
+from shared.models.checkpoint import save_checkpoint
+from shared.models.residual import (
+    KIND,
+    ResidualConfig,
+    ResidualNet,
+    ResidualUpdater,
+    load_residual_updater,
+    save_residual,
+    train_residual,
+)
+from shared.models.updater import (
+    DEFAULT_PRIOR_RATING,
+    RatingWeightedMean,
+    UserState,
+    UserUpdater,
+    shrunk_mean_rating,
+)
+from shared.types import Matrix, MovieId, Vector
+
+DIM = 16
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+SMALL = ResidualConfig(hidden=32, layers=2, lanes=16, chunk=8, epochs=6, lr=5e-3)
+"""A net and training small enough for a unit test."""
+
+
+def unit_rows(n: int, seed: int, dim: int = DIM) -> Matrix:
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(n, dim)).astype(np.float32)
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+def random_net(seed: int = 0, dim: int = DIM) -> ResidualNet:
+    """An untrained net whose output layer is not zero (so it is not the identity)."""
+    torch.manual_seed(seed)
+    net = ResidualNet(dim, hidden=32)
+    with torch.no_grad():
+        torch.nn.init.normal_(net.out.weight, std=0.2)
+        torch.nn.init.normal_(net.out.bias, std=0.2)
+    return net
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The nets here are tiny: extra intra-op threads only add overhead (and, on a busy
+    machine, spin-waiting that makes training many times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def updater() -> ResidualUpdater:
+    return ResidualUpdater(random_net())
+
+
+def history(updater: UserUpdater, n: int, seed: int) -> UserState:
+    rng = np.random.default_rng(seed)
+    state = updater.initial_state()
+    for i, item in enumerate(unit_rows(n, seed + 1)):
+        rating = float(rng.integers(1, 11)) / 2
+        state = updater.learn_one(state, item, rating, T0 + timedelta(hours=3 * i))
+    return state
+
+
+# --- synthetic sequential data -----------------------------------------------------------
+
+
+def sequential_data(
+    n_users: int, seed: int, n_clusters: int = 8, per_cluster: int = 10
+) -> tuple[list[MovieId], Matrix, list[RatingSubmitted]]:
+    """Items in clusters; each user walks the clusters in a fixed cycle, rating a few
+    items of one cluster before moving on to the next, so the next item follows the
+    recent ones rather than the whole history."""
+    rng = np.random.default_rng(seed)
+    centres = unit_rows(n_clusters, seed=99)
+    items = centres.repeat(per_cluster, axis=0) + 0.35 * rng.normal(
+        size=(n_clusters * per_cluster, DIM)
+    ).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    ids = [f"m{i}" for i in range(len(items))]
+    ratings: list[RatingSubmitted] = []
+    for u in range(n_users):
+        cluster = int(rng.integers(n_clusters))
+        when = T0 + timedelta(minutes=int(rng.integers(0, 10_000)))
+        seen: set[int] = set()
+        for _ in range(int(rng.integers(12, 30))):
+            if rng.random() < 0.3:
+                cluster = (cluster + 1) % n_clusters
+            choices = [cluster * per_cluster + j for j in range(per_cluster)]
+            free = [c for c in choices if c not in seen] or choices
+            item = int(rng.choice(free))
+            seen.add(item)
+            when += timedelta(minutes=int(rng.integers(1, 600)))
+            ratings.append(
+                RatingSubmitted(
+                    user_id=f"u{seed}-{u}",
+                    movie_id=ids[item],
+                    rating=float(rng.integers(3, 6)),
+                    occurred_at=when,
+                )
+            )
+    ratings.sort(key=lambda r: r.occurred_at)
+    return ids, items, ratings
+
+
+def mean_rank(
+    updater: UserUpdater, ids: list[MovieId], items: Matrix, ratings: list[RatingSubmitted]
+) -> float:
+    """Mean 0-based rank of each next item among the unrated ones (lower is better)."""
+    rows = {m: i for i, m in enumerate(ids)}
+    states: dict[str, UserState] = {}
+    rated: dict[str, set[int]] = {}
+    ranks: list[int] = []
+    for r in ratings:
+        state = states.get(r.user_id, updater.initial_state())
+        done = rated.setdefault(r.user_id, set())
+        vector = updater.vector(state)
+        target = rows[r.movie_id]
+        if vector is not None and target not in done:
+            scores = items @ vector
+            free = np.array([i not in done for i in range(len(ids))])
+            ranks.append(int(((scores > scores[target]) & free).sum()))
+        states[r.user_id] = updater.learn_one(state, items[target], r.rating, r.occurred_at)
+        done.add(target)
+    return float(np.mean(ranks))
+
+
+@pytest.fixture(scope="module")
+def trained() -> Iterator[tuple[ResidualNet, dict, dict]]:
+    ids, items, train = sequential_data(80, seed=1)
+    _, _, validation = sequential_data(20, seed=2)
+    yield train_residual(ids, items, train, validation=validation, config=SMALL, progress=False)
+
+
+# --- the net ------------------------------------------------------------------------------
+
+
+def test_a_zero_output_layer_is_the_identity(trained: tuple[ResidualNet, dict, dict]) -> None:
+    net = random_net()
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.zero_()
+    users = torch.from_numpy(unit_rows(5, seed=3) * 3.0)  # not unit: only the direction stays
+    items = torch.from_numpy(unit_rows(5, seed=4))
+    with torch.no_grad():
+        out = net(users, items, torch.tensor([1.0, 2, 3, 4, 5]), torch.ones(5), torch.ones(5))
+    expected = users / users.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(out, expected)
+    # A fresh net starts as the identity too (its output layer is zero-initialised).
+    fresh = ResidualNet(DIM)
+    with torch.no_grad():
+        start = fresh(expected, items, torch.full((5,), 5.0), torch.zeros(5), torch.zeros(5))
+    torch.testing.assert_close(start, expected)
+    # And training moved it away from the identity.
+    assert float(trained[0].out.weight.detach().abs().sum()) > 0
+
+
+def test_output_is_unit_length_and_depends_on_every_input() -> None:
+    net = random_net()
+    users = torch.from_numpy(unit_rows(1, seed=5))
+    items = torch.from_numpy(unit_rows(1, seed=6))
+    base = (users, items, torch.tensor([4.0]), torch.tensor([2.0]), torch.tensor([3.0]))
+    with torch.no_grad():
+        ref = net(*base)
+        assert float(ref.norm()) == pytest.approx(1.0, abs=1e-5)
+        for i, other in enumerate(
+            [torch.tensor([1.0]), torch.tensor([500.0]), torch.tensor([40.0])], start=2
+        ):
+            args = list(base)
+            args[i] = other
+            assert not torch.allclose(net(*args), ref), f"input {i} is ignored"
+
+
+# --- the UserUpdater contract ---------------------------------------------------------------
+
+
+def test_follows_the_protocol(updater: ResidualUpdater) -> None:
+    assert isinstance(updater, UserUpdater)
+    assert updater.model_version.startswith("residual-v1-")
+    assert updater.dim == DIM
+
+
+def test_no_vector_before_any_rating_then_unit_float32(updater: ResidualUpdater) -> None:
+    state = updater.initial_state()
+    assert updater.vector(state) is None
+    assert updater.mean_rating(state) == pytest.approx(DEFAULT_PRIOR_RATING)
+    for n in (1, 2, 10):
+        later = history(updater, n, seed=n)
+        vector = updater.vector(later)
+        assert vector is not None and vector.dtype == np.float32 and vector.shape == (DIM,)
+        assert float(np.linalg.norm(vector)) == pytest.approx(1.0, abs=1e-5)
+        assert later.vector is not None and later.vector.dtype == np.float32
+        assert later.weight == 0.0
+        assert later.n_ratings == n
+        assert updater.mean_rating(later) == pytest.approx(shrunk_mean_rating(later))
+
+
+def test_first_rating_is_applied_to_the_prior(updater: ResidualUpdater) -> None:
+    item = unit_rows(1, seed=7)[0]
+    state = updater.learn_one(updater.initial_state(), item, 4.0, T0)
+    net = updater._net  # the float64 copy the updater runs
+    with torch.no_grad():
+        expected = net(
+            net.prior_vector()[None],
+            torch.from_numpy(item.astype(np.float64))[None],
+            torch.tensor([4.0], dtype=torch.float64),
+            torch.zeros(1, dtype=torch.float64),
+            torch.zeros(1, dtype=torch.float64),
+        )[0].numpy()
+    assert state.vector is not None
+    np.testing.assert_allclose(state.vector, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_counters_follow_and_bookkeeping_is_untouched(updater: ResidualUpdater) -> None:
+    state = history(updater, 3, seed=8).after("m-1", 41)
+    new = updater.learn_one(state, unit_rows(1, seed=9)[0], 2.5, T0 + timedelta(days=2))
+    assert new.n_ratings == 4
+    assert new.rating_sum == pytest.approx(state.rating_sum + 2.5)
+    assert new.last_at == T0 + timedelta(days=2)
+    assert new.rated == ("m-1",)
+    assert new.last_offset == 41
+    assert new is not state and state.n_ratings == 3  # pure
+
+
+def test_learn_many_equals_learn_one_row_by_row(updater: ResidualUpdater) -> None:
+    states = [updater.initial_state(), history(updater, 1, seed=10), history(updater, 7, seed=11)]
+    states += [history(updater, 2, seed=12), updater.initial_state()]
+    items = list(unit_rows(len(states), seed=13))
+    ratings = [0.5, 5.0, 3.0, 4.5, 1.0]
+    times = [T0 + timedelta(days=3, hours=h) for h in range(len(states))]
+
+    batch = updater.learn_many(states, items, ratings, times)
+    single = [updater.learn_one(*row) for row in zip(states, items, ratings, times, strict=True)]
+
+    for b, s in zip(batch, single, strict=True):
+        assert b.vector is not None and s.vector is not None
+        np.testing.assert_allclose(b.vector, s.vector, rtol=1e-6, atol=1e-7)
+        assert (b.n_ratings, b.rating_sum, b.last_at, b.weight) == (
+            s.n_ratings,
+            s.rating_sum,
+            s.last_at,
+            s.weight,
+        )
+    assert updater.learn_many([], [], [], []) == []
+
+
+def test_state_survives_serialisation(updater: ResidualUpdater) -> None:
+    state = history(updater, 4, seed=14).after("m-9", 7)
+    back = UserState.from_bytes(state.to_bytes())
+    assert back.vector is not None and state.vector is not None
+    np.testing.assert_array_equal(back.vector, state.vector)
+    item = unit_rows(1, seed=15)[0]
+    a = updater.learn_one(state, item, 4.0, T0 + timedelta(days=9))
+    b = updater.learn_one(back, item, 4.0, T0 + timedelta(days=9))
+    assert a.vector is not None and b.vector is not None
+    np.testing.assert_array_equal(a.vector, b.vector)
+
+
+def test_nan_and_infinity_are_numerical_errors(updater: ResidualUpdater) -> None:
+    state = history(updater, 2, seed=16)
+    item = unit_rows(1, seed=17)[0]
+    bad = item.copy()
+    bad[3] = np.nan
+    with pytest.raises(NumericalError):
+        updater.learn_one(state, bad, 4.0, T0)
+    with pytest.raises(NumericalError):
+        updater.learn_one(state, item, float("nan"), T0)
+    with pytest.raises(NumericalError):
+        updater.learn_one(state, np.full(DIM, np.inf, dtype=np.float32), 4.0, T0)
+    with pytest.raises(NumericalError):
+        updater.learn_many([state, state], [item, bad], [4.0, 4.0], [T0, T0])
+    broken = replace(state, vector=np.full(DIM, np.nan, dtype=np.float32))
+    with pytest.raises(NumericalError):
+        updater.vector(broken)
+    with pytest.raises(NumericalError):
+        updater.learn_one(broken, item, 4.0, T0)
+
+
+def test_other_dimensions_are_refused(updater: ResidualUpdater) -> None:
+    state = history(updater, 2, seed=18)
+    wide = unit_rows(1, seed=19, dim=DIM + 1)[0]
+    with pytest.raises(ValueError, match="dimension"):
+        updater.learn_one(updater.initial_state(), wide, 4.0, T0)
+    with pytest.raises(ValueError, match="dimension"):
+        updater.learn_many([state], [wide], [4.0], [T0])
+    narrow_state = replace(state, vector=unit_rows(1, seed=20, dim=DIM - 1)[0])
+    with pytest.raises(ValueError, match="dimension"):
+        updater.learn_one(narrow_state, unit_rows(1, seed=21)[0], 4.0, T0)
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+def test_training_lowers_the_next_item_loss(trained: tuple[ResidualNet, dict, dict]) -> None:
+    _, config, history = trained
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert min(history["val_loss"]) < history["val_loss"][0] or history["val_ndcg"][0] > 0
+    assert len(history["val_ndcg"]) == len(history["train_loss"])
+    assert config["kind"] == KIND and config["version"].startswith("residual-v1-")
+    assert config["dim"] == DIM
+    assert config["training"]["n_train_steps"] > 0
+
+
+def test_training_is_reproducible() -> None:
+    ids, items, train = sequential_data(20, seed=3)
+    quick = replace(SMALL, epochs=2)
+    a, config_a, _ = train_residual(ids, items, train, config=quick, seed=5, progress=False)
+    b, config_b, _ = train_residual(ids, items, train, config=quick, seed=5, progress=False)
+    c, config_c, _ = train_residual(ids, items, train, config=quick, seed=6, progress=False)
+    for name, tensor in a.state_dict().items():
+        torch.testing.assert_close(tensor, b.state_dict()[name], rtol=0, atol=0)
+    assert config_a["version"] == config_b["version"] != config_c["version"]
+    assert not torch.equal(a.out.weight, c.out.weight)
+
+
+def test_trained_updater_ranks_the_next_item_better_than_the_mean(
+    trained: tuple[ResidualNet, dict, dict],
+) -> None:
+    ids, items, _ = sequential_data(80, seed=1)
+    _, _, fresh_users = sequential_data(30, seed=4)
+    residual = mean_rank(ResidualUpdater(trained[0]), ids, items, fresh_users)
+    mean = mean_rank(RatingWeightedMean(), ids, items, fresh_users)
+    assert residual < 0.8 * mean, f"residual {residual:.2f} vs mean {mean:.2f}"
+
+
+def test_training_refuses_items_that_do_not_match() -> None:
+    ids, items, train = sequential_data(3, seed=5)
+    with pytest.raises(ValueError, match="one row per item"):
+        train_residual(ids[:-1], items, train, config=SMALL, progress=False)
+    with pytest.raises(ValueError, match="no training rating"):
+        train_residual(["other"], items[:1], train, config=SMALL, progress=False)
+    bad = items.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(NumericalError):
+        train_residual(ids, bad, train, config=SMALL, progress=False)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def test_checkpoint_roundtrip(trained: tuple[ResidualNet, dict, dict], tmp_path: Path) -> None:
+    net, config, _ = trained
+    save_residual(tmp_path / "ck", net, config)
+    loaded = load_residual_updater(tmp_path / "ck", expected_dim=DIM)
+    direct = ResidualUpdater(net)
+    assert loaded.model_version == direct.model_version == config["version"]
+    a, b = history(loaded, 6, seed=22), history(direct, 6, seed=22)
+    assert a.vector is not None and b.vector is not None
+    np.testing.assert_array_equal(a.vector, b.vector)
+
+
+def test_checkpoint_of_another_dimension_or_kind_is_refused(tmp_path: Path) -> None:
+    save_residual(tmp_path / "ck", random_net(), {})
+    with pytest.raises(ConfigurationError, match="16-d"):
+        load_residual_updater(tmp_path / "ck", expected_dim=DIM + 4)
+    save_checkpoint(tmp_path / "other", random_net(), {"kind": "fusion", "version": "x"})
+    with pytest.raises(ConfigurationError, match="not a 'residual-updater'"):
+        load_residual_updater(tmp_path / "other")
+    # A config that promises another width than the weights have.
+    save_residual(tmp_path / "lying", random_net(), {})
+    config_file = tmp_path / "lying" / "config.json"
+    config_file.write_text(config_file.read_text().replace('"hidden": 32', '"hidden": 64'))
+    with pytest.raises(ConfigurationError, match="does not fit"):
+        load_residual_updater(tmp_path / "lying")
+
+
+# --- inside the user-profile service's handler ----------------------------------------------
+
+
+def test_works_inside_handle_ratings(updater: ResidualUpdater) -> None:
+    vectors: dict[MovieId, Vector] = {f"m{i}": v for i, v in enumerate(unit_rows(4, seed=23))}
+    events = [
+        RatingSubmitted(user_id="alice", movie_id="m0", rating=5.0, occurred_at=T0),
+        RatingSubmitted(user_id="bob", movie_id="m1", rating=2.0, occurred_at=T0),
+        RatingSubmitted(
+            user_id="alice", movie_id="m2", rating=4.0, occurred_at=T0 + timedelta(hours=5)
+        ),
+    ]
+    batch = [Incoming(e, Source("ratings", 0, i, None, None, None)) for i, e in enumerate(events)]
+
+    out, updated = handle_ratings(batch, {}, vectors, updater, T0, item_model_version="items-v9")
+
+    profiles = {o.event.user_id: o.event for o in out if isinstance(o.event, UserProfileUpdated)}
+    assert set(profiles) == {"alice", "bob"} and len(out) == 2  # no dead letters
+    alice = profiles["alice"]
+    assert alice.model_version == f"{updater.model_version}+items-v9"
+    assert alice.n_ratings == 2 and alice.rated == ["m0", "m2"]
+    expected = updater.initial_state()
+    for e in (events[0], events[2]):
+        expected = updater.learn_one(expected, vectors[e.movie_id], e.rating, e.occurred_at)
+    assert expected.vector is not None
+    np.testing.assert_allclose(alice.vector, expected.vector, rtol=1e-6, atol=1e-7)
+    assert updated["alice"].last_offset == 2 and updated["bob"].last_offset == 1
+
+    # A later batch continues from the stored bytes; a re-delivery is not applied again.
+    stored = {u: s.to_bytes() for u, s in updated.items()}
+    again = [Incoming(events[2], Source("ratings", 0, 2, None, None, None))]
+    later = RatingSubmitted(
+        user_id="alice", movie_id="m3", rating=1.0, occurred_at=T0 + timedelta(days=1)
+    )
+    again.append(Incoming(later, Source("ratings", 0, 3, None, None, None)))
+    out2, updated2 = handle_ratings(again, stored, vectors, updater, T0)
+    final = updater.learn_one(expected, vectors["m3"], 1.0, later.occurred_at)
+    assert updated2["alice"].n_ratings == 3
+    assert updated2["alice"].vector is not None and final.vector is not None
+    np.testing.assert_allclose(updated2["alice"].vector, final.vector, rtol=1e-6, atol=1e-7)
+    assert [type(o.event) for o in out2] == [UserProfileUpdated]
