@@ -1,0 +1,333 @@
+"""``make train``: the fusion item encoder, the residual user updater and the two-tower
+ranker, trained on TRAIN only (protocol T1), written as versioned checkpoints.
+
+    python -m infra.train [--models-dir models] [--seed 0] [--quiet]
+
+Stages, each on the previous one's output:
+
+1. item encoder: ``train_fusion`` on the catalogue's content and the TRAIN ratings
+   (its own hold-out inside TRAIN);
+2. user updater: ``train_residual`` on the first 90% of TRAIN, the epoch chosen on the
+   last 10% (``Split.validation``), over the trained encoder's vectors;
+3. ranker: TRAIN replayed in time order through the trained updater and ``ItemStats``
+   gives one example per rating (profile and features *before* it); ``train_ranker`` on
+   the first 90%, the epoch chosen on the last 10%.
+
+The updater and ranker configs record the item encoder's version they were trained on
+(``item_encoder_version``); the services refuse them with any other encoder. Writes
+``models/{item-encoder,user-updater,ranker}/``, ``reports/train.json``,
+``reports/train-losses.png`` and ``reports/embedding-space.png``. TEST is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+
+from shared.config import Settings
+from shared.data.movielens import ML100K_GENRES, MovieLens, load_movielens
+from shared.evaluation.report import write_json
+from shared.evaluation.split import Split, temporal_split
+from shared.events import RatingSubmitted
+from shared.models.deployed import ITEM_ENCODER, RANKER, USER_UPDATER
+from shared.models.device import resolve_device
+from shared.models.fusion import (
+    FusionItemEncoder,
+    encode_catalogue,
+    save_fusion,
+    train_fusion,
+)
+from shared.models.image import load_image_encoder
+from shared.models.item_stats import ItemStats, user_features
+from shared.models.ranker import ExampleBuilder, RankerExamples, save_ranker, train_ranker
+from shared.models.residual import ResidualUpdater, save_residual, train_residual
+from shared.models.text import TextEncoder
+from shared.models.updater import UserState, UserUpdater
+from shared.types import Matrix, MovieId, UserId
+
+log = logging.getLogger("infra.train")
+
+
+def ranker_examples(
+    ratings: Sequence[RatingSubmitted],
+    updater: UserUpdater,
+    rows: dict[MovieId, int],
+    stats: ItemStats,
+    item_vectors: Matrix,
+) -> tuple[RankerExamples, list[int]]:
+    """Replay ``ratings`` in order through ``updater`` and ``stats``; one example per
+    rating of a user who already has a profile (state and features before the rating).
+
+    Returns the examples and, per example, the index of its rating in ``ratings``.
+    """
+    builder = ExampleBuilder()
+    states: dict[UserId, UserState] = {}
+    positions: list[int] = []
+    for position, rating in enumerate(ratings):
+        row = rows.get(rating.movie_id)
+        if row is None:
+            continue
+        state = states.get(rating.user_id) or updater.initial_state()
+        vector = updater.vector(state)
+        if vector is not None:
+            builder.add(
+                vector,
+                user_features(state.n_ratings, updater.mean_rating(state)),
+                row,
+                stats.features([rating.movie_id])[0],
+                rating.rating,
+            )
+            positions.append(position)
+        states[rating.user_id] = updater.learn_one(
+            state, item_vectors[row], rating.rating, rating.occurred_at
+        )
+        stats.learn_one(rating.movie_id, rating.rating)
+    return builder.build(), positions
+
+
+def split_examples(examples: RankerExamples, n_train: int) -> tuple[RankerExamples, RankerExamples]:
+    """The first ``n_train`` rows and the rest."""
+    head = RankerExamples(
+        user_vectors=examples.user_vectors[:n_train],
+        user_features=examples.user_features[:n_train],
+        item_rows=examples.item_rows[:n_train],
+        item_features=examples.item_features[:n_train],
+        ratings=examples.ratings[:n_train],
+    )
+    tail = RankerExamples(
+        user_vectors=examples.user_vectors[n_train:],
+        user_features=examples.user_features[n_train:],
+        item_rows=examples.item_rows[n_train:],
+        item_features=examples.item_features[n_train:],
+        ratings=examples.ratings[n_train:],
+    )
+    return head, tail
+
+
+def plot_losses(histories: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """One panel per stage, every per-epoch loss curve it recorded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 4), dpi=110)
+    for ax, (stage, history) in zip(np.atleast_1d(axes), histories.items(), strict=True):
+        for name, values in history.items():
+            if values and ("loss" in name or "rmse" in name):
+                ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+        ax.set_title(stage)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_embedding(
+    dataset: MovieLens,
+    ids: list[MovieId],
+    vectors: Matrix,
+    updater: UserUpdater,
+    train: Sequence[RatingSubmitted],
+    path: Path,
+) -> UserId:
+    """2-D PCA of the item vectors coloured by primary genre, with the trajectory of
+    the TRAIN user with the most ratings (their vector after each rating, projected
+    the same way). Returns that user's id."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centred = vectors - vectors.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
+    axes2 = vt[:2].T
+    points = centred @ axes2
+    genre_of = {m.movie_id: (m.genres[0] if m.genres else "unknown") for m in dataset.movies}
+    fig, ax = plt.subplots(figsize=(9, 7), dpi=110)
+    cmap = plt.get_cmap("tab20")
+    for g, genre in enumerate(ML100K_GENRES):
+        mask = np.array([genre_of.get(m) == genre for m in ids])
+        if mask.any():
+            ax.scatter(points[mask, 0], points[mask, 1], s=8, color=cmap(g % 20), label=genre)
+    counts: dict[UserId, int] = {}
+    for r in train:
+        counts[r.user_id] = counts.get(r.user_id, 0) + 1
+    user = max(sorted(counts), key=lambda u: counts[u])
+    rows = {m: i for i, m in enumerate(ids)}
+    state = updater.initial_state()
+    trail: list[np.ndarray] = []
+    for r in train:
+        if r.user_id != user or r.movie_id not in rows:
+            continue
+        state = updater.learn_one(state, vectors[rows[r.movie_id]], r.rating, r.occurred_at)
+        vector = updater.vector(state)
+        if vector is not None:
+            trail.append((vector - vectors.mean(axis=0)) @ axes2)
+    if trail:
+        path_xy = np.stack(trail)
+        ax.plot(path_xy[:, 0], path_xy[:, 1], color="black", linewidth=0.8, alpha=0.7)
+        ax.scatter(
+            path_xy[0, 0],
+            path_xy[0, 1],
+            color="black",
+            marker="s",
+            s=40,
+            label=f"user {user}: start",
+        )
+        ax.scatter(
+            path_xy[-1, 0],
+            path_xy[-1, 1],
+            color="black",
+            marker="*",
+            s=120,
+            label=f"user {user}: after {len(trail)} ratings",
+        )
+    ax.set_title("Item vectors (PCA, coloured by primary genre) and one user's trajectory")
+    ax.legend(fontsize=7, ncol=2, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return user
+
+
+def train_all(
+    settings: Settings,
+    dataset: MovieLens,
+    split: Split,
+    models_dir: Path,
+    reports: Path,
+    *,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train the three stages and write their checkpoints; returns the training record."""
+    # Small batches on a shared 2-core machine: one thread was 5-10x faster than two in
+    # measurements (two threads busy-wait on each other under load).
+    torch.set_num_threads(1)
+    record: dict[str, Any] = {"seed": seed, "stages": {}}
+    histories: dict[str, dict[str, list[float]]] = {}
+    val = split.validation(0.1)
+    device = resolve_device(settings.device)
+    text = TextEncoder(settings.text_model, device)
+    image = load_image_encoder(settings)
+
+    began = time.perf_counter()
+    net, config, history = train_fusion(
+        dataset.movies, split.train, text, image, seed=seed, progress=progress
+    )
+    save_fusion(models_dir / ITEM_ENCODER, net, config)
+    encoder = FusionItemEncoder(net, config, text, image)
+    ids, vectors = encode_catalogue(encoder, dataset.movies)
+    histories["item encoder (fusion)"] = history
+    record["stages"]["item_encoder"] = {
+        "version": config["version"],
+        "seconds": time.perf_counter() - began,
+    }
+    log.info("item encoder %s in %.0f s", config["version"], time.perf_counter() - began)
+
+    began = time.perf_counter()
+    rnet, rconfig, rhistory = train_residual(
+        ids, vectors, val.train, validation=val.test, seed=seed, progress=progress
+    )
+    rconfig["item_encoder_version"] = config["version"]
+    save_residual(models_dir / USER_UPDATER, rnet, rconfig)
+    updater = ResidualUpdater(rnet, rconfig["version"])
+    histories["user updater (residual)"] = rhistory
+    record["stages"]["user_updater"] = {
+        "version": rconfig["version"],
+        "seconds": time.perf_counter() - began,
+    }
+    log.info("user updater %s in %.0f s", rconfig["version"], time.perf_counter() - began)
+
+    began = time.perf_counter()
+    rows = {m: i for i, m in enumerate(ids)}
+    stats = ItemStats()
+    examples, positions = ranker_examples(split.train, updater, rows, stats, vectors)
+    n_fit = sum(1 for p in positions if p < len(val.train))
+    fit_rows, val_rows = split_examples(examples, n_fit)
+    knet, kconfig, khistory = train_ranker(
+        fit_rows,
+        vectors,
+        validation=val_rows,
+        item_stats_params=ItemStats().params(),
+        seed=seed,
+        progress=progress,
+    )
+    kconfig["item_encoder_version"] = config["version"]
+    kconfig["user_updater_version"] = rconfig["version"]
+    save_ranker(models_dir / RANKER, knet, kconfig)
+    histories["ranker (two-tower)"] = khistory
+    record["stages"]["ranker"] = {
+        "version": kconfig["version"],
+        "seconds": time.perf_counter() - began,
+        "examples": len(fit_rows.ratings),
+        "validation_examples": len(val_rows.ratings),
+    }
+    log.info("ranker %s in %.0f s", kconfig["version"], time.perf_counter() - began)
+
+    reports.mkdir(parents=True, exist_ok=True)
+    plot_losses(histories, reports / "train-losses.png")
+    record["trajectory_user"] = plot_embedding(
+        dataset, ids, vectors, updater, split.train, reports / "embedding-space.png"
+    )
+    record["histories"] = histories
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--dataset", type=Path, default=Path("data/ml-100k"))
+    parser.add_argument("--models-dir", type=Path, help="default: REELSTREAM_MODELS_DIR (models/)")
+    parser.add_argument("--reports", type=Path, default=Path("reports"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    settings = Settings()
+    models_dir = args.models_dir or settings.models_dir
+    dataset = load_movielens(args.dataset)
+    split = temporal_split(dataset.ratings)
+    record = train_all(
+        settings, dataset, split, models_dir, args.reports, seed=args.seed, progress=not args.quiet
+    )
+    record.update(
+        {
+            "command": "python -m infra.train " + " ".join(sys.argv[1:]),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "wall_s": time.perf_counter() - started,
+            "models_dir": str(models_dir),
+            "train_ratings": len(split.train),
+        }
+    )
+    write_json(args.reports / "train.json", record)
+    print(
+        f"trained in {record['wall_s']:.0f} s: "
+        + ", ".join(
+            f"{k} {v['version']} ({v['seconds']:.0f} s)" for k, v in record["stages"].items()
+        )
+        + f"; checkpoints in {models_dir}/"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
