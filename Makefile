@@ -81,8 +81,9 @@ bench: venv data ## end-to-end throughput/latency/RSS on the running stack (LIMI
 train: venv data ## train the item encoder, user updater and ranker on TRAIN into models/
 	@$(PY) -m infra.train
 
-eval: venv data ## protocol T1 in process, every model; tables and plots in reports/ (TEST_LIMIT=)
-	@$(PY) -m infra.eval run $(if $(TEST_LIMIT),--test-limit $(TEST_LIMIT))
+eval: venv data ## protocol T1 in process, every model; reports/ (TEST_LIMIT=, VALIDATION=1)
+	@$(PY) -m infra.eval run $(if $(TEST_LIMIT),--test-limit $(TEST_LIMIT)) \
+		$(if $(VALIDATION),--validation)
 
 eval-stream: venv data ## T1 through the running stack vs in process (TEST_LIMIT=1000, VARIANT=)
 	@$(PY) -m infra.eval stream --test-limit $(or $(TEST_LIMIT),1000) $(if $(VARIANT),--variant $(VARIANT))

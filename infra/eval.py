@@ -192,6 +192,7 @@ def run_models(
     test_limit: int | None,
     lambdas: Sequence[float],
     progress: bool,
+    sweep_model: str = "content-knn",
 ) -> tuple[list[ModelRun], list[dict[str, Any]]]:
     """Every (variant, model) run, and the MMR sweep of content-knn on all-items."""
     runs: list[ModelRun] = []
@@ -211,7 +212,7 @@ def run_models(
                 )
                 runs.append(run)
                 if (
-                    name == "content-knn"
+                    name == sweep_model
                     and isinstance(model, PipelineModel)
                     and variant == "all-items"
                     and lambdas
@@ -249,7 +250,7 @@ def write_run_reports(
         written.append(path)
     if sweep:
         path = out / f"{name}-mmr.png"
-        plot_mmr_tradeoff(sweep, path, deployed_lambda)
+        plot_mmr_tradeoff(sweep, path, deployed_lambda, meta.get("sweep_model", "content-knn"))
         written.append(path)
 
     document = {**meta, "runs": [run.as_dict() for run in runs], "mmr_sweep": list(sweep)}
@@ -275,7 +276,11 @@ def write_run_reports(
     for variant, path in plots.items():
         lines += [f"![rolling NDCG@10, {variant}]({path.name})", ""]
     if sweep:
-        lines += ["## MMR lambda trade-off (content-knn, all-items)", "", sweep_table(sweep)]
+        lines += [
+            f"## MMR lambda trade-off ({meta.get('sweep_model', 'content-knn')}, all-items)",
+            "",
+            sweep_table(sweep),
+        ]
         lines += [f"![MMR trade-off]({name}-mmr.png)", ""]
     (out / f"{name}.md").write_text("\n".join(lines))
     written.append(out / f"{name}.md")
@@ -287,6 +292,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings()
     dataset = load_movielens(args.dataset)
     split = temporal_split(dataset.ratings, train_fraction=args.train_fraction)
+    if args.validation:
+        # Model selection: TRAIN's first 90% as "TRAIN", its last 10% as "TEST".
+        split = split.validation(0.1)
     factory = ModelFactory(settings, args.seed)
     models = factory.available([m.strip() for m in args.models.split(",") if m.strip()])
     variants: list[Variant] = []
@@ -295,6 +303,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
         variants.append(v)
     lambdas = [] if args.no_sweep else list(LAMBDAS)
+    if args.sweep_model not in models:
+        args.sweep_model = "content-knn"
     runs, sweep = run_models(
         factory,
         dataset,
@@ -304,12 +314,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         test_limit=args.test_limit,
         lambdas=lambdas,
         progress=not args.quiet,
+        sweep_model=args.sweep_model,
     )
-    name = args.name or (
-        "eval-t1" if args.test_limit is None else f"eval-t1-first{args.test_limit}"
-    )
+    stem = "eval-validation" if args.validation else "eval-t1"
+    name = args.name or (stem if args.test_limit is None else f"{stem}-first{args.test_limit}")
     meta = {
         "protocol": "T1",
+        "scored": "validation: last 10% of TRAIN" if args.validation else "TEST",
+        "sweep_model": args.sweep_model,
         "command": command_line(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,
@@ -511,6 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train-fraction", type=float, default=0.8)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-sweep", action="store_true", help="skip the MMR lambda sweep")
+    run.add_argument(
+        "--sweep-model",
+        default="reelstream-no-ranker",
+        help="model whose lists the MMR sweep re-ranks (one ranked by cosine)",
+    )
+    run.add_argument(
+        "--validation",
+        action="store_true",
+        help="score the last 10%% of TRAIN instead of TEST (for choosing settings)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 

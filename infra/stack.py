@@ -155,6 +155,7 @@ def absolute(settings: Settings) -> Settings:
         update={
             "var_dir": settings.var_dir.absolute(),
             "qdrant_path": settings.qdrant_path.absolute(),
+            "models_dir": settings.models_dir.absolute(),
         }
     )
 

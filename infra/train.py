@@ -5,8 +5,8 @@ ranker, trained on TRAIN only (protocol T1), written as versioned checkpoints.
 
 Stages, each on the previous one's output:
 
-1. item encoder: ``train_fusion`` on the catalogue's content and the TRAIN ratings
-   (its own hold-out inside TRAIN);
+1. item encoder: ``train_fusion`` on the catalogue's content and the first 90% of
+   TRAIN;
 2. user updater: ``train_residual`` on the first 90% of TRAIN, the epoch chosen on the
    last 10% (``Split.validation``), over the trained encoder's vectors;
 3. ranker: TRAIN replayed in time order through the trained updater and ``ItemStats``
@@ -228,8 +228,10 @@ def train_all(
     image = load_image_encoder(settings)
 
     began = time.perf_counter()
+    # Every stage trains on the first 90% of TRAIN, so the last 10% stays unseen for
+    # choosing epochs and settings (``make eval VALIDATION=1``).
     net, config, history = train_fusion(
-        dataset.movies, split.train, text, image, seed=seed, progress=progress
+        dataset.movies, val.train, text, image, seed=seed, progress=progress
     )
     save_fusion(models_dir / ITEM_ENCODER, net, config)
     encoder = FusionItemEncoder(net, config, text, image)

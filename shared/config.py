@@ -74,8 +74,10 @@ class Settings(BaseSettings):
     n_candidates: int = Field(100, ge=1, validation_alias="REELSTREAM_CANDIDATES")
     """Candidates retrieved by vector similarity before re-ranking [REELSTREAM_CANDIDATES]."""
 
-    mmr_lambda: float = Field(0.7, ge=0.0, le=1.0, validation_alias="MMR_LAMBDA")
-    """MMR trade-off: 1.0 is pure relevance, 0.0 pure diversity [MMR_LAMBDA]."""
+    mmr_lambda: float = Field(0.9, ge=0.0, le=1.0, validation_alias="MMR_LAMBDA")
+    """MMR trade-off: 1.0 is pure relevance, 0.0 pure diversity [MMR_LAMBDA]. 0.9 is the
+    most diverse lambda within 1% of the best NDCG@10 on the validation split (the last
+    10% of TRAIN) with the trained models: `make eval VALIDATION=1`."""
 
     # --- Stream processing -------------------------------------------------------
     batch_size: int = Field(500, ge=1, validation_alias="REELSTREAM_BATCH_SIZE")

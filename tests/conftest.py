@@ -58,6 +58,9 @@ def make_settings(bootstrap: str, tmp_path: Path) -> SettingsFactory:
             "qdrant_path": tmp_path / "qdrant",
             "batch_timeout_s": 0.02,
             "rating_wait_s": 2.0,
+            # Baseline models unless a test asks for the trained checkpoints: tests feed
+            # vectors of their own dimensions, which the trained models would refuse.
+            "trained_models": False,
         }
         values.update(overrides)
         settings = Settings(**values)

@@ -102,7 +102,9 @@ def plot_rolling_ndcg(runs: Sequence[ModelRun], path: Path, window: int = ROLLIN
     plt.close(fig)
 
 
-def plot_mmr_tradeoff(points: Sequence[dict[str, Any]], path: Path, deployed: float) -> None:
+def plot_mmr_tradeoff(
+    points: Sequence[dict[str, Any]], path: Path, deployed: float, model: str = "content-knn"
+) -> None:
     """NDCG@10 against ILD@10, one point per MMR lambda, the deployed lambda marked."""
     import matplotlib
 
@@ -124,7 +126,7 @@ def plot_mmr_tradeoff(points: Sequence[dict[str, Any]], path: Path, deployed: fl
         )
     ax.set_xlabel("ILD@10 (genre diversity of the list)")
     ax.set_ylabel("NDCG@10")
-    ax.set_title("MMR lambda: relevance against diversity (content-knn, all-items)")
+    ax.set_title(f"MMR lambda: relevance against diversity ({model}, all-items)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -215,6 +215,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "REELSTREAM_VAR_DIR": str(settings.var_dir),
         "QDRANT_PATH": str(settings.qdrant_path),
         "REELSTREAM_DEVICE": "cpu",
+        "REELSTREAM_TRAINED_MODELS": str(settings.trained_models).lower(),
     }
 
 

@@ -233,7 +233,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0
 def test_the_worker_serves_lists_from_the_whole_catalogue_and_follows_new_items(
     make_settings: SettingsFactory,
 ) -> None:
-    settings = make_settings(top_k=5, n_candidates=20)
+    settings = make_settings(top_k=5, n_candidates=20, mmr_lambda=0.7)
     catalogue_items = [
         *seeded_items(40),
         item("hit", axis(0) + 0.2 * axis(1)),

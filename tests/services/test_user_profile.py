@@ -348,6 +348,7 @@ def worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
         "REELSTREAM_RATING_WAIT_S": str(settings.rating_wait_s),
         "REELSTREAM_BATCH_TIMEOUT_S": str(settings.batch_timeout_s),
         "REELSTREAM_BATCH_SIZE": str(settings.batch_size),
+        "REELSTREAM_TRAINED_MODELS": str(settings.trained_models).lower(),
     }
     ready = settings.ready_file(naming.SERVICE)
     ready.unlink(missing_ok=True)

@@ -1,0 +1,90 @@
+"""Which models the services run: the committed checkpoints in ``models/`` (written by
+``make train``), or the baselines when a checkpoint is missing, switched off or was
+trained for another item encoder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.config import Settings
+from shared.events import MoviePublished
+from shared.models.deployed import (
+    ITEM_ENCODER,
+    RANKER,
+    USER_UPDATER,
+    build_deployed_item_encoder,
+    build_reranker,
+    build_user_updater,
+)
+from shared.models.item_encoder import ConcatItemEncoder
+from shared.models.residual import ResidualUpdater
+from shared.models.updater import RatingWeightedMean
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = REPO / "models"
+
+
+@pytest.fixture(scope="module")
+def models_dir() -> Path:
+    missing = [n for n in (ITEM_ENCODER, USER_UPDATER, RANKER) if not (MODELS / n).is_dir()]
+    assert not missing, f"checkpoints {missing} missing from {MODELS}: run `make train`"
+    return MODELS
+
+
+def test_the_committed_checkpoints_are_deployed_together(models_dir: Path) -> None:
+    settings = Settings(models_dir=models_dir, clip_weights=None, device="cpu")
+    encoder = build_deployed_item_encoder(settings)
+    updater = build_user_updater(settings)
+    reranker = build_reranker(settings)
+    assert encoder.model_version.startswith("fusion-")
+    assert isinstance(updater, ResidualUpdater)
+    assert reranker is not None and reranker.ranker.model_version.startswith("two-tower-")
+
+    movie = MoviePublished(movie_id="1", title="Toy Story", year=1995, genres=["Animation"])
+    [item] = encoder.encode([movie])
+    assert item.vector.shape == (encoder.dim,)
+    state = updater.learn_one(updater.initial_state(), item.vector, 5.0, datetime.now(UTC))
+    vector = updater.vector(state)
+    assert vector is not None and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+    assert reranker.ranker.dim == encoder.dim
+
+
+def test_trained_models_can_be_switched_off(models_dir: Path) -> None:
+    settings = Settings(models_dir=models_dir, trained_models=False, device="cpu")
+    assert isinstance(build_deployed_item_encoder(settings), ConcatItemEncoder)
+    assert isinstance(build_user_updater(settings), RatingWeightedMean)
+    assert build_reranker(settings) is None
+
+
+def test_a_checkpoint_trained_for_another_item_encoder_is_not_used(
+    models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in (ITEM_ENCODER, USER_UPDATER, RANKER):
+        shutil.copytree(models_dir / name, tmp_path / name)
+    for name in (USER_UPDATER, RANKER):
+        config_file = tmp_path / name / "config.json"
+        config = json.loads(config_file.read_text())
+        config["item_encoder_version"] = "fusion-v1-00000000"
+        config_file.write_text(json.dumps(config))
+    settings = Settings(models_dir=tmp_path, device="cpu")
+
+    with caplog.at_level("WARNING"):
+        assert isinstance(build_user_updater(settings), RatingWeightedMean)
+        assert build_reranker(settings) is None
+    assert "fusion-v1-00000000" in caplog.text
+
+
+def test_without_an_item_encoder_checkpoint_everything_falls_back(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(models_dir / USER_UPDATER, tmp_path / USER_UPDATER)
+    settings = Settings(models_dir=tmp_path, device="cpu")
+    assert isinstance(build_deployed_item_encoder(settings), ConcatItemEncoder)
+    assert isinstance(build_user_updater(settings), RatingWeightedMean)
+    assert build_reranker(settings) is None
