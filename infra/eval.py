@@ -428,7 +428,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
     )
     seed_everything(args.seed)
     factory = ModelFactory(settings, args.seed)
-    model = factory.build("content-knn")
+    # The stack runs the deployed models: the trained ones when models/ has them.
+    deployed = "reelstream" if "reelstream" in factory.available(["reelstream"]) else "content-knn"
+    model = factory.build(deployed)
     try:
         local = evaluate(
             model,
@@ -445,7 +447,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     comparison = compare_stream(dataset, split, streamed, local)
     document = {
         "protocol": "T1",
-        "mode": "stream vs in-process (content-knn)",
+        "mode": f"stream vs in-process ({deployed})",
+        "model": deployed,
         "variant": variant,
         "command": command_line(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -484,7 +487,8 @@ def stream_markdown(doc: dict[str, Any]) -> str:
     n = doc["events"]
     return "\n".join(
         [
-            f"# Protocol T1: the Kafka stack against the in-process run ({doc['variant']})",
+            f"# Protocol T1: the Kafka stack against the in-process run "
+            f"({doc.get('model', 'content-knn')}, {doc['variant']})",
             "",
             f"Command: `{doc['command']}` ({doc['finished_at']}, broker {doc['broker']}).",
             f"TRAIN replayed in full, then the first {n:,} TEST ratings in a closed loop"
