@@ -35,14 +35,12 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
@@ -51,8 +49,8 @@ from shared.events import MoviePublished, RatingSubmitted
 from shared.events.record import Modality
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.checkpoint import load_checkpoint, load_into, save_checkpoint
-from shared.models.image import ImageEncoder, PosterError, load_poster
-from shared.models.item_encoder import MODALITY_ORDER, POSTER_WORKERS, EncodedItem, ItemEncoder
+from shared.models.image import ImageEncoder, load_posters
+from shared.models.item_encoder import MODALITY_ORDER, EncodedItem, ItemEncoder
 from shared.models.metadata import (
     GENRE_FEATURES,
     LEAD_CAST,
@@ -230,32 +228,6 @@ def metadata_inputs(
         if genres is not None or movie.year is not None or tokens:
             mask[row] = 1.0
     return dense, people, weights, mask
-
-
-def load_posters(movies: Sequence[MoviePublished]) -> list[Image.Image | None]:
-    """Each movie's poster image, or None when it has none or it cannot be loaded (the
-    image modality is then masked for that movie, and the reason logged)."""
-    wanted = [(i, m) for i, m in enumerate(movies) if m.poster]
-    images: list[Image.Image | None] = [None] * len(movies)
-    if not wanted:
-        return images
-    with ThreadPoolExecutor(
-        max_workers=min(POSTER_WORKERS, len(wanted)), thread_name_prefix="poster"
-    ) as pool:
-        futures = {i: pool.submit(load_poster, m.poster or "") for i, m in wanted}
-        for i, movie in wanted:
-            try:
-                images[i] = futures[i].result()
-            except Exception as exc:
-                # Whatever goes wrong with a poster (image decoders raise many kinds of
-                # errors), the movie is still embedded, without its image.
-                reason = str(exc) if isinstance(exc, PosterError) else repr(exc)
-                log.warning(
-                    "poster unusable, image modality masked movie_id=%s reason=%s",
-                    movie.movie_id,
-                    reason,
-                )
-    return images
 
 
 def content_inputs(

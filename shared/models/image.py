@@ -18,7 +18,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 from shared.config import Settings
+from shared.events import MoviePublished
 from shared.exceptions import ConfigurationError, NumericalError, ReelstreamError
 from shared.models.device import resolve_device
 from shared.types import Matrix
@@ -317,3 +319,33 @@ def _register_config(open_clip: Any, path: Path, name: str) -> None:
             f"(open_clip names it after the file) but CLIP_MODEL={name!r}"
         )
     open_clip.add_model_config(path)
+
+
+POSTER_WORKERS = 8
+"""Posters fetched or decoded in parallel per batch (I/O bound: URLs, files)."""
+
+
+def load_posters(movies: Sequence[MoviePublished]) -> list[Image.Image | None]:
+    """Each movie's poster image, or None when it has none or it cannot be loaded (the
+    image modality is then masked for that movie, and the reason logged)."""
+    wanted = [(i, m) for i, m in enumerate(movies) if m.poster]
+    images: list[Image.Image | None] = [None] * len(movies)
+    if not wanted:
+        return images
+    with ThreadPoolExecutor(
+        max_workers=min(POSTER_WORKERS, len(wanted)), thread_name_prefix="poster"
+    ) as pool:
+        futures = {i: pool.submit(load_poster, m.poster or "") for i, m in wanted}
+        for i, movie in wanted:
+            try:
+                images[i] = futures[i].result()
+            except Exception as exc:
+                # Whatever goes wrong with a poster (image decoders raise many kinds of
+                # errors), the movie is still embedded, without its image.
+                reason = str(exc) if isinstance(exc, PosterError) else repr(exc)
+                log.warning(
+                    "poster unusable, image modality masked movie_id=%s reason=%s",
+                    movie.movie_id,
+                    reason,
+                )
+    return images

@@ -12,19 +12,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from PIL import Image
 
 from shared.config import Settings
 from shared.events import MoviePublished
 from shared.events.record import Modality
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.device import resolve_device
-from shared.models.image import ImageEncoder, PosterError, load_image_encoder, load_poster
+from shared.models.image import ImageEncoder, load_image_encoder, load_posters
 from shared.models.metadata import GENRE_FEATURES, PEOPLE_DIM, genre_features, people_features
 from shared.models.text import TextEncoder, movie_text
 from shared.types import Matrix, Vector
@@ -37,8 +35,6 @@ CONCAT_VERSION = "concat-v1"
 MODALITY_ORDER: tuple[Modality, ...] = ("text", "image", "metadata")
 """The order modalities are listed in, everywhere."""
 
-POSTER_WORKERS = 8
-"""Posters fetched at once (HTTP waits, not CPU, dominate poster loading)."""
 
 POSTER_CHUNK = 64
 """Posters decoded and encoded together (bounds the images held in memory)."""
@@ -221,7 +217,7 @@ class ConcatItemEncoder:
                 chunk = movies[offset : offset + POSTER_CHUNK]
                 loaded = [
                     (offset + i, img)
-                    for i, img in enumerate(self._load_posters(chunk))
+                    for i, img in enumerate(load_posters(chunk))
                     if img is not None
                 ]
                 if loaded:
@@ -254,29 +250,6 @@ class ConcatItemEncoder:
     def _modalities(self, blocks: set[str]) -> list[Modality]:
         present = {self._blocks[b].modality for b in blocks}
         return [m for m in MODALITY_ORDER if m in present]
-
-    def _load_posters(self, movies: Sequence[MoviePublished]) -> list[Image.Image | None]:
-        wanted = [(i, m) for i, m in enumerate(movies) if m.poster]
-        images: list[Image.Image | None] = [None] * len(movies)
-        if not wanted:
-            return images
-        with ThreadPoolExecutor(
-            max_workers=min(POSTER_WORKERS, len(wanted)), thread_name_prefix="poster"
-        ) as pool:
-            futures = {i: pool.submit(load_poster, m.poster or "") for i, m in wanted}
-            for i, movie in wanted:
-                try:
-                    images[i] = futures[i].result()
-                except Exception as exc:
-                    # Whatever goes wrong with a poster (image decoders raise many kinds of
-                    # errors on bad input), the movie is still embedded, without its image.
-                    reason = str(exc) if isinstance(exc, PosterError) else repr(exc)
-                    log.warning(
-                        "poster unusable, image modality masked movie_id=%s reason=%s",
-                        movie.movie_id,
-                        reason,
-                    )
-        return images
 
 
 def build_item_encoder(
