@@ -33,7 +33,6 @@ the rating head's mean squared error.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -58,6 +57,7 @@ from shared.models.item_stats import (
     USER_FEATURE_NAMES,
     ItemStats,
 )
+from shared.models.training import BestEpoch
 from shared.models.updater import DEFAULT_PRIOR_RATING
 from shared.types import Matrix, Vector
 
@@ -848,8 +848,7 @@ def train_ranker(
         dim,
         config,
     )
-    best_state: dict[str, torch.Tensor] | None = None
-    best_epoch, best_loss, stale = -1, math.inf, 0
+    best = BestEpoch(config.patience, maximise=False)
     bar = tqdm(total=config.epochs * steps, desc="ranker", unit="batch", disable=not progress)
     net.train()
     for epoch in range(config.epochs):
@@ -879,20 +878,13 @@ def train_ranker(
             for key, value in metrics.items():
                 history[key].append(value)
             line += " " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            if metrics["val_loss"] < best_loss:
-                best_loss, best_epoch, stale = metrics["val_loss"], epoch, 0
-                best_state = copy.deepcopy(net.state_dict())
-            else:
-                stale += 1
+            best.update(net, epoch, metrics["val_loss"])
         log.info("ranker %s", line)
-        if val_data is not None and stale > config.patience:
-            log.info("ranker early stop epoch=%d best_epoch=%d", epoch, best_epoch)
+        if val_data is not None and best.should_stop():
+            log.info("ranker early stop epoch=%d best_epoch=%d", epoch, best.best_epoch)
             break
     bar.close()
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    else:
-        best_epoch = len(history["train_loss"]) - 1
+    best_epoch = best.restore(net, len(history["train_loss"]))
     net.eval()
     seconds = time.perf_counter() - began
     record: dict[str, Any] = {

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from shared.events import RatingSubmitted
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.checkpoint import load_checkpoint, load_into, save_checkpoint
+from shared.models.training import BestEpoch
 from shared.models.updater import (
     DEFAULT_PRIOR_RATING,
     DEFAULT_PRIOR_STRENGTH,
@@ -729,8 +730,7 @@ def train_residual(
     history: dict[str, list[float]] = {"train_loss": []}
     if val_lanes is not None:
         history.update(val_loss=[], val_ndcg=[], val_hr=[])
-    best_state: dict[str, torch.Tensor] | None = None
-    best_epoch, best_ndcg, stale = -1, -math.inf, 0
+    best = BestEpoch(config.patience, maximise=True)
     log.info(
         "training residual updater users=%d steps=%d val=%d dim=%d config=%s",
         len(histories),
@@ -782,20 +782,13 @@ def train_residual(
             for key, value in metrics.items():
                 history[key].append(value)
             line += " " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            if metrics["val_ndcg"] > best_ndcg:
-                best_ndcg, best_epoch, stale = metrics["val_ndcg"], epoch, 0
-                best_state = copy.deepcopy(net.state_dict())
-            else:
-                stale += 1
+            best.update(net, epoch, metrics["val_ndcg"])
         log.info("residual %s", line)
-        if val_lanes is not None and stale > config.patience:
-            log.info("residual early stop epoch=%d best_epoch=%d", epoch, best_epoch)
+        if val_lanes is not None and best.should_stop():
+            log.info("residual early stop epoch=%d best_epoch=%d", epoch, best.best_epoch)
             break
     bar.close()
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    else:
-        best_epoch = len(history["train_loss"]) - 1
+    best_epoch = best.restore(net, len(history["train_loss"]))
     net.eval()
     seconds = time.perf_counter() - began
     record: dict[str, Any] = {
