@@ -1,7 +1,7 @@
 """``make train``: the fusion item encoder, the residual user updater and the two-tower
 ranker, trained on TRAIN only (protocol T1), written as versioned checkpoints.
 
-    python -m infra.train [--models-dir models] [--seed 0] [--quiet]
+    python -m infra.train [--models-dir models] [--seed 0] [--quiet] [--stage ranker]
 
 Stages, each on the previous one's output:
 
@@ -10,8 +10,8 @@ Stages, each on the previous one's output:
 2. user updater: ``train_residual`` on the first 90% of TRAIN, the epoch chosen on the
    last 10% (``Split.validation``), over the trained encoder's vectors;
 3. ranker: TRAIN replayed in time order through the trained updater and ``ItemStats``
-   gives one example per rating (profile and features *before* it); ``train_ranker`` on
-   the first 90%, the epoch chosen on the last 10%.
+   gives one example per rating (profile, features and the recommender's candidates
+   *before* it); ``train_ranker`` on the first 90%, the epoch chosen on the last 10%.
 
 The updater and ranker configs record the item encoder's version they were trained on
 (``item_encoder_version``); the services refuse them with any other encoder. Writes
@@ -36,85 +36,129 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from shared.config import Settings
 from shared.data.movielens import ML100K_GENRES, MovieLens, load_movielens
 from shared.evaluation.report import write_json
 from shared.evaluation.split import Split, temporal_split
-from shared.events import RatingSubmitted
+from shared.events import ItemEmbedded, RatingSubmitted
+from shared.exceptions import ConfigurationError
+from shared.models.checkpoint import read_config
 from shared.models.deployed import ITEM_ENCODER, RANKER, USER_UPDATER
 from shared.models.device import resolve_device
+from shared.models.fusion import KIND as FUSION_KIND
 from shared.models.fusion import (
     FusionItemEncoder,
     encode_catalogue,
+    load_fusion_encoder,
     save_fusion,
     train_fusion,
 )
 from shared.models.image import load_image_encoder
-from shared.models.item_stats import ItemStats, user_features
+from shared.models.item_stats import ItemStats
 from shared.models.ranker import ExampleBuilder, RankerExamples, save_ranker, train_ranker
-from shared.models.residual import ResidualUpdater, save_residual, train_residual
+from shared.models.residual import KIND as RESIDUAL_KIND
+from shared.models.residual import (
+    ResidualUpdater,
+    load_residual_updater,
+    save_residual,
+    train_residual,
+)
 from shared.models.text import TextEncoder
 from shared.models.updater import UserState, UserUpdater
+from shared.retrieval.catalogue import Catalogue
+from shared.retrieval.recommend import CandidateSources, retrieve_batch
 from shared.types import Matrix, MovieId, UserId
 
 log = logging.getLogger("infra.train")
+
+STAGES = ("item-encoder", "user-updater", "ranker")
+"""The stages in training order; ``--stage`` starts from one of them."""
+
+
+def catalogue_of(
+    dataset: MovieLens, ids: Sequence[MovieId], vectors: Matrix, version: str
+) -> Catalogue:
+    """The recommender's catalogue of the encoded movies, as ``item-embeddings`` fills it."""
+    movies = {m.movie_id: m for m in dataset.movies}
+    now = datetime.now(UTC)
+    catalogue = Catalogue()
+    refused = catalogue.apply(
+        [
+            ItemEmbedded(
+                movie_id=movie_id,
+                title=movies[movie_id].title,
+                year=movies[movie_id].year,
+                genres=movies[movie_id].genres,
+                vector=vectors[row],
+                modalities=["text"],
+                model_version=version,
+                embedded_at=now,
+            )
+            for row, movie_id in enumerate(ids)
+        ]
+    )
+    if refused:
+        raise ValueError(f"catalogue refused {len(refused)} item vector(s): {refused[0].error}")
+    return catalogue
 
 
 def ranker_examples(
     ratings: Sequence[RatingSubmitted],
     updater: UserUpdater,
+    catalogue: Catalogue,
     rows: dict[MovieId, int],
-    stats: ItemStats,
     item_vectors: Matrix,
+    sources: CandidateSources,
+    n_candidates: int,
+    progress: bool = False,
 ) -> tuple[RankerExamples, list[int]]:
-    """Replay ``ratings`` in order through ``updater`` and ``stats``; one example per
-    rating of a user who already has a profile (state and features before the rating).
+    """Replay ``ratings`` in order through ``updater`` and ``sources.item_stats``; one
+    example per rating of a user who already has a profile: their state and features
+    before the rating, and the candidates the recommender would have scored for them
+    then (``retrieve_batch``, the recommender's own function).
 
     Returns the examples and, per example, the index of its rating in ``ratings``.
     """
     builder = ExampleBuilder()
     states: dict[UserId, UserState] = {}
+    rated: dict[UserId, list[MovieId]] = {}
+    rated_sets: dict[UserId, set[MovieId]] = {}
     positions: list[int] = []
-    for position, rating in enumerate(ratings):
+    stats = sources.item_stats
+    for position, rating in enumerate(tqdm(ratings, desc="ranker examples", disable=not progress)):
         row = rows.get(rating.movie_id)
         if row is None:
             continue
-        state = states.get(rating.user_id) or updater.initial_state()
+        user = rating.user_id
+        state = states.get(user) or updater.initial_state()
         vector = updater.vector(state)
         if vector is not None:
+            history = rated.get(user, [])
+            ((candidates, _),) = retrieve_batch(
+                vector[None, :], [rated_sets.get(user, set())], catalogue, n_candidates, sources
+            )
+            user_features = sources.user_features(
+                [state.n_ratings], [updater.mean_rating(state)], [history]
+            )
             builder.add(
                 vector,
-                user_features(state.n_ratings, updater.mean_rating(state)),
+                user_features[0],
                 row,
-                stats.features([rating.movie_id])[0],
+                sources.features(catalogue, [rating.movie_id])[0],
                 rating.rating,
+                [rows[c] for c in candidates],
+                sources.features(catalogue, candidates),
             )
             positions.append(position)
-        states[rating.user_id] = updater.learn_one(
+        states[user] = updater.learn_one(
             state, item_vectors[row], rating.rating, rating.occurred_at
         )
-        stats.learn_one(rating.movie_id, rating.rating)
+        rated.setdefault(user, []).append(rating.movie_id)
+        rated_sets.setdefault(user, set()).add(rating.movie_id)
+        stats.learn_one(rating.movie_id, rating.rating, rating.occurred_at)
     return builder.build(), positions
-
-
-def split_examples(examples: RankerExamples, n_train: int) -> tuple[RankerExamples, RankerExamples]:
-    """The first ``n_train`` rows and the rest."""
-    head = RankerExamples(
-        user_vectors=examples.user_vectors[:n_train],
-        user_features=examples.user_features[:n_train],
-        item_rows=examples.item_rows[:n_train],
-        item_features=examples.item_features[:n_train],
-        ratings=examples.ratings[:n_train],
-    )
-    tail = RankerExamples(
-        user_vectors=examples.user_vectors[n_train:],
-        user_features=examples.user_features[n_train:],
-        item_rows=examples.item_rows[n_train:],
-        item_features=examples.item_features[n_train:],
-        ratings=examples.ratings[n_train:],
-    )
-    return head, tail
 
 
 def plot_losses(histories: dict[str, dict[str, list[float]]], path: Path) -> None:
@@ -215,8 +259,11 @@ def train_all(
     *,
     seed: int,
     progress: bool,
+    start: str = STAGES[0],
 ) -> dict[str, Any]:
-    """Train the three stages and write their checkpoints; returns the training record."""
+    """Train the stages from ``start`` on (the earlier ones are read from their
+    checkpoints in ``models_dir``) and write their checkpoints; returns the training
+    record."""
     # Small batches on a shared 2-core machine: one thread was 5-10x faster than two in
     # measurements (two threads busy-wait on each other under load).
     torch.set_num_threads(1)
@@ -227,47 +274,73 @@ def train_all(
     text = TextEncoder(settings.text_model, device)
     image = load_image_encoder(settings)
 
+    first = STAGES.index(start)
     began = time.perf_counter()
     # Every stage trains on the first 90% of TRAIN, so the last 10% stays unseen for
     # choosing epochs and settings (``make eval VALIDATION=1``).
-    net, config, history = train_fusion(
-        dataset.movies, val.train, text, image, seed=seed, progress=progress
-    )
-    save_fusion(models_dir / ITEM_ENCODER, net, config)
-    encoder = FusionItemEncoder(net, config, text, image)
+    if first <= STAGES.index("item-encoder"):
+        net, config, history = train_fusion(
+            dataset.movies, val.train, text, image, seed=seed, progress=progress
+        )
+        save_fusion(models_dir / ITEM_ENCODER, net, config)
+        encoder = FusionItemEncoder(net, config, text, image)
+        histories["item encoder (fusion)"] = history
+    else:
+        encoder = load_fusion_encoder(models_dir / ITEM_ENCODER, text, image)
+        config = read_config(models_dir / ITEM_ENCODER, FUSION_KIND)
     ids, vectors = encode_catalogue(encoder, dataset.movies)
-    histories["item encoder (fusion)"] = history
     record["stages"]["item_encoder"] = {
         "version": config["version"],
         "seconds": time.perf_counter() - began,
+        "trained": first <= STAGES.index("item-encoder"),
     }
     log.info("item encoder %s in %.0f s", config["version"], time.perf_counter() - began)
 
     began = time.perf_counter()
-    rnet, rconfig, rhistory = train_residual(
-        ids, vectors, val.train, validation=val.test, seed=seed, progress=progress
-    )
-    rconfig["item_encoder_version"] = config["version"]
-    save_residual(models_dir / USER_UPDATER, rnet, rconfig)
-    updater = ResidualUpdater(rnet, rconfig["version"])
-    histories["user updater (residual)"] = rhistory
+    if first <= STAGES.index("user-updater"):
+        rnet, rconfig, rhistory = train_residual(
+            ids, vectors, val.train, validation=val.test, seed=seed, progress=progress
+        )
+        rconfig["item_encoder_version"] = config["version"]
+        save_residual(models_dir / USER_UPDATER, rnet, rconfig)
+        updater = ResidualUpdater(rnet, rconfig["version"])
+        histories["user updater (residual)"] = rhistory
+    else:
+        rconfig = read_config(models_dir / USER_UPDATER, RESIDUAL_KIND)
+        if rconfig.get("item_encoder_version") != config["version"]:
+            raise ConfigurationError(
+                f"{models_dir / USER_UPDATER} was trained on item encoder "
+                f"{rconfig.get('item_encoder_version')}, not {config['version']}: "
+                "retrain from --stage user-updater"
+            )
+        updater = load_residual_updater(models_dir / USER_UPDATER, encoder.dim)
     record["stages"]["user_updater"] = {
         "version": rconfig["version"],
         "seconds": time.perf_counter() - began,
+        "trained": first <= STAGES.index("user-updater"),
     }
     log.info("user updater %s in %.0f s", rconfig["version"], time.perf_counter() - began)
 
     began = time.perf_counter()
     rows = {m: i for i, m in enumerate(ids)}
-    stats = ItemStats()
-    examples, positions = ranker_examples(split.train, updater, rows, stats, vectors)
+    sources = CandidateSources(ItemStats())
+    examples, positions = ranker_examples(
+        split.train,
+        updater,
+        catalogue_of(dataset, ids, vectors, config["version"]),
+        rows,
+        vectors,
+        sources,
+        settings.n_candidates,
+        progress,
+    )
     n_fit = sum(1 for p in positions if p < len(val.train))
-    fit_rows, val_rows = split_examples(examples, n_fit)
+    fit_rows, val_rows = examples.subset(slice(0, n_fit)), examples.subset(slice(n_fit, None))
     knet, kconfig, khistory = train_ranker(
         fit_rows,
         vectors,
         validation=val_rows,
-        item_stats_params=ItemStats().params(),
+        item_stats_params=sources.item_stats.params(),
         seed=seed,
         progress=progress,
     )
@@ -278,8 +351,9 @@ def train_all(
     record["stages"]["ranker"] = {
         "version": kconfig["version"],
         "seconds": time.perf_counter() - began,
-        "examples": len(fit_rows.ratings),
-        "validation_examples": len(val_rows.ratings),
+        "examples": len(fit_rows),
+        "validation_examples": len(val_rows),
+        "validation": kconfig["training"]["validation"],
     }
     log.info("ranker %s in %.0f s", kconfig["version"], time.perf_counter() - began)
 
@@ -302,6 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reports", type=Path, default=Path("reports"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        default=STAGES[0],
+        help="first stage to train; earlier ones are loaded from their checkpoints (default: all)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     settings = Settings()
@@ -309,7 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = load_movielens(args.dataset)
     split = temporal_split(dataset.ratings)
     record = train_all(
-        settings, dataset, split, models_dir, args.reports, seed=args.seed, progress=not args.quiet
+        settings,
+        dataset,
+        split,
+        models_dir,
+        args.reports,
+        seed=args.seed,
+        progress=not args.quiet,
+        start=args.stage,
     )
     record.update(
         {

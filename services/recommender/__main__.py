@@ -146,7 +146,9 @@ class RecommenderWorker:
         assert self.reranker is not None  # the reader exists only with a ranker
         ratings = [i.event for i in batch if isinstance(i.event, RatingSubmitted)]
         self.reranker.item_stats.learn_many(
-            [r.movie_id for r in ratings], [r.rating for r in ratings]
+            [r.movie_id for r in ratings],
+            [r.rating for r in ratings],
+            [r.occurred_at for r in ratings],
         )
 
     def _on_invalid_rating(self, source: Source, reason: str) -> None:

@@ -19,7 +19,6 @@ from shared.events import (
 )
 from shared.exceptions import UnprocessableEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
-from shared.models.item_stats import user_features_batch
 from shared.retrieval.catalogue import Catalogue, check_vector
 from shared.retrieval.recommend import Reranker, ScoredItem, recommend_batch
 from shared.types import UserId
@@ -105,8 +104,10 @@ def handle_user_profiles(
             reranker=reranker,
             user_features=None
             if reranker is None
-            else user_features_batch(
-                [p.n_ratings for p in profiles], [p.mean_rating for p in profiles]
+            else reranker.sources.user_features(
+                [p.n_ratings for p in profiles],
+                [p.mean_rating for p in profiles],
+                [p.rated for p in profiles],
             ),
         )
     item_version = catalogue.model_version

@@ -50,7 +50,6 @@ from shared.events import (
 from shared.exceptions import ReelstreamError
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.models.item_encoder import ItemEncoder
-from shared.models.item_stats import user_features
 from shared.models.updater import UserUpdater, shrunk_mean_rating
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.qdrant_store import QdrantStore
@@ -149,11 +148,16 @@ class PipelineModel:
         return [item.movie_id for item in current.items[:k]]
 
     def predict_rating(self, user_id: UserId, movie_id: MovieId) -> float:
-        """The recommender's ``predicted_rating`` from the user's current list (the
-        baseline predictor gives one number per user, so any listed item's will do);
-        the profile's mean rating when the list is empty, the prior before any rating."""
+        """The recommender's ``predicted_rating``: with a ranker, its rating head on the
+        user's current profile (the movie's shrunk mean rating before the user's first
+        rating, when there is no profile); without one, the baseline's one number per
+        user from the current list, the profile's mean rating when the list is empty,
+        the prior before any rating."""
         profile = self._profiles.get(user_id)
         fallback = self._cold_prediction if profile is None else profile.mean_rating
+        if self._reranker is not None and profile is None:
+            # No profile, so no list yet: the movie's shrunk mean rating so far.
+            return self._reranker.item_stats.shrunk_mean(movie_id)
         if self._reranker is not None and profile is not None and movie_id in self.catalogue:
             # The ranker's rating head, as the recommender applies it to listed items.
             index = self.catalogue.index
@@ -161,9 +165,11 @@ class PipelineModel:
             return float(
                 self._reranker.ranker.predict_rating(
                     np.asarray(profile.vector, dtype=np.float32),
-                    user_features(profile.n_ratings, profile.mean_rating),
+                    self._reranker.sources.user_features(
+                        [profile.n_ratings], [profile.mean_rating], [profile.rated]
+                    )[0],
                     index.vectors([movie_id]),
-                    self._reranker.item_stats.features([movie_id]),
+                    self._reranker.sources.features(self.catalogue, [movie_id]),
                 )[0]
             )
         current = self._lists.get(user_id)
@@ -226,7 +232,9 @@ class PipelineModel:
                 self._lists[out.event.user_id] = out.event
         if self._reranker is not None:
             self._reranker.item_stats.learn_many(
-                [r.movie_id for r in ratings], [r.rating for r in ratings]
+                [r.movie_id for r in ratings],
+                [r.rating for r in ratings],
+                [r.occurred_at for r in ratings],
             )
 
     def _incoming(self, topic: str, events: Sequence[E]) -> list[Incoming[E]]:

@@ -22,7 +22,7 @@ from shared.models.image import load_image_encoder
 from shared.models.item_encoder import ItemEncoder, build_item_encoder
 from shared.models.text import TextEncoder
 from shared.models.updater import RatingWeightedMean, UserUpdater
-from shared.retrieval.recommend import Reranker
+from shared.retrieval.recommend import CandidateSources, Reranker
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def build_reranker(settings: Settings) -> Reranker | None:
         dim = None if encoder is None else int(encoder["out_dim"])
         ranker = load_ranker(path, expected_dim=dim)
         log.info("ranker: trained %s from %s", ranker.model_version, path)
-        return Reranker(ranker, ranker.new_item_stats())
+        return Reranker(ranker, CandidateSources(ranker.new_item_stats()))
     log.info("ranker: none, candidates ranked by cosine (%s)", _why(settings, RANKER))
     return None
 

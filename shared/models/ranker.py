@@ -1,31 +1,41 @@
 """The two-tower ranker: re-scores retrieved candidates and predicts the rating.
 
-``TwoTowerNet`` has a user tower, an MLP over ``[user vector | user features]``, and an
-item tower, an MLP over ``[item vector | item features]`` (``shared.models.item_stats``
-documents the feature columns). Each tower's output is L2-normalised to an
-``embed_dim`` (default 64) embedding, and the relevance of an item to a user is
+``TwoTowerNet`` has a user tower, an MLP over ``[user vector | user features]`` with a
+constant 1 appended, and an item tower, the sum of an MLP over the item vector and a
+small MLP over the item's online features (``shared.models.item_stats`` documents the
+feature columns). The relevance of an item to a user is
 
-    score(u, i) = (<e_u, e_i> + w * <u, v_i>) / T
+    score(u, i) = <e_u, e_i> + w * <u, v_i>
 
-with a learned temperature ``T`` and, when ``cosine_skip`` is on (the default), a learned
-weight ``w`` on the plain cosine of the profile and item vectors: the ranker starts from
-what retrieval already knows and learns corrections (popularity, activity) on top. The
-score is still one dot product of two towers (``[e_u, sqrt(w) u]`` and ``[e_i, sqrt(w) v]``).
+with a learned weight ``w`` on the plain cosine of the profile and item vectors: the
+ranker starts from what retrieval already knows and learns corrections (popularity,
+recency, activity) on top; the constant in ``e_u`` gives each item a user-independent
+bias from its features. The score is still one dot product of two towers
+(``[e_u, w u]`` and ``[e_i, v]``), and the item tower is split so that the vector part
+is computed once per item and only the cheap feature part per candidate.
 The rating head is an MLP over ``(e_u * e_i, e_u, e_i, user features, item features,
 <u, v>)`` added to the training ratings' global mean; predictions are clipped to
 [0.5, 5] stars.
 
 ``train_ranker`` fits the net on ``RankerExamples``, one row per TRAIN rating event in
 time order with the user's profile vector and features as they were just before the
-event (``ExampleBuilder`` collects them while the caller replays TRAIN). The loss is a
-sampled softmax over in-batch negatives with sampling-bias correction (Yi et al. 2019,
-"Sampling-bias-corrected neural modeling for large corpus item recommendations"):
-``log q_j``, the log-frequency of item ``j`` among the training examples, is subtracted
-from every in-batch logit, so that popular items, which show up as negatives more
-often, are not pushed down for it; other rows of the same item in a batch are masked.
-An in-batch negative carries the item features of its own event (a slightly different
-time than the row's): accepted, the features move slowly. Plus ``rating_weight`` times
-the rating head's mean squared error.
+event, and the candidates the recommender would have scored for that user then
+(``shared.retrieval.recommend.retrieve_batch``: cosine neighbours, trending, newest;
+``ExampleBuilder`` collects them while the caller replays TRAIN). The loss has three
+terms:
+
+- a softmax over the row's own candidates against the rated one (rows whose rated item
+  is among them): the hard negatives the ranker has to order at serving time;
+- a sampled softmax over in-batch negatives with sampling-bias correction (Yi et al.
+  2019, "Sampling-bias-corrected neural modeling for large corpus item
+  recommendations"): ``log q_j``, the log-frequency of item ``j`` among the training
+  examples, is subtracted from every in-batch logit, so that popular items, which show
+  up as negatives more often, are not pushed down for it; other rows of the same item
+  in a batch are masked. It keeps the towers meaningful beyond the candidates;
+- ``rating_weight`` times the rating head's mean squared error.
+
+The epoch kept is the one with the best validation NDCG@10 of the rated item among its
+candidates, which is recorded next to plain cosine order's on the same rows.
 
 ``Ranker`` wraps a trained net for inference (numpy in, numpy out);
 ``save_ranker`` / ``load_ranker`` store it as a ``two-tower-ranker`` checkpoint.
@@ -66,16 +76,16 @@ log = logging.getLogger(__name__)
 KIND = "two-tower-ranker"
 """Checkpoint kind of a ``TwoTowerNet``."""
 
-VERSION_PREFIX = "two-tower-v1"
-"""Versions read ``two-tower-v1-<8 hex of the weights' digest>``."""
+VERSION_PREFIX = "two-tower-v2"
+"""Versions read ``two-tower-v2-<8 hex of the weights' digest>``."""
 
 MIN_RATING = 0.5
 """Lowest star rating; predicted ratings are clipped to [``MIN_RATING``, ``MAX_RATING``]."""
 MAX_RATING = 5.0
 """Highest star rating."""
 
-MIN_TEMPERATURE = 0.01
-"""The learned temperature never goes below this (bounds the logits at 100x cosine)."""
+TOP_K = 10
+"""The list length validation scores (HR@10, NDCG@10 among the candidates)."""
 
 
 @dataclass(frozen=True)
@@ -83,21 +93,22 @@ class RankerConfig:
     """Architecture and training hyper-parameters of the two-tower ranker.
 
     Attributes:
-        embed_dim: size of each tower's normalised output (default 64).
-        hidden: width of each tower's hidden layers (default 256).
-        layers: hidden layers per tower (default 1).
+        embed_dim: size of each tower's output before the bias column (default 64).
+        hidden: width of the user tower's and the item-vector tower's hidden layer
+            (default 256).
+        feature_hidden: width of the item-feature tower's hidden layer (default 64).
         rating_hidden: width of the rating head's hidden layer (default 64).
-        cosine_skip: add a learned multiple of the plain cosine ``<u, v>`` to the
-            score (default True).
-        init_temperature: starting softmax temperature on the scores (default 0.1).
-        learn_temperature: train the temperature (default True).
+        init_cosine_weight: starting weight ``w`` of the plain cosine (default 10, the
+            residual updater's softmax scale).
+        candidate_weight: weight of the softmax over each row's candidates (default 1).
+        in_batch_weight: weight of the logQ-corrected in-batch softmax (default 0.2).
         logq_correction: subtract ``log q_j`` from in-batch logits (default True).
         rating_weight: weight of the rating head's MSE in the loss (default 0.5).
-        epochs: passes over the examples (default 8); with validation examples the
-            epoch with the lowest validation loss is kept, else the last.
-        patience: epochs without a better validation loss before stopping (default 2).
-        batch_size: examples per step, which are also each other's negatives
-            (default 512).
+        epochs: passes over the examples (default 6); with validation examples the
+            epoch with the best validation NDCG@10 is kept, else the last.
+        patience: epochs without a better validation NDCG@10 before stopping (default 2).
+        batch_size: examples per step, which are also each other's in-batch negatives
+            (default 256).
         lr: Adam learning rate (default 1e-3).
         weight_decay: Adam weight decay (default 0).
         dropout: dropout in the towers and the rating head during training
@@ -106,30 +117,40 @@ class RankerConfig:
 
     embed_dim: int = 64
     hidden: int = 256
-    layers: int = 1
+    feature_hidden: int = 64
     rating_hidden: int = 64
-    cosine_skip: bool = True
-    init_temperature: float = 0.1
-    learn_temperature: bool = True
+    init_cosine_weight: float = 10.0
+    candidate_weight: float = 1.0
+    in_batch_weight: float = 0.2
     logq_correction: bool = True
     rating_weight: float = 0.5
-    epochs: int = 8
+    epochs: int = 6
     patience: int = 2
-    batch_size: int = 512
+    batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        positive = ("embed_dim", "hidden", "rating_hidden", "init_temperature", "epochs", "lr")
+        positive = ("embed_dim", "hidden", "feature_hidden", "rating_hidden", "epochs", "lr")
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"RankerConfig.{name} must be positive, got {value!r}")
-        for name in ("layers", "rating_weight", "patience", "weight_decay"):
+        non_negative = (
+            "init_cosine_weight",
+            "candidate_weight",
+            "in_batch_weight",
+            "rating_weight",
+            "patience",
+            "weight_decay",
+        )
+        for name in non_negative:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"RankerConfig.{name} must be >= 0, got {value!r}")
+        if self.candidate_weight + self.in_batch_weight == 0:
+            raise ValueError("RankerConfig needs a ranking loss: both softmax weights are 0")
         if self.batch_size < 2:
             raise ValueError(f"RankerConfig.batch_size must be >= 2, got {self.batch_size}")
         if not 0.0 <= self.dropout < 1.0:
@@ -151,6 +172,10 @@ class RankerExamples:
         item_features: ``(n, N_ITEM_FEATURES)`` float32, the rated item's features just
             before the event.
         ratings: ``(n,)`` float32 stars.
+        candidate_rows: ``(n, c)`` int64, the rows of the candidates the recommender
+            would have scored for the user just before the event; ``-1`` pads.
+        candidate_features: ``(n, c, N_ITEM_FEATURES)`` float16 (to halve the memory),
+            their features then; zeros on padding.
 
     Raises:
         ValueError: shapes that do not fit together or a negative item row.
@@ -162,6 +187,8 @@ class RankerExamples:
     item_rows: npt.NDArray[np.int64]
     item_features: Matrix
     ratings: npt.NDArray[np.float32]
+    candidate_rows: npt.NDArray[np.int64]
+    candidate_features: npt.NDArray[np.float16]
 
     def __post_init__(self) -> None:
         n = len(self.ratings)
@@ -171,15 +198,28 @@ class RankerExamples:
             "item_rows": (self.item_rows, 1, None),
             "item_features": (self.item_features, 2, N_ITEM_FEATURES),
             "ratings": (self.ratings, 1, None),
+            "candidate_rows": (self.candidate_rows, 2, None),
+            "candidate_features": (self.candidate_features, 3, None),
         }
         for name, (array, ndim, width) in shapes.items():
             if array.ndim != ndim or array.shape[0] != n:
                 raise ValueError(f"{name} has shape {array.shape}; expected {n} rows")
             if width is not None and array.shape[1] != width:
                 raise ValueError(f"{name} has {array.shape[1]} columns, expected {width}")
+        want = (*self.candidate_rows.shape, N_ITEM_FEATURES)
+        if self.candidate_features.shape != want:
+            raise ValueError(f"candidate_features has shape {self.candidate_features.shape}")
         if n and int(self.item_rows.min()) < 0:
             raise ValueError("item_rows must be >= 0")
-        for name in ("user_vectors", "user_features", "item_features", "ratings"):
+        if self.candidate_rows.size and int(self.candidate_rows.min()) < -1:
+            raise ValueError("candidate_rows must be >= 0, or -1 for padding")
+        for name in (
+            "user_vectors",
+            "user_features",
+            "item_features",
+            "ratings",
+            "candidate_features",
+        ):
             if not np.isfinite(getattr(self, name)).all():
                 raise NumericalError(f"NaN or infinity in {name}")
 
@@ -191,6 +231,14 @@ class RankerExamples:
         """Dimension of the user vectors."""
         return int(self.user_vectors.shape[1])
 
+    def positive_slots(self) -> npt.NDArray[np.int64]:
+        """``(n,)``: where each row's rated item is among its candidates, ``-1`` where
+        retrieval missed it."""
+        if self.candidate_rows.shape[1] == 0:
+            return np.full(len(self), -1, dtype=np.int64)
+        hits = self.candidate_rows == self.item_rows[:, None]
+        return np.where(hits.any(axis=1), hits.argmax(axis=1), -1).astype(np.int64)
+
     def subset(self, rows: slice | npt.NDArray[np.integer[Any]]) -> RankerExamples:
         """The examples at ``rows`` (a slice keeps time order, e.g. ``[: n * 9 // 10]``)."""
         return RankerExamples(
@@ -199,6 +247,8 @@ class RankerExamples:
             self.item_rows[rows],
             self.item_features[rows],
             self.ratings[rows],
+            self.candidate_rows[rows],
+            self.candidate_features[rows],
         )
 
 
@@ -207,7 +257,8 @@ class ExampleBuilder:
 
     The caller replays TRAIN in time order through its user updater and an
     ``ItemStats``, and for each event calls ``add`` with the state just *before*
-    applying the event, then applies it. The vector dimension is fixed by the first row.
+    applying the event, then applies it. The vector dimension is fixed by the first row;
+    rows with fewer candidates than the most are padded.
     """
 
     def __init__(self) -> None:
@@ -216,6 +267,8 @@ class ExampleBuilder:
         self._item_rows: list[int] = []
         self._item_features: list[np.ndarray] = []
         self._ratings: list[float] = []
+        self._candidate_rows: list[np.ndarray] = []
+        self._candidate_features: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return len(self._ratings)
@@ -227,10 +280,12 @@ class ExampleBuilder:
         item_row: int,
         item_features: np.ndarray,
         rating: float,
+        candidate_rows: npt.ArrayLike,
+        candidate_features: np.ndarray,
     ) -> None:
         """One example: the user's profile vector and features before the event, the
         rated item's row in the item-vector matrix and its features before the event,
-        and the rating in stars.
+        the rating in stars, and the candidates' rows and features then.
 
         Raises:
             ValueError: a shape that does not fit (the first row's dimension, the
@@ -240,6 +295,8 @@ class ExampleBuilder:
         vector = np.asarray(user_vector, dtype=np.float32).reshape(-1)
         ufeats = np.asarray(user_features, dtype=np.float32).reshape(-1)
         ifeats = np.asarray(item_features, dtype=np.float32).reshape(-1)
+        crows = np.asarray(candidate_rows, dtype=np.int64).reshape(-1)
+        cfeats = np.asarray(candidate_features, dtype=np.float32)
         if self._user_vectors and vector.shape != self._user_vectors[0].shape:
             raise ValueError(
                 f"user vector has dimension {vector.shape[0]}, "
@@ -249,12 +306,17 @@ class ExampleBuilder:
             raise ValueError(f"user_features must have {N_USER_FEATURES} values")
         if ifeats.shape != (N_ITEM_FEATURES,):
             raise ValueError(f"item_features must have {N_ITEM_FEATURES} values")
-        if item_row < 0:
-            raise ValueError(f"item_row must be >= 0, got {item_row}")
+        if cfeats.shape != (len(crows), N_ITEM_FEATURES):
+            raise ValueError(
+                f"candidate_features must have shape ({len(crows)}, {N_ITEM_FEATURES})"
+            )
+        if item_row < 0 or (crows < 0).any():
+            raise ValueError("item and candidate rows must be >= 0")
         if not (
             np.isfinite(vector).all()
             and np.isfinite(ufeats).all()
             and np.isfinite(ifeats).all()
+            and np.isfinite(cfeats).all()
             and math.isfinite(rating)
         ):
             raise NumericalError("NaN or infinity in a ranker example")
@@ -263,6 +325,8 @@ class ExampleBuilder:
         self._item_rows.append(int(item_row))
         self._item_features.append(ifeats)
         self._ratings.append(float(rating))
+        self._candidate_rows.append(crows)
+        self._candidate_features.append(cfeats.astype(np.float16))
 
     def build(self) -> RankerExamples:
         """Everything added so far, in order.
@@ -272,12 +336,22 @@ class ExampleBuilder:
         """
         if not self._ratings:
             raise ValueError("no ranker example was added")
+        n, width = len(self._ratings), max(len(c) for c in self._candidate_rows)
+        rows = np.full((n, width), -1, dtype=np.int64)
+        feats = np.zeros((n, width, N_ITEM_FEATURES), dtype=np.float16)
+        for i, (crows, cfeats) in enumerate(
+            zip(self._candidate_rows, self._candidate_features, strict=True)
+        ):
+            rows[i, : len(crows)] = crows
+            feats[i, : len(crows)] = cfeats
         return RankerExamples(
             np.stack(self._user_vectors),
             np.stack(self._user_features),
             np.asarray(self._item_rows, dtype=np.int64),
             np.stack(self._item_features),
             np.asarray(self._ratings, dtype=np.float32),
+            rows,
+            feats,
         )
 
 
@@ -295,13 +369,14 @@ def _mlp(n_in: int, hidden: int, layers: int, n_out: int, dropout: float) -> nn.
 
 
 class TwoTowerNet(nn.Module):
-    """User and item towers, a learned temperature and a rating head (module docstring).
+    """User and item towers, a weight on the plain cosine and a rating head (module
+    docstring).
 
     Args:
         dim: item (and user) vector dimension, the item encoder's.
         n_user_features, n_item_features: feature widths (``item_stats`` layouts).
-        embed_dim, hidden, layers, rating_hidden, cosine_skip, init_temperature,
-        learn_temperature, dropout: as in ``RankerConfig``.
+        embed_dim, hidden, feature_hidden, rating_hidden, init_cosine_weight, dropout:
+            as in ``RankerConfig``.
         global_mean: the rating head's offset in stars (the training ratings' mean).
     """
 
@@ -313,11 +388,9 @@ class TwoTowerNet(nn.Module):
         *,
         embed_dim: int = 64,
         hidden: int = 256,
-        layers: int = 1,
+        feature_hidden: int = 64,
         rating_hidden: int = 64,
-        cosine_skip: bool = True,
-        init_temperature: float = 0.1,
-        learn_temperature: bool = True,
+        init_cosine_weight: float = 10.0,
         dropout: float = 0.0,
         global_mean: float = DEFAULT_PRIOR_RATING,
     ) -> None:
@@ -327,20 +400,14 @@ class TwoTowerNet(nn.Module):
         self.n_item_features = n_item_features
         self.embed_dim = embed_dim
         self.hidden = hidden
-        self.layers = layers
+        self.feature_hidden = feature_hidden
         self.rating_hidden = rating_hidden
-        self.cosine_skip = cosine_skip
-        self.learn_temperature = learn_temperature
-        self.user_tower = _mlp(dim + n_user_features, hidden, layers, embed_dim, dropout)
-        self.item_tower = _mlp(dim + n_item_features, hidden, layers, embed_dim, dropout)
-        log_t = torch.tensor(math.log(init_temperature), dtype=torch.float32)
-        if learn_temperature:
-            self.log_temperature = nn.Parameter(log_t)
-        else:
-            self.register_buffer("log_temperature", log_t)
-        # Starts at 1: the untrained score is cosine plus the (random) tower term.
-        self.skip_weight = nn.Parameter(torch.ones(())) if cosine_skip else None
-        head_in = 3 * embed_dim + n_user_features + n_item_features + 1
+        width = embed_dim + 1  # the bias column
+        self.user_tower = _mlp(dim + n_user_features, hidden, 1, embed_dim, dropout)
+        self.item_vector_tower = _mlp(dim, hidden, 1, width, dropout)
+        self.item_feature_tower = _mlp(n_item_features, feature_hidden, 1, width, dropout)
+        self.cosine_weight = nn.Parameter(torch.tensor(float(init_cosine_weight)))
+        head_in = 3 * width + n_user_features + n_item_features + 1
         self.rating_head = _mlp(head_in, rating_hidden, 1, 1, dropout)
         self.register_buffer("global_mean", torch.tensor(float(global_mean)))
 
@@ -352,28 +419,26 @@ class TwoTowerNet(nn.Module):
             "n_item_features": self.n_item_features,
             "embed_dim": self.embed_dim,
             "hidden": self.hidden,
-            "layers": self.layers,
+            "feature_hidden": self.feature_hidden,
             "rating_hidden": self.rating_hidden,
-            "cosine_skip": self.cosine_skip,
-            "learn_temperature": self.learn_temperature,
         }
 
-    def temperature(self) -> torch.Tensor:
-        """The softmax temperature (>= ``MIN_TEMPERATURE``)."""
-        return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
-
     def user_embedding(self, vectors: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """``(n, embed_dim)`` normalised user-tower outputs."""
-        return F.normalize(self.user_tower(torch.cat([vectors, features], dim=-1)), dim=-1)
+        """``(..., embed_dim + 1)`` user-tower outputs, the last column 1."""
+        out = self.user_tower(torch.cat([vectors, features], dim=-1))
+        return torch.cat([out, torch.ones_like(out[..., :1])], dim=-1)
 
-    def item_embedding(self, vectors: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """``(..., embed_dim)`` normalised item-tower outputs."""
-        return F.normalize(self.item_tower(torch.cat([vectors, features], dim=-1)), dim=-1)
-
-    def _combine(self, tower: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
-        if self.skip_weight is not None:
-            tower = tower + self.skip_weight * cosine
-        return tower / self.temperature()
+    def item_embedding(
+        self,
+        vectors: torch.Tensor,
+        features: torch.Tensor,
+        vector_part: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(..., embed_dim + 1)`` item-tower outputs; ``vector_part`` is
+        ``item_vector_tower(vectors)`` when the caller already has it."""
+        if vector_part is None:
+            vector_part = self.item_vector_tower(vectors)
+        return vector_part + self.item_feature_tower(features)
 
     def logits_all_pairs(
         self,
@@ -383,7 +448,7 @@ class TwoTowerNet(nn.Module):
         item_vectors: torch.Tensor,
     ) -> torch.Tensor:
         """``(n_users, n_items)`` scores of every user row against every item row."""
-        return self._combine(user_emb @ item_emb.T, user_vectors @ item_vectors.T)
+        return user_emb @ item_emb.T + self.cosine_weight * (user_vectors @ item_vectors.T)
 
     def logits_candidates(
         self,
@@ -396,7 +461,7 @@ class TwoTowerNet(nn.Module):
         (``item_emb`` ``(n, c, e)``, ``item_vectors`` ``(n, c, dim)``)."""
         tower = (item_emb * user_emb[:, None, :]).sum(-1)
         cosine = (item_vectors * user_vectors[:, None, :]).sum(-1)
-        return self._combine(tower, cosine)
+        return tower + self.cosine_weight * cosine
 
     def rating(
         self,
@@ -426,7 +491,7 @@ class TwoTowerNet(nn.Module):
 
 
 def weights_version(net: TwoTowerNet) -> str:
-    """``two-tower-v1-<8 hex>``: a digest of the weights, so two trainings differ."""
+    """``two-tower-v2-<8 hex>``: a digest of the weights, so two trainings differ."""
     digest = hashlib.sha256()
     for name, tensor in sorted(net.state_dict().items()):
         digest.update(name.encode())
@@ -652,10 +717,8 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
             int(config["n_item_features"]),
             embed_dim=int(config["embed_dim"]),
             hidden=int(config["hidden"]),
-            layers=int(config["layers"]),
+            feature_hidden=int(config["feature_hidden"]),
             rating_hidden=int(config["rating_hidden"]),
-            cosine_skip=bool(config["cosine_skip"]),
-            learn_temperature=bool(config["learn_temperature"]),
         )
         stats_params = {k: float(v) for k, v in dict(config["item_stats"]).items()}
         ItemStats(**stats_params)
@@ -690,42 +753,102 @@ class _Tensors:
     rows: torch.Tensor
     ifeats: torch.Tensor
     ratings: torch.Tensor
+    cand_rows: torch.Tensor
+    cand_feats: torch.Tensor  # float16 at rest, float32 per batch
+    slots: torch.Tensor
 
 
 def _tensors(examples: RankerExamples) -> _Tensors:
+    def tensor(array: np.ndarray, dtype: Any) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+
     return _Tensors(
-        torch.from_numpy(np.ascontiguousarray(examples.user_vectors, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(examples.user_features, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(examples.item_rows, dtype=np.int64)),
-        torch.from_numpy(np.ascontiguousarray(examples.item_features, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(examples.ratings, dtype=np.float32)),
+        tensor(examples.user_vectors, np.float32),
+        tensor(examples.user_features, np.float32),
+        tensor(examples.item_rows, np.int64),
+        tensor(examples.item_features, np.float32),
+        tensor(examples.ratings, np.float32),
+        tensor(examples.candidate_rows, np.int64),
+        tensor(examples.candidate_features, np.float16),
+        tensor(examples.positive_slots(), np.int64),
     )
 
 
-def _batch_losses(
+@dataclass
+class _Batch:
+    """One batch's forward pass: the candidate logits and every loss term."""
+
+    cand_logits: torch.Tensor
+    cand_cosine: torch.Tensor
+    candidate: torch.Tensor
+    in_batch: torch.Tensor
+    squared: torch.Tensor
+
+
+def _forward(
     net: TwoTowerNet,
     data: _Tensors,
     index: torch.Tensor,
     items: torch.Tensor,
     log_q: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sampled-softmax loss, rating squared error), each the mean over the batch."""
+) -> _Batch:
+    """Candidate logits and the three loss terms (each a mean over the batch)."""
     users, ufeats = data.users[index], data.ufeats[index]
     rows, ifeats = data.rows[index], data.ifeats[index]
-    vectors = items[rows]
+    cand_rows = data.cand_rows[index]
+    padding = cand_rows < 0
+    cand_rows = cand_rows.clamp(min=0)
+    vector_part = net.item_vector_tower(items)  # once per item, not per candidate
     user_emb = net.user_embedding(users, ufeats)
-    item_emb = net.item_embedding(vectors, ifeats)
+
+    cand_vectors = items[cand_rows]
+    cand_emb = net.item_embedding(
+        cand_vectors, data.cand_feats[index].float(), vector_part[cand_rows]
+    )
+    cand_logits = net.logits_candidates(user_emb, users, cand_emb, cand_vectors)
+    cand_logits = cand_logits.masked_fill(padding, -math.inf)
+    cand_cosine = (cand_vectors * users[:, None, :]).sum(-1).masked_fill(padding, -math.inf)
+    slots = data.slots[index]
+    found = slots >= 0
+    if found.any():
+        candidate = F.cross_entropy(cand_logits[found], slots[found])
+    else:
+        candidate = cand_logits.new_zeros(())
+
+    vectors = items[rows]
+    item_emb = net.item_embedding(vectors, ifeats, vector_part[rows])
     logits = net.logits_all_pairs(user_emb, users, item_emb, vectors)
     if log_q is not None:
         logits = logits - log_q[rows][None, :]
     # Another row of the same item is no negative: mask it out of the softmax.
     same = (rows[:, None] == rows[None, :]) & ~torch.eye(len(rows), dtype=torch.bool)
-    logits = logits.masked_fill(same, -math.inf)
-    softmax = F.cross_entropy(logits, torch.arange(len(rows)))
+    in_batch = F.cross_entropy(logits.masked_fill(same, -math.inf), torch.arange(len(rows)))
+
     cosine = (users * vectors).sum(-1)
     predicted = net.rating(user_emb, ufeats, item_emb, ifeats, cosine)
     squared = ((predicted - data.ratings[index]) ** 2).mean()
-    return softmax, squared
+    return _Batch(cand_logits, cand_cosine, candidate, in_batch, squared)
+
+
+def _loss(batch: _Batch, config: RankerConfig) -> torch.Tensor:
+    return (
+        config.candidate_weight * batch.candidate
+        + config.in_batch_weight * batch.in_batch
+        + config.rating_weight * batch.squared
+    )
+
+
+def _hits(logits: torch.Tensor, slots: torch.Tensor) -> tuple[float, float]:
+    """Summed HR@10 and NDCG@10 of the rated item (at ``slots``; -1 = not a candidate)
+    when the candidates are ordered by ``logits`` (ties count against it)."""
+    found = slots >= 0
+    if logits.shape[1] == 0 or not found.any():
+        return 0.0, 0.0
+    positive = logits.gather(1, slots.clamp(min=0)[:, None])
+    rank = (logits >= positive).sum(1) - 1
+    hit = found & (rank < TOP_K)
+    gain = hit.float() / torch.log2(rank.float() + 2.0)
+    return float(hit.sum()), float(gain.sum())
 
 
 @torch.no_grad()
@@ -736,21 +859,32 @@ def _validate(
     log_q: torch.Tensor | None,
     config: RankerConfig,
 ) -> dict[str, float]:
-    """Validation losses over fixed consecutive batches (time order), eval mode."""
+    """Validation metrics over fixed consecutive batches (time order), eval mode:
+    HR@10 / NDCG@10 of the rated item among its candidates, ranked by the net and by
+    plain cosine, the loss terms and the rating RMSE."""
     net.eval()
     n = len(data.ratings)
-    softmax_sum = squared_sum = 0.0
+    sums = dict.fromkeys(("hr", "ndcg", "cos_hr", "cos_ndcg", "loss", "squared"), 0.0)
     for lo in range(0, n, config.batch_size):
         index = torch.arange(lo, min(lo + config.batch_size, n))
-        softmax, squared = _batch_losses(net, data, index, items, log_q)
-        softmax_sum += float(softmax) * len(index)
-        squared_sum += float(squared) * len(index)
+        batch = _forward(net, data, index, items, log_q)
+        slots = data.slots[index]
+        hr, ndcg = _hits(batch.cand_logits, slots)
+        cos_hr, cos_ndcg = _hits(batch.cand_cosine, slots)
+        sums["hr"] += hr
+        sums["ndcg"] += ndcg
+        sums["cos_hr"] += cos_hr
+        sums["cos_ndcg"] += cos_ndcg
+        sums["loss"] += float(_loss(batch, config)) * len(index)
+        sums["squared"] += float(batch.squared) * len(index)
     net.train()
-    softmax_mean, mse = softmax_sum / n, squared_sum / n
     return {
-        "val_loss": softmax_mean + config.rating_weight * mse,
-        "val_softmax": softmax_mean,
-        "val_rmse": math.sqrt(mse),
+        "val_ndcg": sums["ndcg"] / n,
+        "val_hr": sums["hr"] / n,
+        "val_cosine_ndcg": sums["cos_ndcg"] / n,
+        "val_cosine_hr": sums["cos_hr"] / n,
+        "val_loss": sums["loss"] / n,
+        "val_rmse": math.sqrt(sums["squared"] / n),
     }
 
 
@@ -764,18 +898,20 @@ def train_ranker(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[TwoTowerNet, dict[str, Any], dict[str, list[float]]]:
-    """Train a ``TwoTowerNet`` with in-batch sampled softmax (logQ-corrected) + rating MSE.
+    """Train a ``TwoTowerNet`` on candidate softmax + logQ-corrected in-batch softmax +
+    rating MSE (module docstring).
 
-    Each epoch shuffles the examples (seeded) into batches of ``config.batch_size``;
-    every batch's items are each other's negatives. ``q_j`` is item ``j``'s share of the
-    training examples (an item only in validation counts as seen once). Adam; with
-    ``validation`` the validation losses (same batches every epoch, in time order) are
-    computed after each epoch and the epoch with the lowest ``val_loss`` is kept.
+    Each epoch shuffles the examples (seeded) into batches of ``config.batch_size``.
+    ``q_j`` is item ``j``'s share of the training examples (an item only in validation
+    counts as seen once). Adam; with ``validation`` its metrics (same batches every
+    epoch, in time order) are computed after each epoch and the epoch with the best
+    validation NDCG@10 among the candidates is kept.
 
     Args:
         examples: training rows (``ExampleBuilder``), e.g. the first 90% of TRAIN.
         item_vectors: ``(n_items, dim)`` L2-normalised float32, the deployed item
-            encoder's output; ``item_rows`` index it. Fixed inputs, never trained.
+            encoder's output; ``item_rows`` and ``candidate_rows`` index it. Fixed inputs,
+            never trained.
         validation: later rows for choosing the epoch, or None (the last is kept).
         config: hyper-parameters (default ``RankerConfig()``).
         item_stats_params: the ``ItemStats.params()`` the features were computed with,
@@ -785,9 +921,10 @@ def train_ranker(
 
     Returns:
         ``(net, config, history)``: the net (eval mode), the checkpoint config (kind,
-        version, architecture, feature layouts, hyper-parameters, a training record) and
-        per-epoch lists ``train_loss``, ``train_softmax``, ``train_rmse``, and with
-        validation ``val_loss``, ``val_softmax``, ``val_rmse``.
+        version, architecture, feature layouts, hyper-parameters, a training record with
+        the kept epoch's validation metrics) and per-epoch lists ``train_loss``,
+        ``train_candidate``, ``train_in_batch``, ``train_rmse``, and with validation the
+        ``_validate`` metrics.
 
     Raises:
         ValueError: fewer than two examples, an item row outside ``item_vectors``, or
@@ -809,7 +946,8 @@ def train_ranker(
             continue
         if part.dim != dim:
             raise ValueError(f"{name} have {part.dim}-d user vectors, the items {dim}-d")
-        if len(part) and int(part.item_rows.max()) >= n_items:
+        top = max(int(part.item_rows.max(initial=0)), int(part.candidate_rows.max(initial=0)))
+        if len(part) and top >= n_items:
             raise ValueError(f"{name} refer to item rows beyond the {n_items} item vectors")
     if len(examples) < 2:
         raise ValueError("train_ranker needs at least two examples")
@@ -826,59 +964,66 @@ def train_ranker(
         dim,
         embed_dim=config.embed_dim,
         hidden=config.hidden,
-        layers=config.layers,
+        feature_hidden=config.feature_hidden,
         rating_hidden=config.rating_hidden,
-        cosine_skip=config.cosine_skip,
-        init_temperature=config.init_temperature,
-        learn_temperature=config.learn_temperature,
+        init_cosine_weight=config.init_cosine_weight,
         dropout=config.dropout,
         global_mean=global_mean,
     )
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    history: dict[str, list[float]] = {"train_loss": [], "train_softmax": [], "train_rmse": []}
-    if val_data is not None:
-        history.update(val_loss=[], val_softmax=[], val_rmse=[])
+    names = ("train_loss", "train_candidate", "train_in_batch", "train_rmse")
+    history: dict[str, list[float]] = {name: [] for name in names}
     n = len(examples)
     steps = math.ceil(n / config.batch_size)
     log.info(
-        "training ranker examples=%d val=%d items=%d dim=%d config=%s",
+        "training ranker examples=%d (rated item among candidates: %.1f%%) val=%d items=%d "
+        "dim=%d config=%s",
         n,
+        100.0 * float((data.slots >= 0).float().mean()),
         0 if val_data is None else len(val_data.ratings),
         n_items,
         dim,
         config,
     )
-    best = BestEpoch(config.patience, maximise=False)
+    best = BestEpoch(config.patience, maximise=True)
+    kept: dict[str, float] = {}
     bar = tqdm(total=config.epochs * steps, desc="ranker", unit="batch", disable=not progress)
     net.train()
     for epoch in range(config.epochs):
         order = torch.from_numpy(rng.permutation(n))
-        softmax_sum = squared_sum = 0.0
+        sums = dict.fromkeys(("loss", "candidate", "in_batch", "squared"), 0.0)
         for lo in range(0, n, config.batch_size):
             index = order[lo : lo + config.batch_size]
             bar.update(1)
             if len(index) < 2:
-                continue  # one row has no negative
-            softmax, squared = _batch_losses(net, data, index, items, log_q)
-            loss = softmax + config.rating_weight * squared
+                continue  # one row has no in-batch negative
+            batch = _forward(net, data, index, items, log_q)
+            loss = _loss(batch, config)
             if not torch.isfinite(loss):
                 raise NumericalError(f"ranker training loss is not finite at epoch {epoch}")
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            softmax_sum += float(softmax.detach()) * len(index)
-            squared_sum += float(squared.detach()) * len(index)
-            bar.set_postfix(softmax=f"{softmax_sum / (lo + len(index)):.3f}")
-        history["train_softmax"].append(softmax_sum / n)
-        history["train_rmse"].append(math.sqrt(squared_sum / n))
-        history["train_loss"].append(softmax_sum / n + config.rating_weight * squared_sum / n)
+            for key, value in (
+                ("loss", loss),
+                ("candidate", batch.candidate),
+                ("in_batch", batch.in_batch),
+                ("squared", batch.squared),
+            ):
+                sums[key] += float(value.detach()) * len(index)
+            bar.set_postfix(loss=f"{sums['loss'] / (lo + len(index)):.3f}")
+        history["train_loss"].append(sums["loss"] / n)
+        history["train_candidate"].append(sums["candidate"] / n)
+        history["train_in_batch"].append(sums["in_batch"] / n)
+        history["train_rmse"].append(math.sqrt(sums["squared"] / n))
         line = f"epoch={epoch} train_loss={history['train_loss'][-1]:.4f}"
         if val_data is not None:
             metrics = _validate(net, val_data, items, log_q, config)
-            for key, value in metrics.items():
-                history[key].append(value)
+            for key, metric in metrics.items():
+                history.setdefault(key, []).append(metric)
             line += " " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            best.update(net, epoch, metrics["val_loss"])
+            if best.update(net, epoch, metrics["val_ndcg"]):
+                kept = metrics
         log.info("ranker %s", line)
         if val_data is not None and best.should_stop():
             log.info("ranker early stop epoch=%d best_epoch=%d", epoch, best.best_epoch)
@@ -895,9 +1040,9 @@ def train_ranker(
         "global_mean": global_mean,
         "epochs_run": len(history["train_loss"]),
         "best_epoch": best_epoch,
+        "validation": kept,
         "train_seconds": round(seconds, 1),
-        "temperature": float(net.temperature().detach()),
-        "skip_weight": None if net.skip_weight is None else float(net.skip_weight.detach()),
+        "cosine_weight": float(net.cosine_weight.detach()),
         "history": history,
     }
     out_config: dict[str, Any] = {
@@ -911,9 +1056,10 @@ def train_ranker(
         "training": record,
     }
     log.info(
-        "ranker trained version=%s best_epoch=%d seconds=%.1f",
+        "ranker trained version=%s best_epoch=%d seconds=%.1f validation=%s",
         out_config["version"],
         best_epoch,
         seconds,
+        kept,
     )
     return net, out_config, history

@@ -26,14 +26,16 @@ class BestEpoch:
         self.stale = 0
         self._state: dict[str, torch.Tensor] | None = None
 
-    def update(self, net: nn.Module, epoch: int, score: float) -> None:
-        """Record ``epoch``'s validation ``score``; keep a copy of the weights if best."""
+    def update(self, net: nn.Module, epoch: int, score: float) -> bool:
+        """Record ``epoch``'s validation ``score``; keep a copy of the weights if best.
+        Returns whether it was the best so far."""
         better = score > self.best if self.maximise else score < self.best
         if better:
             self.best, self.best_epoch, self.stale = score, epoch, 0
             self._state = copy.deepcopy(net.state_dict())
         else:
             self.stale += 1
+        return better
 
     def should_stop(self) -> bool:
         """True once more than ``patience`` epochs in a row did not improve."""

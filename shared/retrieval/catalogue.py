@@ -76,6 +76,7 @@ class Catalogue:
         self._index: VectorIndex | None = None
         self._info: dict[MovieId, ItemInfo] = {}
         self._versions: Counter[str] = Counter()
+        self._newest: list[MovieId] | None = None  # by release year, newest first
         self._lock = threading.Lock()
 
     @property
@@ -114,6 +115,28 @@ class Catalogue:
         """Title of a known item; raises ``KeyError`` for an unknown one."""
         return self.info(movie_id).title
 
+    def years(self, movie_ids: Sequence[MovieId]) -> list[int | None]:
+        """Release year of each known movie (None where unknown); ``KeyError`` for a
+        movie not in the catalogue."""
+        with self._lock:
+            return [self._info[m].year for m in movie_ids]
+
+    def newest(self, n: int) -> list[MovieId]:
+        """The ``n`` movies with the latest release years, newest first (ties: the movie
+        that entered the catalogue last first); movies without a year are left out.
+        The order is cached until the catalogue changes."""
+        if n <= 0:
+            return []
+        with self._lock:
+            if self._newest is None:
+                dated = [
+                    (info.year, position, movie_id)
+                    for position, (movie_id, info) in enumerate(self._info.items())
+                    if info.year is not None
+                ]
+                self._newest = [movie_id for _, _, movie_id in sorted(dated, reverse=True)]
+            return self._newest[:n]
+
     def add(self, event: ItemEmbedded) -> None:
         """Upsert one item.
 
@@ -151,6 +174,7 @@ class Catalogue:
                 assert dim is not None  # an accepted item fixed it
                 self._index = self._index_factory(dim)
                 log.info("catalogue dim=%d index=%s", dim, type(self._index).__name__)
+            self._newest = None
             for movie_id, event in accepted.items():
                 old = self._info.get(movie_id)
                 if old is not None:

@@ -13,7 +13,7 @@ from itertools import islice
 
 import numpy as np
 
-from shared.models.item_stats import ItemStats
+from shared.models.item_stats import ItemStats, user_features_batch
 from shared.models.ranker import Ranker
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.mmr import mmr
@@ -34,17 +34,77 @@ class ScoredItem:
 
 
 @dataclass(frozen=True)
-class Reranker:
-    """The trained ranker between retrieval and MMR, with the online item features
-    (popularity, mean rating) it reads; ``item_stats`` is updated by the caller as
-    ratings arrive. Retrieval then has two sources: the cosine neighbours of the user
-    vector and the trending movies."""
+class CandidateSources:
+    """Where candidates come from besides the cosine neighbours of the user vector, and
+    the online features the ranker reads of them: ``item_stats`` (popularity, mean
+    rating, stream time) is updated by the caller as ratings arrive."""
 
-    ranker: Ranker
     item_stats: ItemStats
     n_trending: int = 100
-    """Candidates added besides the cosine ones: the most-rated movies of late (decayed
-    counts), so the ranker can weigh popularity against taste."""
+    """Candidates added from the most-rated movies of late (decayed counts), so the
+    ranker can weigh popularity against taste."""
+    n_new: int = 50
+    """Candidates added from the latest release years, so a new movie can be listed
+    before its ratings or its neighbours' pull bring it close to anyone."""
+
+    def pools(self, catalogue: Catalogue, spare: int) -> list[tuple[list[MovieId], int]]:
+        """The extra candidate sources of one batch, as ``(movies in order, how many to
+        add per user)``; each lists ``spare`` more than it adds, so that a user who
+        excluded (rated) up to ``spare`` of them still gets the full number."""
+        trending = [m for m in self.item_stats.trending(self.n_trending + spare) if m in catalogue]
+        return [(trending, self.n_trending), (catalogue.newest(self.n_new + spare), self.n_new)]
+
+    def features(self, catalogue: Catalogue, movie_ids: Sequence[MovieId]) -> Matrix:
+        """The ranker's item features of catalogue movies, as of now."""
+        return self.item_stats.features(movie_ids, catalogue.years(movie_ids))
+
+    def user_features(
+        self,
+        n_ratings: Sequence[int],
+        mean_ratings: Sequence[float],
+        rated: Sequence[Sequence[MovieId]],
+    ) -> Matrix:
+        """The ranker's user features of users with these counts, mean ratings and
+        rated movies, as of now."""
+        return user_features_batch(
+            n_ratings, mean_ratings, [self.item_stats.rated_offset(r) for r in rated]
+        )
+
+
+@dataclass(frozen=True)
+class Reranker:
+    """The trained ranker between retrieval and MMR and the candidate sources it
+    scores besides the cosine neighbours (``sources``)."""
+
+    ranker: Ranker
+    sources: CandidateSources
+
+    @property
+    def item_stats(self) -> ItemStats:
+        """The online item features (``sources.item_stats``)."""
+        return self.sources.item_stats
+
+
+def merge_candidates(
+    first: Sequence[MovieId],
+    pools: Sequence[tuple[Sequence[MovieId], int]],
+    exclude: Collection[MovieId],
+) -> list[MovieId]:
+    """``first`` followed by up to ``n`` movies of each pool ``(movies, n)`` in order,
+    skipping excluded movies and movies already taken."""
+    out = list(first)
+    seen = set(out)
+    for movies, n in pools:
+        added = 0
+        for movie_id in movies:
+            if added >= n:
+                break
+            if movie_id in exclude or movie_id in seen:
+                continue
+            out.append(movie_id)
+            seen.add(movie_id)
+            added += 1
+    return out
 
 
 def relevance_scale(scores: np.ndarray) -> np.ndarray:
@@ -83,6 +143,46 @@ def recommend(
     )[0]
 
 
+def retrieve_batch(
+    user_vectors: Matrix,
+    excludes: Sequence[Collection[MovieId]],
+    catalogue: Catalogue,
+    keep: int,
+    sources: CandidateSources | None = None,
+) -> list[tuple[list[MovieId], np.ndarray]]:
+    """The candidates of each user, with one index search: the ``keep`` movies most
+    similar to the user vector that are not excluded, then (with ``sources``) the
+    trending and newest movies (``merge_candidates``). Per user: ``(candidates, cosine
+    similarities of the first ones)``, the similarities only for the cosine neighbours.
+    The ranker's training builds its examples with this same function.
+
+    Raises:
+        ConfigurationError: the vectors' dimension is not the catalogue's.
+        ValueError: ``excludes`` does not have one entry per user vector.
+    """
+    queries = np.asarray(user_vectors, dtype=np.float32)
+    if len(excludes) != len(queries):
+        raise ValueError(f"{len(queries)} user vectors but {len(excludes)} exclude sets")
+    index = catalogue.index
+    if index is None or len(queries) == 0:
+        return [([], np.zeros(0, dtype=np.float32)) for _ in range(len(queries))]
+    exclude_sets = [e if isinstance(e, set | frozenset) else set(e) for e in excludes]
+    spare = max(len(e) for e in exclude_sets)
+    depth = min(len(index), keep + spare)
+    ids, scores = index.search(queries, depth)
+    pools = [] if sources is None else sources.pools(catalogue, spare)
+    out: list[tuple[list[MovieId], np.ndarray]] = []
+    for row, exclude in enumerate(exclude_sets):
+        allowed = (j for j, movie_id in enumerate(ids[row]) if movie_id not in exclude)
+        picked = list(islice(allowed, keep))
+        if not picked:
+            out.append(([], np.zeros(0, dtype=np.float32)))
+            continue
+        first = [ids[row][j] for j in picked]
+        out.append((merge_candidates(first, pools, exclude), scores[row, picked]))
+    return out
+
+
 def recommend_batch(
     user_vectors: Matrix,
     excludes: Sequence[Collection[MovieId]],
@@ -98,8 +198,9 @@ def recommend_batch(
 
     Per user: retrieve ``n_candidates + len(exclude)`` items by cosine similarity (the
     batch searches with the largest exclude, capped at the catalogue size), drop the
-    excluded movies, keep the ``max(n_candidates, k)`` most similar, score them with the
-    ``reranker`` when there is one (relevance = its logits scaled to [0, 1] per list; the
+    excluded movies, keep the ``max(n_candidates, k)`` most similar; with a ``reranker``,
+    add the trending and newest movies of its ``sources`` (``retrieve_batch``) and score
+    them all with it (relevance = its logits scaled to [0, 1] per list; the
     items also get its predicted rating), and re-rank them to ``k`` with MMR
     (``mmr_lambda`` 1.0 = pure relevance, 0.0 = pure diversity).
     An excluded movie is never returned: a user who has rated nearly everything gets
@@ -109,7 +210,7 @@ def recommend_batch(
         user_vectors: ``(n, dim)`` L2-normalised user vectors.
         excludes: per user, the movies never to recommend (already rated).
         reranker: the trained ranker and item features; None ranks by cosine.
-        user_features: ``(n, N_USER_FEATURES)`` (``user_features_batch``); required
+        user_features: ``(n, N_USER_FEATURES)`` (``CandidateSources.user_features``); required
             with a ``reranker``.
 
     Raises:
@@ -128,30 +229,13 @@ def recommend_batch(
 
     if reranker is not None and (user_features is None or len(user_features) != len(queries)):
         raise ValueError("a reranker needs one row of user_features per user vector")
-    keep = max(n_candidates, k)
-    exclude_sets = [e if isinstance(e, set | frozenset) else set(e) for e in excludes]
-    depth = min(len(index), keep + max(len(e) for e in exclude_sets))
-    ids, scores = index.search(queries, depth)
-
-    trending: list[MovieId] = []
-    if reranker is not None and reranker.n_trending > 0:
-        wanted = reranker.n_trending + max(len(e) for e in exclude_sets)
-        trending = [m for m in reranker.item_stats.trending(wanted) if m in catalogue]
-
+    sources = None if reranker is None else reranker.sources
+    retrieved = retrieve_batch(queries, excludes, catalogue, max(n_candidates, k), sources)
     lists: list[list[ScoredItem]] = []
-    for row, exclude in enumerate(exclude_sets):
-        allowed = (j for j, movie_id in enumerate(ids[row]) if movie_id not in exclude)
-        picked = list(islice(allowed, keep))
-        if not picked:
+    for row, (candidates, relevance) in enumerate(retrieved):
+        if not candidates:
             lists.append([])
             continue
-        candidates = [ids[row][j] for j in picked]
-        relevance = scores[row, picked]
-        if reranker is not None and trending:
-            seen = set(candidates)
-            extra = [m for m in trending if m not in exclude and m not in seen]
-            extra = extra[: reranker.n_trending]
-            candidates += extra
         vectors = index.vectors(candidates)
         if reranker is None:
             order = mmr(relevance, vectors, k, mmr_lambda)
@@ -167,7 +251,7 @@ def recommend_batch(
             queries[row : row + 1],
             np.asarray(user_features[row : row + 1], dtype=np.float32),
             vectors[None, :, :],
-            reranker.item_stats.features(candidates)[None, :, :],
+            reranker.sources.features(catalogue, candidates)[None, :, :],
         )
         order = mmr(relevance_scale(logits[0]), vectors, k, mmr_lambda)
         lists.append(

@@ -1,4 +1,5 @@
-"""Retrieve → exclude → MMR over a real FAISS-backed catalogue."""
+"""Retrieve → exclude → (rank) → MMR over a real FAISS-backed catalogue; the candidate
+sources (cosine neighbours, trending, newest) and a real, small two-tower ranker."""
 
 from __future__ import annotations
 
@@ -6,11 +7,22 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+import torch
 
 from shared.events import ItemEmbedded
 from shared.exceptions import ConfigurationError
+from shared.models.item_stats import ItemStats, user_features_batch
+from shared.models.ranker import Ranker, TwoTowerNet
 from shared.retrieval.catalogue import Catalogue
-from shared.retrieval.recommend import recommend, recommend_batch
+from shared.retrieval.recommend import (
+    CandidateSources,
+    Reranker,
+    ScoredItem,
+    merge_candidates,
+    recommend,
+    recommend_batch,
+    retrieve_batch,
+)
 
 DIM = 16
 
@@ -20,10 +32,11 @@ def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def item(movie_id: str, vector: np.ndarray) -> ItemEmbedded:
+def item(movie_id: str, vector: np.ndarray, year: int | None = None) -> ItemEmbedded:
     return ItemEmbedded(
         movie_id=movie_id,
         title=f"Title {movie_id}",
+        year=year,
         genres=["Drama"],
         vector=unit(vector),
         modalities=["text"],
@@ -32,11 +45,14 @@ def item(movie_id: str, vector: np.ndarray) -> ItemEmbedded:
     )
 
 
-def random_catalogue(n: int, seed: int = 0) -> tuple[Catalogue, np.ndarray]:
+def random_catalogue(n: int, seed: int = 0, dated: bool = False) -> tuple[Catalogue, np.ndarray]:
+    """``m0 .. m{n-1}`` at random directions; ``dated``: ``m{i}`` released in 1900 + i,
+    so the newest are the highest numbers."""
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((n, DIM)).astype(np.float32)
     catalogue = Catalogue()
-    assert catalogue.apply([item(f"m{i}", v) for i, v in enumerate(vectors)]) == []
+    events = [item(f"m{i}", v, 1900 + i if dated else None) for i, v in enumerate(vectors)]
+    assert catalogue.apply(events) == []
     return catalogue, vectors
 
 
@@ -140,3 +156,179 @@ def test_a_user_vector_of_another_dimension_is_refused() -> None:
         )
     with pytest.raises(ValueError, match="exclude sets"):
         recommend_batch(users(2, 9), [()], catalogue, k=3, n_candidates=5, mmr_lambda=0.5)
+
+
+# --- candidate sources and the reranker ------------------------------------------------------
+
+TRENDING = ["m0", "m1", "m2", "m3", "m4"]
+"""The catalogue movies of ``rated_stats``, most rated first."""
+
+
+def rated_stats() -> ItemStats:
+    """Ratings of "ghost" (not in the catalogue) 6 times, then m0 5 times ... m4 once."""
+    stats = ItemStats()
+    moment = datetime(1990, 6, 1, tzinfo=UTC)
+    for movie, times in [("ghost", 6), *((m, 5 - i) for i, m in enumerate(TRENDING))]:
+        stats.learn_many([movie] * times, [4.0] * times, [moment] * times)
+    assert stats.trending(3) == ["ghost", "m0", "m1"]
+    return stats
+
+
+def rows_unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def cosine_order(vectors: np.ndarray, query: np.ndarray) -> list[str]:
+    sims = rows_unit(vectors) @ query
+    return [f"m{i}" for i in np.argsort(-sims, kind="stable")]
+
+
+def test_merge_candidates_order_dedup_exclusion_and_count() -> None:
+    pools = [(["c", "a", "x", "d", "e", "h"], 2), (["e", "f", "d", "g"], 2), (["z"], 3)]
+    assert merge_candidates(["a", "b"], pools, {"x"}) == ["a", "b", "c", "d", "e", "f", "z"]
+    # An excluded movie is skipped and the next one taken in its place.
+    skipping = merge_candidates(["a", "b"], pools, {"c", "x", "e"})
+    assert skipping == ["a", "b", "d", "h", "f", "g", "z"]
+    assert merge_candidates(["a"], [(["b", "c"], 0)], ()) == ["a"]
+    assert merge_candidates([], [(["b", "c"], 5)], ["b"]) == ["c"]
+    assert merge_candidates(["a", "b"], [], {"a"}) == ["a", "b"]  # the caller filters first
+
+
+def test_retrieve_batch_takes_neighbours_then_trending_then_newest() -> None:
+    catalogue, vectors = random_catalogue(60, seed=10, dated=True)
+    sources = CandidateSources(rated_stats(), n_trending=2, n_new=2)
+    # The last user sits between m1 (trending) and m59 (newest): both are neighbours.
+    between = rows_unit((vectors[1] + vectors[59])[None])
+    queries = np.concatenate([users(3, seed=11), between]).astype(np.float32)
+    newest = [f"m{i}" for i in range(59, -1, -1)]
+    assert catalogue.newest(3) == newest[:3]
+    excludes = [
+        set(),
+        {"m0", "m59", cosine_order(vectors, queries[1])[0], "not-in-catalogue"},
+        {"m0", "m1", "m2", "m58", "m57", *cosine_order(vectors, queries[2])[1:4]},
+        set(),
+    ]
+    out = retrieve_batch(queries, excludes, catalogue, 5, sources)
+    assert len(out) == 4
+    assert set(out[3][0][:2]) == {"m1", "m59"}
+    assert out[3][0][5:] == ["m0", "m2", "m58", "m57"]  # taken ones are not repeated
+    for query, exclude, (candidates, scores) in zip(queries, excludes, out, strict=True):
+        first = [m for m in cosine_order(vectors, query) if m not in exclude][:5]
+        trend = [m for m in TRENDING if m not in exclude and m not in first][:2]
+        new = [m for m in newest if m not in exclude and m not in first + trend][:2]
+        assert candidates == first + trend + new
+        assert not set(candidates) & exclude
+        assert len(set(candidates)) == len(candidates)
+        assert "ghost" not in candidates
+        assert scores.shape == (5,)
+        np.testing.assert_allclose(
+            scores, rows_unit(vectors[[int(m[1:]) for m in first]]) @ query, rtol=1e-5
+        )
+    # Without sources only the neighbours; the same ones.
+    plain = retrieve_batch(queries, excludes, catalogue, 5)
+    assert [c for c, _ in plain] == [c[:5] for c, _ in out]
+
+
+def test_retrieve_batch_edge_cases() -> None:
+    sources = CandidateSources(rated_stats(), n_trending=2, n_new=2)
+    empty = retrieve_batch(users(2, 12), [(), ()], Catalogue(), 5, sources)
+    assert [c for c, _ in empty] == [[], []]
+    catalogue, _ = random_catalogue(8, dated=True)
+    everything = {f"m{i}" for i in range(8)}
+    out = retrieve_batch(users(2, 13), [everything, everything - {"m3"}], catalogue, 5, sources)
+    assert out[0][0] == []
+    assert out[1][0] == ["m3"]  # the only movie left, however it is found
+    assert retrieve_batch(np.zeros((0, DIM), dtype=np.float32), [], catalogue, 5, sources) == []
+
+
+def test_candidate_sources_features() -> None:
+    catalogue, _ = random_catalogue(10, dated=True)
+    stats = rated_stats()
+    sources = CandidateSources(stats)
+    ids = ["m3", "m0", "m9"]
+    np.testing.assert_array_equal(
+        sources.features(catalogue, ids), stats.features(ids, [1903, 1900, 1909])
+    )
+    rated = [["m0", "m4"], [], ["ghost"]]
+    np.testing.assert_array_equal(
+        sources.user_features([2, 0, 1], [4.0, 3.5, 2.0], rated),
+        user_features_batch([2, 0, 1], [4.0, 3.5, 2.0], [stats.rated_offset(r) for r in rated]),
+    )
+    assert Reranker(small_ranker(), sources).item_stats is stats
+
+
+def small_ranker() -> Ranker:
+    """A real, untrained two-tower net: what it scores does not matter here, only that
+    its candidates are the right ones."""
+    torch.manual_seed(0)
+    net = TwoTowerNet(DIM, embed_dim=8, hidden=16, feature_hidden=8, rating_hidden=8)
+    return Ranker(net)
+
+
+def test_recommend_batch_with_a_reranker_never_returns_an_excluded_movie() -> None:
+    torch.set_num_threads(1)
+    catalogue, vectors = random_catalogue(80, seed=14, dated=True)
+    stats = rated_stats()
+    reranker = Reranker(small_ranker(), CandidateSources(stats, n_trending=3, n_new=3))
+    queries = users(6, seed=15)
+    # Each user rated their nearest movies and the most trending and newest ones.
+    excludes = [
+        {*cosine_order(vectors, q)[: 2 * row], *TRENDING[:row], *[f"m{79 - j}" for j in range(row)]}
+        for row, q in enumerate(queries)
+    ]
+    ufeats = reranker.sources.user_features(
+        [len(e) for e in excludes], [3.5 + 0.1 * i for i in range(6)], [sorted(e) for e in excludes]
+    )
+
+    def ranked(
+        queries: np.ndarray, excludes: list[set[str]], features: np.ndarray | None
+    ) -> list[list[ScoredItem]]:
+        return recommend_batch(
+            queries,
+            excludes,
+            catalogue,
+            k=6,
+            n_candidates=8,
+            mmr_lambda=0.7,
+            reranker=reranker,
+            user_features=features,
+        )
+
+    batch = ranked(queries, excludes, ufeats)
+    retrieved = retrieve_batch(queries, excludes, catalogue, 8, reranker.sources)
+    for exclude, lst, (candidates, _) in zip(excludes, batch, retrieved, strict=True):
+        ids = [s.movie_id for s in lst]
+        assert len(ids) == 6 == len(set(ids))
+        assert not set(ids) & exclude
+        assert set(ids) <= set(candidates)
+        assert [s.rank for s in lst] == [1, 2, 3, 4, 5, 6]
+        assert all(s.predicted_rating is not None and 0.5 <= s.predicted_rating <= 5.0 for s in lst)
+    single = [
+        recommend(
+            q,
+            e,
+            catalogue,
+            k=6,
+            n_candidates=8,
+            mmr_lambda=0.7,
+            reranker=reranker,
+            user_features=f,
+        )
+        for q, e, f in zip(queries, excludes, ufeats, strict=True)
+    ]
+    for one, many in zip(single, batch, strict=True):
+        assert [s.movie_id for s in one] == [s.movie_id for s in many]
+        np.testing.assert_allclose(
+            [s.score for s in one], [s.score for s in many], rtol=1e-5, atol=1e-5
+        )
+    # A user who rated all but three gets those three, trending and new ones included.
+    left = {"m0", "m79", "m40"}
+    rated = {f"m{i}" for i in range(80)} - left
+    (only,) = ranked(queries[:1], [rated], ufeats[:1])
+    assert {s.movie_id for s in only} == left
+    without = recommend_batch(queries, excludes, catalogue, k=6, n_candidates=8, mmr_lambda=0.7)
+    assert all(s.predicted_rating is None for lst in without for s in lst)
+    with pytest.raises(ValueError, match="user_features"):
+        ranked(queries, excludes, None)
+    with pytest.raises(ValueError, match="user_features"):
+        ranked(queries, excludes, ufeats[:2])
