@@ -26,7 +26,7 @@ REPLAY_ARGS := $(if $(LIMIT),--limit $(LIMIT)) $(if $(RATE),--rate $(RATE)) \
 	$(if $(TIME_SCALE),--time-scale $(TIME_SCALE))
 
 .PHONY: help venv data up down status recs replay test test-fast lint bench eval eval-stream train \
-	up-docker down-docker clean distclean
+	ablation up-docker down-docker clean distclean
 
 help: ## list the targets
 	@echo "usage: make <target>   (replay takes LIMIT=, RATE=, TIME_SCALE=)"
@@ -80,6 +80,9 @@ bench: venv data ## end-to-end throughput/latency/RSS on the running stack (LIMI
 
 train: venv data ## train the item encoder, user updater and ranker on TRAIN into models/
 	@$(PY) -m infra.train
+
+ablation: venv data ## item-encoder ablation ladder on the validation split; reports/ablation.*
+	@$(PY) -m infra.ablation
 
 eval: venv data ## protocol T1 in process, every model; reports/ (TEST_LIMIT=, VALIDATION=1)
 	@$(PY) -m infra.eval run $(if $(TEST_LIMIT),--test-limit $(TEST_LIMIT)) \
