@@ -162,21 +162,34 @@ def ranker_examples(
 
 
 def plot_losses(histories: dict[str, dict[str, list[float]]], path: Path) -> None:
-    """One panel per stage, every per-epoch loss curve it recorded."""
+    """One panel per stage: every per-epoch loss and RMSE curve it recorded, and on a
+    second axis (dashed) its validation NDCG@10 curves, e.g. the ranker's against the
+    same candidates in plain cosine order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 4), dpi=110)
+    fig, axes = plt.subplots(1, len(histories), figsize=(5.5 * len(histories), 5), dpi=110)
     for ax, (stage, history) in zip(np.atleast_1d(axes), histories.items(), strict=True):
         for name, values in history.items():
             if values and ("loss" in name or "rmse" in name):
                 ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+        handles, labels = ax.get_legend_handles_labels()
+        ndcg = {name: values for name, values in history.items() if values and "ndcg" in name}
+        if ndcg:
+            twin = ax.twinx()
+            for name, values in ndcg.items():
+                twin.plot(range(1, len(values) + 1), values, linestyle="--", marker="x", label=name)
+            twin.set_ylabel("validation NDCG@10 (dashed)")
+            more = twin.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
         ax.set_title(stage)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(
+            handles, labels, fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.15)
+        )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
