@@ -9,12 +9,14 @@ shapes do not fit is refused with a ``ConfigurationError`` that names the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from shared.exceptions import ConfigurationError
 
@@ -106,3 +108,14 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Pa
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ConfigurationError(f"checkpoint {where} does not fit its config: {exc}") from exc
+
+
+def state_digest(net: nn.Module) -> str:
+    """SHA-256 hex digest of a net's weights (every ``state_dict`` entry by name): two
+    nets digest equal exactly when their weights are equal. Versions of trained models
+    are built from it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -43,7 +43,6 @@ candidates, which is recorded next to plain cosine order's on the same rows.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -59,7 +58,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shared.exceptions import ConfigurationError, NumericalError
-from shared.models.checkpoint import load_checkpoint, load_into, save_checkpoint
+from shared.models.checkpoint import load_checkpoint, load_into, save_checkpoint, state_digest
 from shared.models.item_stats import (
     ITEM_FEATURE_NAMES,
     N_ITEM_FEATURES,
@@ -492,11 +491,7 @@ class TwoTowerNet(nn.Module):
 
 def weights_version(net: TwoTowerNet) -> str:
     """``two-tower-v2-<8 hex>``: a digest of the weights, so two trainings differ."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return f"{VERSION_PREFIX}-{digest.hexdigest()[:8]}"
+    return f"{VERSION_PREFIX}-{state_digest(net)[:8]}"
 
 
 # --- inference ------------------------------------------------------------------------------

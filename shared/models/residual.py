@@ -22,7 +22,6 @@ user-profile service; ``save_residual`` / ``load_residual_updater`` store it as 
 from __future__ import annotations
 
 import copy
-import hashlib
 import heapq
 import logging
 import math
@@ -41,7 +40,7 @@ from tqdm import tqdm
 
 from shared.events import RatingSubmitted
 from shared.exceptions import ConfigurationError, NumericalError
-from shared.models.checkpoint import load_checkpoint, load_into, save_checkpoint
+from shared.models.checkpoint import load_checkpoint, load_into, save_checkpoint, state_digest
 from shared.models.training import BestEpoch
 from shared.models.updater import (
     DEFAULT_PRIOR_RATING,
@@ -250,11 +249,7 @@ class ResidualNet(nn.Module):
 
 def weights_version(net: ResidualNet) -> str:
     """``residual-v1-<8 hex>``: a digest of the weights, so two trainings differ."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return f"{VERSION_PREFIX}-{digest.hexdigest()[:8]}"
+    return f"{VERSION_PREFIX}-{state_digest(net)[:8]}"
 
 
 # --- the online updater ------------------------------------------------------------------
