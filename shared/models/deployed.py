@@ -91,9 +91,7 @@ def build_user_updater(settings: Settings) -> UserUpdater:
     if path is not None and _compatible(settings, path, RESIDUAL_KIND) is not None:
         from shared.models.residual import load_residual_updater
 
-        encoder = item_encoder_config(settings)
-        dim = None if encoder is None else int(encoder["out_dim"])
-        updater = load_residual_updater(path, expected_dim=dim)
+        updater = load_residual_updater(path, expected_dim=_encoder_dim(settings))
         log.info("user updater: trained %s from %s", updater.model_version, path)
         return updater
     baseline = RatingWeightedMean()
@@ -113,13 +111,17 @@ def build_reranker(settings: Settings) -> Reranker | None:
     if path is not None and _compatible(settings, path, RANKER_KIND) is not None:
         from shared.models.ranker import load_ranker
 
-        encoder = item_encoder_config(settings)
-        dim = None if encoder is None else int(encoder["out_dim"])
-        ranker = load_ranker(path, expected_dim=dim)
+        ranker = load_ranker(path, expected_dim=_encoder_dim(settings))
         log.info("ranker: trained %s from %s", ranker.model_version, path)
         return Reranker(ranker, CandidateSources(ranker.new_item_stats()))
     log.info("ranker: none, candidates ranked by cosine (%s)", _why(settings, RANKER))
     return None
+
+
+def _encoder_dim(settings: Settings) -> int | None:
+    """The deployed item encoder's output dimension, None for the baseline encoder."""
+    encoder = item_encoder_config(settings)
+    return None if encoder is None else int(encoder["out_dim"])
 
 
 def _why(settings: Settings, name: str) -> str:

@@ -46,6 +46,7 @@ from shared.models.updater import (
     DEFAULT_PRIOR_RATING,
     DEFAULT_PRIOR_STRENGTH,
     UserState,
+    check_learn_rows,
     shrunk_mean_rating,
 )
 from shared.types import Matrix, MovieId, Vector
@@ -306,20 +307,9 @@ class ResidualUpdater:
             NumericalError, ValueError: as ``learn_one``, for any row.
         """
         n = len(states)
-        if not len(item_vectors) == len(ratings) == len(times) == n:
-            raise ValueError("states, item_vectors, ratings and times must have one row each")
+        items, stars = check_learn_rows(states, item_vectors, ratings, times, self.dim)
         if n == 0:
             return []
-        items = np.stack([np.asarray(v, dtype=np.float32) for v in item_vectors])
-        if items.ndim != 2 or items.shape[1] != self.dim:
-            raise ValueError(
-                f"item vectors must be 1-D of dimension {self.dim}, got shape {items.shape[1:]}"
-            )
-        stars = np.asarray(ratings, dtype=np.float64)
-        if not np.isfinite(stars).all():
-            raise NumericalError("rating is not finite")
-        if not np.isfinite(items).all():
-            raise NumericalError("NaN or infinity in item vector")
         users = np.empty((n, self.dim), dtype=np.float64)
         gaps = np.zeros(n, dtype=np.float64)
         counts = np.zeros(n, dtype=np.float64)

@@ -198,6 +198,38 @@ def _check_rating(rating: float) -> None:
         raise NumericalError(f"rating is not finite: {rating}")
 
 
+def check_learn_rows(
+    states: Sequence[UserState],
+    item_vectors: Sequence[Vector],
+    ratings: Sequence[float],
+    times: Sequence[datetime],
+    dim: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The checked inputs of a ``learn_many``: ``(items (n, dim) float32, stars (n,)
+    float64)``; empty arrays for no rows.
+
+    Raises:
+        ValueError: the sequences differ in length, or the item vectors are not 1-D (of
+            dimension ``dim`` when given).
+        NumericalError: a rating or an item vector entry is NaN or infinite.
+    """
+    n = len(states)
+    if not len(item_vectors) == len(ratings) == len(times) == n:
+        raise ValueError("states, item_vectors, ratings and times must have one row each")
+    if n == 0:
+        return np.zeros((0, dim or 0), dtype=np.float32), np.zeros(0)
+    items = np.stack([np.asarray(v, dtype=np.float32) for v in item_vectors])
+    if items.ndim != 2 or (dim is not None and items.shape[1] != dim):
+        size = "" if dim is None else f" of dimension {dim}"
+        raise ValueError(f"item vectors must be 1-D{size}, got shape {items.shape[1:]}")
+    stars = np.asarray(ratings, dtype=np.float64)
+    if not np.isfinite(stars).all():
+        raise NumericalError("rating is not finite")
+    if not np.isfinite(items).all():
+        raise NumericalError("NaN or infinity in item vector")
+    return items, stars
+
+
 class RatingWeightedMean:
     """Baseline: the user vector is the rating-weighted mean of the rated items' vectors.
 
@@ -267,24 +299,16 @@ class RatingWeightedMean:
             NumericalError, ValueError: as ``learn_one``, for any row.
         """
         n = len(states)
-        if not len(item_vectors) == len(ratings) == len(times) == n:
-            raise ValueError("states, item_vectors, ratings and times must have one row each")
         if n == 0:
+            check_learn_rows(states, item_vectors, ratings, times)
             return []
-        items = np.stack([np.asarray(v, dtype=np.float32) for v in item_vectors])
-        if items.ndim != 2:
-            raise ValueError(f"item vectors must be 1-D, got shape {items.shape[1:]}")
+        items, stars = check_learn_rows(states, item_vectors, ratings, times)
         dim = items.shape[1]
         for state in states:
             if state.vector is not None and state.vector.shape != (dim,):
                 raise ValueError(
                     f"item vector has dimension {dim}, the user state {state.vector.shape[0]}"
                 )
-        stars = np.asarray(ratings, dtype=np.float64)
-        if not np.isfinite(stars).all():
-            raise NumericalError("rating is not finite")
-        if not np.isfinite(items).all():
-            raise NumericalError("NaN or infinity in item vector")
         sums = np.zeros((n, dim), dtype=np.float32)
         for i, state in enumerate(states):
             if state.vector is not None:
