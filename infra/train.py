@@ -1,7 +1,7 @@
 """``make train``: the fusion item encoder, the residual user updater and the two-tower
 ranker, trained on TRAIN only (protocol T1), written as versioned checkpoints.
 
-    python -m infra.train [--models-dir models] [--seed 0] [--quiet] [--stage ranker]
+    python -m infra.train [--models-dir models] [--seed 0] [--quiet] [--stage rating-model]
 
 Stages, each on the previous one's output:
 
@@ -11,17 +11,21 @@ Stages, each on the previous one's output:
    last 10% (``Split.validation``), over the trained encoder's vectors;
 3. ranker: TRAIN replayed in time order through the trained updater and ``ItemStats``
    gives one example per rating (profile, features and the recommender's candidates
-   *before* it); ``train_ranker`` on the first 90%, the epoch chosen on the last 10%.
+   *before* it); ``train_ranker`` on the first 90%, the epoch chosen on the last 10%;
+4. rating model: ``fit_rating_factors`` (item factors by ALS) on the first 90% of
+   TRAIN; its prequential RMSE on the last 10% is recorded next to the ranker's rating
+   head's.
 
-The updater and ranker configs record the item encoder's version they were trained on
+The updater, ranker and rating-model configs record the item encoder's version they were trained on
 (``item_encoder_version``); the services refuse them with any other encoder. Writes
-``models/{item-encoder,user-updater,ranker}/``, ``reports/train.json``,
+``models/{item-encoder,user-updater,ranker,rating-model}/``, ``reports/train.json``,
 ``reports/train-losses.png`` and ``reports/embedding-space.png``. TEST is never read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,7 +49,13 @@ from shared.evaluation.split import Split, temporal_split
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.exceptions import ConfigurationError
 from shared.models.checkpoint import read_config
-from shared.models.deployed import ITEM_ENCODER, RANKER, USER_UPDATER
+from shared.models.deployed import (
+    ITEM_ENCODER,
+    RANKER,
+    RANKER_KIND,
+    RATING_MODEL,
+    USER_UPDATER,
+)
 from shared.models.device import resolve_device
 from shared.models.fusion import KIND as FUSION_KIND
 from shared.models.fusion import (
@@ -58,6 +68,12 @@ from shared.models.fusion import (
 from shared.models.image import load_image_encoder
 from shared.models.item_stats import ItemStats
 from shared.models.ranker import ExampleBuilder, RankerExamples, save_ranker, train_ranker
+from shared.models.rating import (
+    RatingParams,
+    fit_rating_factors,
+    prequential_rmse,
+    save_rating_model,
+)
 from shared.models.residual import KIND as RESIDUAL_KIND
 from shared.models.residual import (
     ResidualUpdater,
@@ -73,7 +89,10 @@ from shared.types import Matrix, MovieId, UserId
 
 log = logging.getLogger("infra.train")
 
-STAGES = ("item-encoder", "user-updater", "ranker")
+N_RISING = int(os.environ.get("REELSTREAM_N_RISING", "0"))
+"""Candidates from ``ItemStats.rising`` per example (0: no such pool)."""
+
+STAGES = ("item-encoder", "user-updater", "ranker", "rating-model")
 """The stages in training order; ``--stage`` starts from one of them."""
 
 
@@ -335,43 +354,87 @@ def train_all(
     log.info("user updater %s in %.0f s", rconfig["version"], time.perf_counter() - began)
 
     began = time.perf_counter()
-    rows = {m: i for i, m in enumerate(ids)}
-    sources = CandidateSources(ItemStats())
-    examples, positions = ranker_examples(
-        split.train,
-        updater,
-        catalogue_of(dataset, ids, vectors, config["version"]),
-        rows,
-        vectors,
-        sources,
-        settings.n_candidates,
-        progress,
+    if first <= STAGES.index("ranker"):
+        rows = {m: i for i, m in enumerate(ids)}
+        sources = CandidateSources(ItemStats(), n_rising=N_RISING)
+        examples, positions = ranker_examples(
+            split.train,
+            updater,
+            catalogue_of(dataset, ids, vectors, config["version"]),
+            rows,
+            vectors,
+            sources,
+            settings.n_candidates,
+            progress,
+        )
+        n_fit = sum(1 for p in positions if p < len(val.train))
+        fit_rows, val_rows = examples.subset(slice(0, n_fit)), examples.subset(slice(n_fit, None))
+        knet, kconfig, khistory = train_ranker(
+            fit_rows,
+            vectors,
+            validation=val_rows,
+            item_stats_params=sources.item_stats.params(),
+            seed=seed,
+            progress=progress,
+        )
+        kconfig["item_encoder_version"] = config["version"]
+        kconfig["user_updater_version"] = rconfig["version"]
+        kconfig["candidate_pools"] = {
+            "n_trending": sources.n_trending,
+            "n_new": sources.n_new,
+            "n_rising": sources.n_rising,
+        }
+        save_ranker(models_dir / RANKER, knet, kconfig)
+        histories["ranker (two-tower)"] = khistory
+        record["stages"]["ranker"] = {
+            "version": kconfig["version"],
+            "seconds": time.perf_counter() - began,
+            "examples": len(fit_rows),
+            "validation_examples": len(val_rows),
+            "validation": kconfig["training"]["validation"],
+        }
+        log.info("ranker %s in %.0f s", kconfig["version"], time.perf_counter() - began)
+    else:
+        kconfig = read_config(models_dir / RANKER, RANKER_KIND)
+        if kconfig.get("item_encoder_version") != config["version"]:
+            raise ConfigurationError(
+                f"{models_dir / RANKER} was trained on item encoder "
+                f"{kconfig.get('item_encoder_version')}, not {config['version']}: "
+                "retrain from --stage ranker"
+            )
+
+    began = time.perf_counter()
+    fit = fit_rating_factors(val.train, seed=seed, progress=progress)
+    rating_model = save_rating_model(
+        models_dir / RATING_MODEL,
+        fit,
+        RatingParams(),
+        {"item_encoder_version": config["version"]},
     )
-    n_fit = sum(1 for p in positions if p < len(val.train))
-    fit_rows, val_rows = examples.subset(slice(0, n_fit)), examples.subset(slice(n_fit, None))
-    knet, kconfig, khistory = train_ranker(
-        fit_rows,
-        vectors,
-        validation=val_rows,
-        item_stats_params=sources.item_stats.params(),
-        seed=seed,
-        progress=progress,
-    )
-    kconfig["item_encoder_version"] = config["version"]
-    kconfig["user_updater_version"] = rconfig["version"]
-    save_ranker(models_dir / RANKER, knet, kconfig)
-    histories["ranker (two-tower)"] = khistory
-    record["stages"]["ranker"] = {
-        "version": kconfig["version"],
+    vectors_of = {m: vectors[i] / np.linalg.norm(vectors[i]) for i, m in enumerate(ids)}
+    rmse = prequential_rmse(rating_model, val.train, val.test, vectors_of, ItemStats())
+    record["stages"]["rating_model"] = {
+        "version": rating_model.model_version,
         "seconds": time.perf_counter() - began,
-        "examples": len(fit_rows),
-        "validation_examples": len(val_rows),
-        "validation": kconfig["training"]["validation"],
+        "validation_rmse": rmse,
+        "ranker_head_validation_rmse": kconfig["training"]["validation"].get("val_rmse"),
     }
-    log.info("ranker %s in %.0f s", kconfig["version"], time.perf_counter() - began)
+    log.info(
+        "rating model %s in %.0f s: validation RMSE %.4f",
+        rating_model.model_version,
+        time.perf_counter() - began,
+        rmse,
+    )
 
     reports.mkdir(parents=True, exist_ok=True)
-    plot_losses(histories, reports / "train-losses.png")
+    previous = reports / "train.json"
+    if first > 0 and previous.is_file():
+        # Stages loaded from checkpoints keep their record and curves from the last run.
+        old = json.loads(previous.read_text())
+        record["stages"] = {**old.get("stages", {}), **record["stages"]}
+        histories = {**old.get("histories", {}), **histories}
+    if histories:
+        plot_losses(histories, reports / "train-losses.png")
     record["trajectory_user"] = plot_embedding(
         dataset, ids, vectors, updater, split.train, reports / "embedding-space.png"
     )

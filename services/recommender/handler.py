@@ -63,7 +63,8 @@ def handle_user_profiles(
 
     Ranking: with a ``reranker`` (the trained two-tower ranker and the online item
     features) the retrieved candidates are scored by it before MMR; the items' ``score``
-    is then its logit and ``predicted_rating`` its predicted stars. Without one, ``score``
+    is then its logit and ``predicted_rating`` the stars its rating model predicts from
+    the profile's ratings (its rating head when the profile carries none). Without one, ``score``
     is the cosine relevance and ``predicted_rating`` the profile's ``mean_rating``
     clipped to [0.5, 5] (the baseline rating predictor).
     ``latency_ms`` is ``now - cause_published_at`` in milliseconds, never negative
@@ -109,6 +110,7 @@ def handle_user_profiles(
                 [p.mean_rating for p in profiles],
                 [p.rated for p in profiles],
             ),
+            histories=[(p.rated, p.ratings) for p in profiles],
         )
     item_version = catalogue.model_version
     ranker_version = "none" if reranker is None else reranker.ranker.model_version

@@ -130,7 +130,11 @@ class _Batch:
                 continue
             offset = incoming.source.offset
             self.current[user] = replace(
-                new.after(event.movie_id, offset if offset is not None else states[i].last_offset),
+                new.after(
+                    event.movie_id,
+                    event.rating,
+                    offset if offset is not None else states[i].last_offset,
+                ),
                 model=self.updater.model_version,
             )
             self.applied[user] = incoming
@@ -150,6 +154,7 @@ class _Batch:
             n_ratings=state.n_ratings,
             mean_rating=self.updater.mean_rating(state),
             rated=list(state.rated),
+            ratings=list(state.ratings),
             model_version=version,
             cause_event_id=cause.event.event_id,
             # Without a broker timestamp the latency clock starts now (never negative).

@@ -148,13 +148,19 @@ class PipelineModel:
         return [item.movie_id for item in current.items[:k]]
 
     def predict_rating(self, user_id: UserId, movie_id: MovieId) -> float:
-        """The recommender's ``predicted_rating``: with a ranker, its rating head on the
-        user's current profile (the movie's shrunk mean rating before the user's first
-        rating, when there is no profile); without one, the baseline's one number per
-        user from the current list, the profile's mean rating when the list is empty,
-        the prior before any rating."""
+        """The recommender's ``predicted_rating``. With a ranker: its rating model on the
+        user's ratings so far (the movie's shrunk mean before the first), or without
+        one its rating head on the user's current profile (the shrunk mean before the
+        first rating). Without a ranker, the baseline's one number per user from the
+        current list, the profile's mean rating when the list is empty, the prior
+        before any rating."""
         profile = self._profiles.get(user_id)
         fallback = self._cold_prediction if profile is None else profile.mean_rating
+        if self._reranker is not None and movie_id in self.catalogue:
+            history = ((), ()) if profile is None else (profile.rated, profile.ratings)
+            stars = self._reranker.predict_ratings(self.catalogue, history, [movie_id])
+            if stars is not None:
+                return float(stars[0])
         if self._reranker is not None and profile is None:
             # No profile, so no list yet: the movie's shrunk mean rating so far.
             return self._reranker.item_stats.shrunk_mean(movie_id)

@@ -25,6 +25,7 @@ from pydantic import (
     PlainValidator,
     StringConstraints,
     WithJsonSchema,
+    model_validator,
 )
 
 from shared.types import Vector
@@ -214,11 +215,22 @@ class UserProfileUpdated(Event):
     """Shrunk mean of the user's ratings (stars); a simple rating predictor."""
     rated: list[Id]
     """Every movie the user has rated: never recommended back."""
+    ratings: list[Annotated[float, Field(ge=0.5, le=5.0, allow_inf_nan=False)]] = []
+    """The user's latest stars for each movie of ``rated``, same order (the rating
+    predictor's input); empty from producers that do not send them."""
     model_version: str
     cause_event_id: Id
     cause_published_at: Timestamp
     """Broker timestamp of the rating that caused this update (start of ``latency_ms``)."""
     updated_at: Timestamp
+
+    @model_validator(mode="after")
+    def _ratings_match_rated(self) -> UserProfileUpdated:
+        if self.ratings and len(self.ratings) != len(self.rated):
+            raise ValueError(
+                f"ratings has {len(self.ratings)} entries but rated has {len(self.rated)}"
+            )
+        return self
 
 
 class RecommendedItem(BaseModel):

@@ -1,9 +1,10 @@
 """Which model each service runs: the trained checkpoint named by settings, or the
 baseline, said at start.
 
-``make train`` writes three checkpoints under ``Settings.models_dir``: ``item-encoder``
-(fusion MLP), ``user-updater`` (residual network) and ``ranker`` (two-tower). The updater
-and the ranker were trained on the item encoder's vectors and record its version
+``make train`` writes four checkpoints under ``Settings.models_dir``: ``item-encoder``
+(fusion MLP), ``user-updater`` (residual network), ``ranker`` (two-tower) and
+``rating-model`` (item factors of the rating predictor). The later ones were trained on,
+or tuned with, the item encoder's vectors and record its version
 (``item_encoder_version``); a service refuses such a checkpoint when the deployed item
 encoder is another one (its vectors would be meaningless to them) and falls back to the
 baseline instead, with a warning that says why.
@@ -20,6 +21,7 @@ from shared.models.checkpoint import read_config
 from shared.models.device import resolve_device
 from shared.models.image import load_image_encoder
 from shared.models.item_encoder import ItemEncoder, build_item_encoder
+from shared.models.rating import RatingModel, load_rating_model
 from shared.models.text import TextEncoder
 from shared.models.updater import RatingWeightedMean, UserUpdater
 from shared.retrieval.recommend import CandidateSources, Reranker
@@ -29,10 +31,12 @@ log = logging.getLogger(__name__)
 ITEM_ENCODER = "item-encoder"
 USER_UPDATER = "user-updater"
 RANKER = "ranker"
+RATING_MODEL = "rating-model"
 
 FUSION_KIND = "fusion-item-encoder"
 RESIDUAL_KIND = "residual-updater"
 RANKER_KIND = "two-tower-ranker"
+RATING_KIND = "rating-model"
 
 
 def item_encoder_config(settings: Settings) -> dict[str, Any] | None:
@@ -101,8 +105,9 @@ def build_user_updater(settings: Settings) -> UserUpdater:
 
 def build_reranker(settings: Settings) -> Reranker | None:
     """The trained two-tower ranker with fresh online item features when its checkpoint
-    fits the deployed item encoder; else None (candidates are ranked by cosine). Logs
-    which and why.
+    fits the deployed item encoder; else None (candidates are ranked by cosine). With it
+    the rating model when its checkpoint fits too (else the ranker's rating head
+    predicts ratings). Logs which and why.
 
     Raises:
         ConfigurationError: the checkpoint exists but cannot be read or does not fit.
@@ -113,8 +118,31 @@ def build_reranker(settings: Settings) -> Reranker | None:
 
         ranker = load_ranker(path, expected_dim=_encoder_dim(settings))
         log.info("ranker: trained %s from %s", ranker.model_version, path)
-        return Reranker(ranker, CandidateSources(ranker.new_item_stats()))
+        return Reranker(
+            ranker,
+            CandidateSources(ranker.new_item_stats(), **ranker.candidate_pools),
+            build_rating_model(settings),
+        )
     log.info("ranker: none, candidates ranked by cosine (%s)", _why(settings, RANKER))
+    return None
+
+
+def build_rating_model(settings: Settings) -> RatingModel | None:
+    """The trained rating predictor when its checkpoint fits the deployed item encoder;
+    else None. Logs which and why.
+
+    Raises:
+        ConfigurationError: the checkpoint exists but cannot be read.
+    """
+    path = settings.checkpoint(RATING_MODEL)
+    if path is not None and _compatible(settings, path, RATING_KIND) is not None:
+        model = load_rating_model(path)
+        log.info("rating model: trained %s from %s", model.model_version, path)
+        return model
+    log.info(
+        "rating model: none, the ranker's rating head predicts (%s)",
+        _why(settings, RATING_MODEL),
+    )
     return None
 
 

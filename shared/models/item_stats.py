@@ -236,6 +236,14 @@ class ItemStats:
             return 0.0
         return (entry[3] - entry[2] * self.global_mean) / (entry[2] + self.prior_strength)
 
+    def offsets(self, movie_ids: Sequence[MovieId]) -> np.ndarray:
+        """``shrunk_mean - global_mean`` of each movie (0.0 for a movie without ratings),
+        float64 ``(len(movie_ids),)``."""
+        items = self._items
+        return np.fromiter(
+            (self._offset(items.get(m)) for m in movie_ids), dtype=np.float64, count=len(movie_ids)
+        )
+
     def rated_offset(self, movie_ids: Sequence[MovieId]) -> float:
         """Mean item bias (``mean_offset``) of the movies, 0.0 for none: the user feature
         ``rated_offset`` of a user who rated them."""
@@ -303,10 +311,20 @@ class ItemStats:
     def trending(self, n: int) -> list[MovieId]:
         """The ``n`` movies with the highest (long-memory) decayed count, highest first
         (ties: the movie first rated earlier). Costs one pass over the rated movies."""
+        return self._top(0, n)
+
+    def rising(self, n: int) -> list[MovieId]:
+        """``trending`` by the short-memory count: the movies rated most in the last few
+        ``fast_half_life`` events, such as a new release that just came out."""
+        return self._top(1, n)
+
+    def _top(self, column: int, n: int) -> list[MovieId]:
         if n <= 0 or not self._items:
             return []
         ids = list(self._items)
-        counts = np.fromiter((v[0] for v in self._items.values()), dtype=np.float64, count=len(ids))
+        counts = np.fromiter(
+            (v[column] for v in self._items.values()), dtype=np.float64, count=len(ids)
+        )
         n = min(n, len(ids))
         top = np.argpartition(-counts, n - 1)[:n] if n < len(ids) else np.arange(len(ids))
         order = top[np.lexsort((top, -counts[top]))]

@@ -519,6 +519,9 @@ class Ranker:
         model_version: published with every recommendation (default: the weights' digest).
         item_stats_params: ``ItemStats`` parameters the net was trained with (default:
             ``ItemStats``'s defaults); ``new_item_stats`` builds a matching one.
+        candidate_pools: how many candidates each extra pool added in training
+            (``CandidateSources`` fields ``n_trending``, ``n_new``, ``n_rising``; default:
+            its defaults); serving builds its sources with the same.
     """
 
     def __init__(
@@ -526,10 +529,12 @@ class Ranker:
         net: TwoTowerNet,
         model_version: str | None = None,
         item_stats_params: dict[str, float] | None = None,
+        candidate_pools: dict[str, int] | None = None,
     ) -> None:
         self.net = net.eval()
         self.model_version = model_version or weights_version(net)
         self.item_stats_params = dict(item_stats_params or ItemStats().params())
+        self.candidate_pools = dict(candidate_pools or {})
 
     @property
     def dim(self) -> int:
@@ -717,6 +722,7 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
         )
         stats_params = {k: float(v) for k, v in dict(config["item_stats"]).items()}
         ItemStats(**stats_params)
+        pools = {str(k): int(v) for k, v in dict(config.get("candidate_pools", {})).items()}
         names = (tuple(config["user_feature_names"]), tuple(config["item_feature_names"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigurationError(
@@ -733,7 +739,7 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
             f"the item encoder gives {expected_dim}-d"
         )
     load_into(net, state, Path(directory))
-    ranker = Ranker(net, str(config["version"]), stats_params)
+    ranker = Ranker(net, str(config["version"]), stats_params, pools)
     log.info("ranker loaded version=%s dim=%d dir=%s", ranker.model_version, dim, directory)
     return ranker
 

@@ -350,6 +350,7 @@ class ResidualUpdater:
                 n_ratings=state.n_ratings + 1,
                 rating_sum=state.rating_sum + float(ratings[i]),
                 rated=state.rated,
+                ratings=state.ratings,
                 last_at=times[i],
                 last_offset=state.last_offset,
             )

@@ -50,6 +50,7 @@ class UserState:
         n_ratings: ratings applied (a re-rating of a movie counts again).
         rating_sum: sum of the applied ratings in stars (for the shrunk mean rating).
         rated: every movie the user rated, first rating order, each once.
+        ratings: the user's latest stars for each movie of ``rated``, same order.
         last_at: ``occurred_at`` of the last applied rating (UTC), None before any.
         last_offset: offset in its ``ratings`` partition of the last applied rating;
             a re-delivered rating at or below it is not applied again.
@@ -60,17 +61,27 @@ class UserState:
     n_ratings: int = 0
     rating_sum: float = 0.0
     rated: tuple[MovieId, ...] = ()
+    ratings: tuple[float, ...] = ()
     last_at: datetime | None = None
     last_offset: int | None = None
     model: str | None = None
     """``model_version`` of the updater that wrote ``vector`` (None: unknown, from before
     states were tagged). Another model cannot read the vector (see ``for_model``)."""
 
-    def after(self, movie_id: MovieId, offset: int | None) -> UserState:
-        """The same state with ``movie_id`` in ``rated`` (once) and ``last_offset`` set:
-        the caller's bookkeeping after a model applied that rating."""
-        rated = self.rated if movie_id in self.rated else (*self.rated, movie_id)
-        return replace(self, rated=rated, last_offset=offset)
+    def after(self, movie_id: MovieId, rating: float, offset: int | None) -> UserState:
+        """The same state with ``movie_id`` in ``rated`` (once; a re-rating keeps its
+        place and replaces its stars in ``ratings``) and ``last_offset`` set: the
+        caller's bookkeeping after a model applied that rating."""
+        if movie_id in self.rated:
+            at = self.rated.index(movie_id)
+            ratings = (*self.ratings[:at], float(rating), *self.ratings[at + 1 :])
+            return replace(self, ratings=ratings, last_offset=offset)
+        return replace(
+            self,
+            rated=(*self.rated, movie_id),
+            ratings=(*self.ratings, float(rating)),
+            last_offset=offset,
+        )
 
     def for_model(self, model_version: str) -> UserState:
         """This state as the updater ``model_version`` can use it: unchanged when that
@@ -87,6 +98,7 @@ class UserState:
             "n": self.n_ratings,
             "s": self.rating_sum,
             "r": list(self.rated),
+            "y": list(self.ratings),
         }
         if self.vector is not None:
             data["v"] = encode_vector(self.vector)
@@ -112,12 +124,21 @@ class UserState:
                 raise TypeError(f"expected a JSON object, got {type(data).__name__}")
             vector = decode_vector(data["v"]) if "v" in data else None
             micros = data.get("t")
+            rated = tuple(str(m) for m in data["r"])
+            if "y" in data:
+                ratings = tuple(float(y) for y in data["y"])
+            else:  # written before states kept ratings: the user's mean stands in
+                mean = float(data["s"]) / int(data["n"]) if int(data["n"]) else 0.0
+                ratings = (mean,) * len(rated)
+            if len(ratings) != len(rated):
+                raise ValueError(f"{len(rated)} rated movies but {len(ratings)} ratings")
             return cls(
                 vector=vector,
                 weight=float(data.get("w", 0.0)),
                 n_ratings=int(data["n"]),
                 rating_sum=float(data["s"]),
-                rated=tuple(str(m) for m in data["r"]),
+                rated=rated,
+                ratings=ratings,
                 last_at=None if micros is None else _EPOCH + int(micros) * _MICROSECOND,
                 last_offset=None if data.get("o") is None else int(data["o"]),
                 model=None if data.get("m") is None else str(data["m"]),
@@ -282,6 +303,7 @@ class RatingWeightedMean:
             n_ratings=state.n_ratings + 1,
             rating_sum=state.rating_sum + float(rating),
             rated=state.rated,
+            ratings=state.ratings,
             last_at=occurred_at,
             last_offset=state.last_offset,
         )
@@ -324,6 +346,7 @@ class RatingWeightedMean:
                 n_ratings=state.n_ratings + 1,
                 rating_sum=state.rating_sum + float(ratings[i]),
                 rated=state.rated,
+                ratings=state.ratings,
                 last_at=times[i],
                 last_offset=state.last_offset,
             )

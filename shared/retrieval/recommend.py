@@ -15,6 +15,7 @@ import numpy as np
 
 from shared.models.item_stats import ItemStats, user_features_batch
 from shared.models.ranker import Ranker
+from shared.models.rating import RatingModel
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.mmr import mmr
 from shared.types import Matrix, MovieId, Vector
@@ -30,7 +31,8 @@ class ScoredItem:
     rank: int
     """Position in the list, 1-based (MMR order)."""
     predicted_rating: float | None = None
-    """Stars the ranker predicts the user gives the item (None without a ranker)."""
+    """Stars the user is predicted to give the item (None without a ranker): the
+    rating model's when the user's ratings are known, else the ranker's rating head."""
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,22 @@ class CandidateSources:
     n_new: int = 50
     """Candidates added from the latest release years, so a new movie can be listed
     before its ratings or its neighbours' pull bring it close to anyone."""
+    n_rising: int = 0
+    """Candidates added from the most-rated movies of the last few hundred ratings
+    (``ItemStats.rising``): a release everyone is rating now, long before its
+    long-memory count makes it trending."""
 
     def pools(self, catalogue: Catalogue, spare: int) -> list[tuple[list[MovieId], int]]:
         """The extra candidate sources of one batch, as ``(movies in order, how many to
         add per user)``; each lists ``spare`` more than it adds, so that a user who
         excluded (rated) up to ``spare`` of them still gets the full number."""
-        trending = [m for m in self.item_stats.trending(self.n_trending + spare) if m in catalogue]
-        return [(trending, self.n_trending), (catalogue.newest(self.n_new + spare), self.n_new)]
+        stats = self.item_stats
+        trending = [m for m in stats.trending(self.n_trending + spare) if m in catalogue]
+        pools = [(trending, self.n_trending), (catalogue.newest(self.n_new + spare), self.n_new)]
+        if self.n_rising > 0:
+            rising = [m for m in stats.rising(self.n_rising + spare) if m in catalogue]
+            pools.append((rising, self.n_rising))
+        return pools
 
     def features(self, catalogue: Catalogue, movie_ids: Sequence[MovieId]) -> Matrix:
         """The ranker's item features of catalogue movies, as of now."""
@@ -71,18 +82,46 @@ class CandidateSources:
         )
 
 
+History = tuple[Sequence[MovieId], Sequence[float]]
+"""A user's rated movies (oldest first) and their stars, as the profile carries them."""
+
+
 @dataclass(frozen=True)
 class Reranker:
-    """The trained ranker between retrieval and MMR and the candidate sources it
-    scores besides the cosine neighbours (``sources``)."""
+    """The trained ranker between retrieval and MMR, the candidate sources it scores
+    besides the cosine neighbours (``sources``), and the rating predictor of listed
+    items (``rating_model``; None: the ranker's rating head)."""
 
     ranker: Ranker
     sources: CandidateSources
+    rating_model: RatingModel | None = None
 
     @property
     def item_stats(self) -> ItemStats:
         """The online item features (``sources.item_stats``)."""
         return self.sources.item_stats
+
+    def predict_ratings(
+        self, catalogue: Catalogue, history: History, targets: Sequence[MovieId]
+    ) -> np.ndarray | None:
+        """The rating model's stars for catalogue movies ``targets`` of a user with this
+        history, or None without a rating model or when the history has no ratings
+        while it has rated movies (a profile from a producer that does not send them).
+        Rated movies outside the catalogue are left out (they have no vector)."""
+        rated, ratings = history
+        index = catalogue.index
+        if self.rating_model is None or index is None or len(ratings) != len(rated):
+            return None
+        kept = [(m, r) for m, r in zip(rated, ratings, strict=True) if m in catalogue]
+        movies = [m for m, _ in kept]
+        return self.rating_model.predict(
+            self.item_stats,
+            movies,
+            [r for _, r in kept],
+            index.vectors(movies),
+            targets,
+            index.vectors(targets),
+        )
 
 
 def merge_candidates(
@@ -127,6 +166,7 @@ def recommend(
     mmr_lambda: float,
     reranker: Reranker | None = None,
     user_features: np.ndarray | None = None,
+    history: History | None = None,
 ) -> list[ScoredItem]:
     """The list of one user; same result as the matching row of ``recommend_batch``."""
     query = np.asarray(user_vector, dtype=np.float32).reshape(1, -1)
@@ -140,6 +180,7 @@ def recommend(
         mmr_lambda=mmr_lambda,
         reranker=reranker,
         user_features=features,
+        histories=None if history is None else [history],
     )[0]
 
 
@@ -193,6 +234,7 @@ def recommend_batch(
     mmr_lambda: float,
     reranker: Reranker | None = None,
     user_features: Matrix | None = None,
+    histories: Sequence[History] | None = None,
 ) -> list[list[ScoredItem]]:
     """Lists of up to ``k`` items for each row of ``user_vectors``, with one index search.
 
@@ -200,8 +242,8 @@ def recommend_batch(
     batch searches with the largest exclude, capped at the catalogue size), drop the
     excluded movies, keep the ``max(n_candidates, k)`` most similar; with a ``reranker``,
     add the trending and newest movies of its ``sources`` (``retrieve_batch``) and score
-    them all with it (relevance = its logits scaled to [0, 1] per list; the
-    items also get its predicted rating), and re-rank them to ``k`` with MMR
+    them all with it (relevance = its logits scaled to [0, 1] per list), and re-rank
+    them to ``k`` with MMR
     (``mmr_lambda`` 1.0 = pure relevance, 0.0 = pure diversity).
     An excluded movie is never returned: a user who has rated nearly everything gets
     fewer than ``k`` items, and an empty catalogue gives empty lists.
@@ -212,6 +254,9 @@ def recommend_batch(
         reranker: the trained ranker and item features; None ranks by cosine.
         user_features: ``(n, N_USER_FEATURES)`` (``CandidateSources.user_features``); required
             with a ``reranker``.
+        histories: per user, the rated movies and their stars: the listed items'
+            predicted ratings come from the reranker's rating model with them
+            (``Reranker.predict_ratings``), from the ranker's rating head without.
 
     Raises:
         ConfigurationError: the vectors' dimension is not the catalogue's, or
@@ -229,6 +274,8 @@ def recommend_batch(
 
     if reranker is not None and (user_features is None or len(user_features) != len(queries)):
         raise ValueError("a reranker needs one row of user_features per user vector")
+    if histories is not None and len(histories) != len(queries):
+        raise ValueError(f"{len(queries)} user vectors but {len(histories)} histories")
     sources = None if reranker is None else reranker.sources
     retrieved = retrieve_batch(queries, excludes, catalogue, max(n_candidates, k), sources)
     lists: list[list[ScoredItem]] = []
@@ -254,9 +301,20 @@ def recommend_batch(
             reranker.sources.features(catalogue, candidates)[None, :, :],
         )
         order = mmr(relevance_scale(logits[0]), vectors, k, mmr_lambda)
+        listed = [candidates[i] for i in order]
+        predicted = (
+            None
+            if histories is None
+            else reranker.predict_ratings(catalogue, histories[row], listed)
+        )
         lists.append(
             [
-                ScoredItem(candidates[i], float(logits[0, i]), rank, float(stars[0, i]))
+                ScoredItem(
+                    candidates[i],
+                    float(logits[0, i]),
+                    rank,
+                    float(stars[0, i] if predicted is None else predicted[rank - 1]),
+                )
                 for rank, i in enumerate(order, start=1)
             ]
         )

@@ -12,6 +12,7 @@ from shared.events import (
     ItemEmbedded,
     MoviePublished,
     RatingSubmitted,
+    UserProfileUpdated,
     decode,
     decode_vector,
     encode,
@@ -116,3 +117,32 @@ def test_item_embedding_round_trip() -> None:
     back = decode(ItemEmbedded, encode(item))
     np.testing.assert_array_equal(back.vector, item.vector)
     assert back.model_dump(exclude={"vector"}) == item.model_dump(exclude={"vector"})
+
+
+def profile(**change: object) -> bytes:
+    base = {
+        "user_id": "7",
+        "vector": encode_vector(np.array([0.6, 0.8], dtype=np.float32)),
+        "n_ratings": 2,
+        "mean_rating": 3.6,
+        "rated": ["1", "2"],
+        "model_version": "test",
+        "cause_event_id": "e1",
+        "cause_published_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-01T00:00:00Z",
+    }
+    return orjson.dumps({**base, **change})
+
+
+def test_a_profile_carries_its_ratings_or_none() -> None:
+    assert decode(UserProfileUpdated, profile(ratings=[4.0, 2.5])).ratings == [4.0, 2.5]
+    assert decode(UserProfileUpdated, profile()).ratings == []  # an older producer
+
+
+@pytest.mark.parametrize(
+    ("ratings", "reason"),
+    [([4.0], "ratings has 1 entries but rated has 2"), ([4.0, 9.0], "less than or equal")],
+)
+def test_profile_ratings_must_match_rated_and_be_stars(ratings: list[float], reason: str) -> None:
+    with pytest.raises(InvalidEventError, match=reason):
+        decode(UserProfileUpdated, profile(ratings=ratings))

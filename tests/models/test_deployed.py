@@ -17,6 +17,7 @@ from shared.events import MoviePublished
 from shared.models.deployed import (
     ITEM_ENCODER,
     RANKER,
+    RATING_MODEL,
     USER_UPDATER,
     build_deployed_item_encoder,
     build_reranker,
@@ -32,7 +33,8 @@ MODELS = REPO / "models"
 
 @pytest.fixture(scope="module")
 def models_dir() -> Path:
-    missing = [n for n in (ITEM_ENCODER, USER_UPDATER, RANKER) if not (MODELS / n).is_dir()]
+    names = (ITEM_ENCODER, USER_UPDATER, RANKER, RATING_MODEL)
+    missing = [n for n in names if not (MODELS / n).is_dir()]
     assert not missing, f"checkpoints {missing} missing from {MODELS}: run `make train`"
     return MODELS
 
@@ -45,6 +47,8 @@ def test_the_committed_checkpoints_are_deployed_together(models_dir: Path) -> No
     assert encoder.model_version.startswith("fusion-")
     assert isinstance(updater, ResidualUpdater)
     assert reranker is not None and reranker.ranker.model_version.startswith("two-tower-")
+    assert reranker.rating_model is not None
+    assert reranker.rating_model.model_version.startswith("fold-in-")
 
     movie = MoviePublished(movie_id="1", title="Toy Story", year=1995, genres=["Animation"])
     [item] = encoder.encode([movie])
@@ -77,6 +81,21 @@ def test_a_checkpoint_trained_for_another_item_encoder_is_not_used(
     with caplog.at_level("WARNING"):
         assert isinstance(build_user_updater(settings), RatingWeightedMean)
         assert build_reranker(settings) is None
+    assert "fusion-v1-00000000" in caplog.text
+
+
+def test_a_rating_model_for_another_item_encoder_leaves_the_ranker_its_rating_head(
+    models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in (ITEM_ENCODER, RANKER, RATING_MODEL):
+        shutil.copytree(models_dir / name, tmp_path / name)
+    config_file = tmp_path / RATING_MODEL / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "item_encoder_version": "fusion-v1-00000000"}))
+
+    with caplog.at_level("WARNING"):
+        reranker = build_reranker(Settings(models_dir=tmp_path, device="cpu"))
+    assert reranker is not None and reranker.rating_model is None
     assert "fusion-v1-00000000" in caplog.text
 
 

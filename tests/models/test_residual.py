@@ -232,12 +232,13 @@ def test_first_rating_is_applied_to_the_prior(updater: ResidualUpdater) -> None:
 
 
 def test_counters_follow_and_bookkeeping_is_untouched(updater: ResidualUpdater) -> None:
-    state = history(updater, 3, seed=8).after("m-1", 41)
+    state = history(updater, 3, seed=8).after("m-1", 3.0, 41)
     new = updater.learn_one(state, unit_rows(1, seed=9)[0], 2.5, T0 + timedelta(days=2))
     assert new.n_ratings == 4
     assert new.rating_sum == pytest.approx(state.rating_sum + 2.5)
     assert new.last_at == T0 + timedelta(days=2)
     assert new.rated == ("m-1",)
+    assert new.ratings == (3.0,)
     assert new.last_offset == 41
     assert new is not state and state.n_ratings == 3  # pure
 
@@ -265,7 +266,7 @@ def test_learn_many_equals_learn_one_row_by_row(updater: ResidualUpdater) -> Non
 
 
 def test_state_survives_serialisation(updater: ResidualUpdater) -> None:
-    state = history(updater, 4, seed=14).after("m-9", 7)
+    state = history(updater, 4, seed=14).after("m-9", 4.0, 7)
     back = UserState.from_bytes(state.to_bytes())
     assert back.vector is not None and state.vector is not None
     np.testing.assert_array_equal(back.vector, state.vector)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import orjson
 import pytest
 
 from shared.exceptions import InvalidEventError, NumericalError
@@ -53,9 +54,10 @@ def assert_states_equal(a: UserState, b: UserState, rtol: float = 1e-6) -> None:
     if a.vector is not None and b.vector is not None:
         np.testing.assert_allclose(a.vector, b.vector, rtol=rtol, atol=1e-7)
     assert a.weight == pytest.approx(b.weight)
-    assert (a.n_ratings, a.rated, a.last_at, a.last_offset) == (
+    assert (a.n_ratings, a.rated, a.ratings, a.last_at, a.last_offset) == (
         b.n_ratings,
         b.rated,
+        b.ratings,
         b.last_at,
         b.last_offset,
     )
@@ -135,14 +137,15 @@ def test_dimension_comes_from_the_items(updater: UserUpdater) -> None:
 
 
 def test_state_survives_serialisation(updater: UserUpdater) -> None:
-    state = history(updater, 5, seed=8).after("m-42", 1234)
-    state = state.after("m-7", 1235)
+    state = history(updater, 5, seed=8).after("m-42", 4.5, 1234)
+    state = state.after("m-7", 2.0, 1235)
 
     raw = state.to_bytes()
     back = UserState.from_bytes(raw)
 
     assert_states_equal(back, state, rtol=0)
     assert back.rated == ("m-42", "m-7")
+    assert back.ratings == (4.5, 2.0)
     assert back.last_offset == 1235
     assert back.last_at == state.last_at  # microseconds kept exactly
     # base64 float32 plus a few counters: the changelog record stays small.
@@ -187,9 +190,22 @@ def test_item_of_another_dimension_is_refused(updater: UserUpdater) -> None:
 
 
 def test_bookkeeping_keeps_each_movie_once_in_first_rating_order() -> None:
-    state = UserState().after("a", 1).after("b", 2).after("a", 3)
+    state = UserState().after("a", 1.0, 1).after("b", 4.0, 2).after("a", 3.5, 3)
     assert state.rated == ("a", "b")
+    assert state.ratings == (3.5, 4.0)  # a re-rating replaces the stars in place
     assert state.last_offset == 3
+
+
+def test_a_state_written_before_ratings_were_kept_reads_with_the_mean() -> None:
+    old = orjson.dumps({"n": 3, "s": 10.5, "r": ["a", "b"]})
+    state = UserState.from_bytes(old)
+    assert state.rated == ("a", "b")
+    assert state.ratings == (3.5, 3.5)
+
+
+def test_a_state_whose_ratings_do_not_match_rated_is_refused() -> None:
+    with pytest.raises(InvalidEventError, match="2 rated movies but 1 ratings"):
+        UserState.from_bytes(orjson.dumps({"n": 2, "s": 7.0, "r": ["a", "b"], "y": [3.0]}))
 
 
 # --- the baseline's arithmetic ---------------------------------------------------------

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.events import ItemEmbedded
+from shared.events import ItemEmbedded, RatingSubmitted
 from shared.exceptions import ConfigurationError
 from shared.models.item_stats import ItemStats, user_features_batch
 from shared.models.ranker import Ranker, TwoTowerNet
+from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.recommend import (
     CandidateSources,
@@ -332,3 +333,67 @@ def test_recommend_batch_with_a_reranker_never_returns_an_excluded_movie() -> No
         ranked(queries, excludes, None)
     with pytest.raises(ValueError, match="user_features"):
         ranked(queries, excludes, ufeats[:2])
+
+
+def small_rating_model() -> RatingModel:
+    """Item factors fitted on a few made-up ratings of the first catalogue movies."""
+    moment = datetime(1990, 6, 1, tzinfo=UTC)
+    ratings = [
+        RatingSubmitted(
+            user_id=str(u), movie_id=f"m{m}", rating=1.0 + (u * m) % 5, occurred_at=moment
+        )
+        for u in range(8)
+        for m in range(10)
+    ]
+    fit = fit_rating_factors(ratings, dim=2)
+    return RatingModel(fit.movie_ids, fit.factors, RatingParams(), (1.0, 5.0), "fold-in-test")
+
+
+def test_listed_items_get_the_rating_models_stars_when_the_ratings_are_known() -> None:
+    torch.set_num_threads(1)
+    catalogue, _ = random_catalogue(30, seed=21, dated=True)
+    reranker = Reranker(
+        small_ranker(), CandidateSources(rated_stats(), n_trending=3, n_new=3), small_rating_model()
+    )
+    queries = users(3, seed=22)
+    histories = [(["m1", "m5"], [5.0, 1.0]), ([], []), (["m2"], [])]  # last: no stars sent
+    excludes = [set(h[0]) for h in histories]
+    features = reranker.sources.user_features(
+        [len(e) for e in excludes], [3.5] * 3, [h[0] for h in histories]
+    )
+
+    def ranked(with_histories: bool) -> list[list[ScoredItem]]:
+        return recommend_batch(
+            queries,
+            excludes,
+            catalogue,
+            k=5,
+            n_candidates=8,
+            mmr_lambda=0.7,
+            reranker=reranker,
+            user_features=features,
+            histories=histories if with_histories else None,
+        )
+
+    rated, head = ranked(True), ranked(False)
+    for row in (0, 1):
+        ids = [s.movie_id for s in rated[row]]
+        assert ids == [s.movie_id for s in head[row]]  # the rating model does not reorder
+        expected = reranker.predict_ratings(catalogue, histories[row], ids)
+        assert expected is not None
+        np.testing.assert_allclose([s.predicted_rating for s in rated[row]], expected)
+        assert not np.allclose(expected, [s.predicted_rating for s in head[row]])
+    # A profile with rated movies but no stars keeps the rating head's prediction.
+    assert [s.predicted_rating for s in rated[2]] == [s.predicted_rating for s in head[2]]
+    with pytest.raises(ValueError, match="3 user vectors but 1 histories"):
+        recommend_batch(
+            queries,
+            excludes,
+            catalogue,
+            k=5,
+            n_candidates=8,
+            mmr_lambda=0.7,
+            reranker=reranker,
+            user_features=features,
+            histories=histories[:1],
+        )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from services.recommender.__main__ import RecommenderWorker
 from services.recommender.handler import handle_item_embeddings, handle_user_profiles
@@ -27,6 +28,7 @@ from shared.events import (
     DeadLetter,
     Event,
     ItemEmbedded,
+    RatingSubmitted,
     RecommendationsGenerated,
     TopicSpec,
     UserProfileUpdated,
@@ -34,7 +36,11 @@ from shared.events import (
 )
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.kafka.publisher import Publisher
+from shared.models.item_stats import ItemStats
+from shared.models.ranker import Ranker, TwoTowerNet
+from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
 from shared.retrieval.catalogue import Catalogue
+from shared.retrieval.recommend import CandidateSources, Reranker
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import produce_raw, read_topic
 
@@ -76,6 +82,7 @@ def profile(
     *,
     mean_rating: float = 3.8,
     published_at: datetime | None = None,
+    ratings: list[float] | None = None,
 ) -> UserProfileUpdated:
     return UserProfileUpdated(
         user_id=user,
@@ -83,6 +90,7 @@ def profile(
         n_ratings=len(rated or []),
         mean_rating=mean_rating,
         rated=rated or [],
+        ratings=ratings or [],
         model_version="mean-v1",
         cause_event_id=new_event_id(),
         cause_published_at=published_at or datetime.now(UTC),
@@ -131,6 +139,34 @@ def test_a_profile_gets_a_list_that_excludes_what_it_rated(catalogue: Catalogue)
     assert rec.latency_ms == pytest.approx(2000.0)
     assert rec.generated_at == NOW
     assert rec.model_version == "user=mean-v1;item=concat-v1;ranker=none;mmr=0.7"
+
+
+def test_with_a_reranker_the_profiles_ratings_give_the_predicted_stars(
+    catalogue: Catalogue,
+) -> None:
+    torch.manual_seed(0)
+    ranker = Ranker(TwoTowerNet(DIM, embed_dim=8, hidden=16, feature_hidden=8, rating_hidden=8))
+    fit = fit_rating_factors(
+        [
+            RatingSubmitted(
+                user_id=str(u), movie_id=f"r{m}", rating=1.0 + (u + 2 * m) % 5, occurred_at=NOW
+            )
+            for u in range(6)
+            for m in range(8)
+        ],
+        dim=2,
+    )
+    rating_model = RatingModel(fit.movie_ids, fit.factors, RatingParams(), (1.0, 5.0), "fold-in-t")
+    reranker = Reranker(ranker, CandidateSources(ItemStats()), rating_model)
+    rated = profile("7", axis(0), ["seen", "r3"], ratings=[5.0, 1.5])
+
+    [rec] = lists(handle_user_profiles([incoming(rated)], catalogue, settings(), NOW, reranker))
+
+    listed = [i.movie_id for i in rec.items]
+    expected = reranker.predict_ratings(catalogue, (["seen", "r3"], [5.0, 1.5]), listed)
+    assert expected is not None
+    np.testing.assert_allclose([i.predicted_rating for i in rec.items], expected)
+    assert f"ranker={ranker.model_version}" in rec.model_version
 
 
 def test_the_last_profile_of_a_user_in_a_batch_wins(catalogue: Catalogue) -> None:

@@ -116,6 +116,7 @@ def test_one_profile_per_user_per_batch_from_all_its_ratings() -> None:
     u1 = profiles["u1"]
     assert u1.n_ratings == 3
     assert u1.rated == ["m0", "m2", "m3"]
+    assert u1.ratings == [5.0, 1.5, 4.0]
     assert u1.cause_event_id == batch[3].event.event_id
     assert u1.cause_published_at == datetime.fromtimestamp(
         (batch[3].source.timestamp_ms or 0) / 1000, UTC
@@ -141,6 +142,7 @@ def test_batches_continue_from_the_stored_state() -> None:
     profile = profiles_of(out)["u"]
     assert profile.n_ratings == 4
     assert profile.rated == ["m0", "m1", "m2"]  # a re-rated movie is listed once
+    assert profile.ratings == [3.0, 2.0, 5.0]  # with its latest stars
     expected = by_hand(vectors, [("m0", 4.0), ("m1", 2.0), ("m2", 5.0), ("m0", 3.0)])
     np.testing.assert_allclose(profile.vector, expected, atol=1e-6)
 
