@@ -114,6 +114,11 @@ def handle_user_profiles(
         )
     item_version = catalogue.model_version
     ranker_version = "none" if reranker is None else reranker.ranker.model_version
+    rating_version = (
+        "none"
+        if reranker is None or reranker.rating_model is None
+        else reranker.rating_model.model_version
+    )
     for profile, scored in zip(profiles, lists, strict=True):
         predicted = float(np.clip(profile.mean_rating, MIN_STARS, MAX_STARS))
         latency_ms = (now - profile.cause_published_at).total_seconds() * 1000.0
@@ -132,7 +137,7 @@ def handle_user_profiles(
             ],
             model_version=(
                 f"user={profile.model_version};item={item_version};"
-                f"ranker={ranker_version};mmr={settings.mmr_lambda:g}"
+                f"ranker={ranker_version};rating={rating_version};mmr={settings.mmr_lambda:g}"
             ),
             cause_event_id=profile.cause_event_id,
             generated_at=now,

@@ -138,7 +138,7 @@ def test_a_profile_gets_a_list_that_excludes_what_it_rated(catalogue: Catalogue)
     assert {i.predicted_rating for i in rec.items} == {5.0}
     assert rec.latency_ms == pytest.approx(2000.0)
     assert rec.generated_at == NOW
-    assert rec.model_version == "user=mean-v1;item=concat-v1;ranker=none;mmr=0.7"
+    assert rec.model_version == "user=mean-v1;item=concat-v1;ranker=none;rating=none;mmr=0.7"
 
 
 def test_with_a_reranker_the_profiles_ratings_give_the_predicted_stars(
@@ -166,7 +166,7 @@ def test_with_a_reranker_the_profiles_ratings_give_the_predicted_stars(
     expected = reranker.predict_ratings(catalogue, (["seen", "r3"], [5.0, 1.5]), listed)
     assert expected is not None
     np.testing.assert_allclose([i.predicted_rating for i in rec.items], expected)
-    assert f"ranker={ranker.model_version}" in rec.model_version
+    assert f"ranker={ranker.model_version};rating=fold-in-t;" in rec.model_version
 
 
 def test_the_last_profile_of_a_user_in_a_batch_wins(catalogue: Catalogue) -> None:
@@ -286,7 +286,7 @@ def test_the_worker_serves_lists_from_the_whole_catalogue_and_follows_new_items(
         assert rec.items[0].movie_id == "hit" and rec.items[0].title == "Movie hit"
         assert not {i.movie_id for i in rec.items} & {"seen", "r3"}
         assert rec.latency_ms >= 0
-        assert rec.model_version == "user=mean-v1;item=concat-v1;ranker=none;mmr=0.7"
+        assert rec.model_version == "user=mean-v1;item=concat-v1;ranker=none;rating=none;mmr=0.7"
 
         # A movie nobody has rated is recommended as soon as it is embedded.
         publish(settings, [(ITEM_EMBEDDINGS, item("fresh", axis(0) + 0.05 * axis(2), "Fresh"))])
