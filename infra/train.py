@@ -96,6 +96,22 @@ STAGES = ("item-encoder", "user-updater", "ranker", "rating-model")
 """The stages in training order; ``--stage`` starts from one of them."""
 
 
+def stage_config(models_dir: Path, stage: str, kind: str, encoder_version: str) -> dict[str, Any]:
+    """The config of a stage's checkpoint that is loaded rather than retrained.
+
+    Raises:
+        ConfigurationError: it was trained on another item encoder than ``encoder_version``.
+    """
+    config = read_config(models_dir / stage, kind)
+    if config.get("item_encoder_version") != encoder_version:
+        raise ConfigurationError(
+            f"{models_dir / stage} was trained on item encoder "
+            f"{config.get('item_encoder_version')}, not {encoder_version}: "
+            f"retrain from --stage {stage}"
+        )
+    return config
+
+
 def catalogue_of(
     dataset: MovieLens, ids: Sequence[MovieId], vectors: Matrix, version: str
 ) -> Catalogue:
@@ -338,13 +354,7 @@ def train_all(
         updater = ResidualUpdater(rnet, rconfig["version"])
         histories["user updater (residual)"] = rhistory
     else:
-        rconfig = read_config(models_dir / USER_UPDATER, RESIDUAL_KIND)
-        if rconfig.get("item_encoder_version") != config["version"]:
-            raise ConfigurationError(
-                f"{models_dir / USER_UPDATER} was trained on item encoder "
-                f"{rconfig.get('item_encoder_version')}, not {config['version']}: "
-                "retrain from --stage user-updater"
-            )
+        rconfig = stage_config(models_dir, "user-updater", RESIDUAL_KIND, config["version"])
         updater = load_residual_updater(models_dir / USER_UPDATER, encoder.dim)
     record["stages"]["user_updater"] = {
         "version": rconfig["version"],
@@ -395,13 +405,7 @@ def train_all(
         }
         log.info("ranker %s in %.0f s", kconfig["version"], time.perf_counter() - began)
     else:
-        kconfig = read_config(models_dir / RANKER, RANKER_KIND)
-        if kconfig.get("item_encoder_version") != config["version"]:
-            raise ConfigurationError(
-                f"{models_dir / RANKER} was trained on item encoder "
-                f"{kconfig.get('item_encoder_version')}, not {config['version']}: "
-                "retrain from --stage ranker"
-            )
+        kconfig = stage_config(models_dir, "ranker", RANKER_KIND, config["version"])
 
     began = time.perf_counter()
     fit = fit_rating_factors(val.train, seed=seed, progress=progress)
