@@ -362,7 +362,7 @@ def test_listed_items_get_the_rating_models_stars_when_the_ratings_are_known() -
         [len(e) for e in excludes], [3.5] * 3, [h[0] for h in histories]
     )
 
-    def ranked(with_histories: bool) -> list[list[ScoredItem]]:
+    def ranked(given: list[tuple[list[str], list[float]]] | None) -> list[list[ScoredItem]]:
         return recommend_batch(
             queries,
             excludes,
@@ -372,10 +372,10 @@ def test_listed_items_get_the_rating_models_stars_when_the_ratings_are_known() -
             mmr_lambda=0.7,
             reranker=reranker,
             user_features=features,
-            histories=histories if with_histories else None,
+            histories=given,
         )
 
-    rated, head = ranked(True), ranked(False)
+    rated, head = ranked(histories), ranked(None)
     for row in (0, 1):
         ids = [s.movie_id for s in rated[row]]
         assert ids == [s.movie_id for s in head[row]]  # the rating model does not reorder
@@ -386,14 +386,4 @@ def test_listed_items_get_the_rating_models_stars_when_the_ratings_are_known() -
     # A profile with rated movies but no stars keeps the rating head's prediction.
     assert [s.predicted_rating for s in rated[2]] == [s.predicted_rating for s in head[2]]
     with pytest.raises(ValueError, match="3 user vectors but 1 histories"):
-        recommend_batch(
-            queries,
-            excludes,
-            catalogue,
-            k=5,
-            n_candidates=8,
-            mmr_lambda=0.7,
-            reranker=reranker,
-            user_features=features,
-            histories=histories[:1],
-        )
+        ranked(histories[:1])
