@@ -67,6 +67,7 @@ from shared.models.fusion import (
 )
 from shared.models.image import load_image_encoder
 from shared.models.item_stats import ItemStats
+from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import ExampleBuilder, RankerExamples, save_ranker, train_ranker
 from shared.models.rating import (
     RatingParams,
@@ -149,10 +150,11 @@ def ranker_examples(
     n_candidates: int,
     progress: bool = False,
 ) -> tuple[RankerExamples, list[int]]:
-    """Replay ``ratings`` in order through ``updater`` and ``sources.item_stats``; one
-    example per rating of a user who already has a profile: their state and features
-    before the rating, and the candidates the recommender would have scored for them
-    then (``retrieve_batch``, the recommender's own function).
+    """Replay ``ratings`` in order through ``updater`` and the online features of
+    ``sources`` (``ItemStats``, ``OnlineBPR``); one example per rating of a user who
+    already has a profile: their state and features before the rating, and the
+    candidates the recommender would have scored for them then (``retrieve_batch``,
+    the recommender's own function).
 
     Returns the examples and, per example, the index of its rating in ``ratings``.
     """
@@ -161,7 +163,6 @@ def ranker_examples(
     rated: dict[UserId, list[MovieId]] = {}
     rated_sets: dict[UserId, set[MovieId]] = {}
     positions: list[int] = []
-    stats = sources.item_stats
     for position, rating in enumerate(tqdm(ratings, desc="ranker examples", disable=not progress)):
         row = rows.get(rating.movie_id)
         if row is None:
@@ -181,10 +182,10 @@ def ranker_examples(
                 vector,
                 user_features[0],
                 row,
-                sources.features(catalogue, [rating.movie_id])[0],
+                sources.features(catalogue, [rating.movie_id], user)[0],
                 rating.rating,
                 [rows[c] for c in candidates],
-                sources.features(catalogue, candidates),
+                sources.features(catalogue, candidates, user),
             )
             positions.append(position)
         states[user] = updater.learn_one(
@@ -192,7 +193,7 @@ def ranker_examples(
         )
         rated.setdefault(user, []).append(rating.movie_id)
         rated_sets.setdefault(user, set()).add(rating.movie_id)
-        stats.learn_one(rating.movie_id, rating.rating, rating.occurred_at)
+        sources.learn([rating])
     return builder.build(), positions
 
 
@@ -366,7 +367,7 @@ def train_all(
     began = time.perf_counter()
     if first <= STAGES.index("ranker"):
         rows = {m: i for i, m in enumerate(ids)}
-        sources = CandidateSources(ItemStats(), n_rising=N_RISING)
+        sources = CandidateSources(ItemStats(), n_rising=N_RISING, online_cf=OnlineBPR(seed=seed))
         examples, positions = ranker_examples(
             split.train,
             updater,
@@ -384,6 +385,7 @@ def train_all(
             vectors,
             validation=val_rows,
             item_stats_params=sources.item_stats.params(),
+            online_cf_params=None if sources.online_cf is None else sources.online_cf.params(),
             seed=seed,
             progress=progress,
         )

@@ -141,15 +141,12 @@ class RecommenderWorker:
         )
 
     def _on_ratings(self, batch: list[Incoming[Event]]) -> None:
-        # Item features only: the user-profile service owns the ratings' validation and
-        # dead letters, so a rating it will refuse (unknown movie) still counts here.
+        # The ranker's online features only: the user-profile service owns the ratings'
+        # validation and dead letters, so a rating it will refuse (unknown movie) still
+        # counts here.
         assert self.reranker is not None  # the reader exists only with a ranker
         ratings = [i.event for i in batch if isinstance(i.event, RatingSubmitted)]
-        self.reranker.item_stats.learn_many(
-            [r.movie_id for r in ratings],
-            [r.rating for r in ratings],
-            [r.occurred_at for r in ratings],
-        )
+        self.reranker.sources.learn(ratings)
 
     def _on_invalid_rating(self, source: Source, reason: str) -> None:
         # Not ours to dead-letter: the user-profile service dead-letters bad ratings.

@@ -111,6 +111,7 @@ def handle_user_profiles(
                 [p.rated for p in profiles],
             ),
             histories=[(p.rated, p.ratings) for p in profiles],
+            users=[p.user_id for p in profiles],
         )
     item_version = catalogue.model_version
     ranker_version = "none" if reranker is None else reranker.ranker.model_version

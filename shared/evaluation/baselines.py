@@ -29,6 +29,7 @@ from shared.evaluation.metrics import top_k
 from shared.evaluation.model import DEFAULT_RATING
 from shared.events import MoviePublished, RatingSubmitted
 from shared.exceptions import NumericalError
+from shared.models.online_cf import bpr_step, grow_rows, sample_negatives
 from shared.types import MovieId, UserId
 
 MIN_RATING = 0.5
@@ -42,16 +43,6 @@ IntArray = npt.NDArray[np.intp]
 
 def _clip_rating(value: float) -> float:
     return min(MAX_RATING, max(MIN_RATING, value))
-
-
-def _ensure_rows(array: npt.NDArray[np.float64], n_rows: int) -> npt.NDArray[np.float64]:
-    """``array`` with at least ``n_rows`` rows; grows by doubling (new rows are zero)."""
-    if n_rows <= array.shape[0]:
-        return array
-    capacity = max(n_rows, 2 * array.shape[0], 64)
-    grown = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
-    grown[: array.shape[0]] = array
-    return grown
 
 
 class _ItemIndex:
@@ -286,7 +277,7 @@ class OnlinePopularity:
         """Make the movies recommendable (score 0 until rated)."""
         for movie in movies:
             self._items.add(movie.movie_id)
-        self._raw = _ensure_rows(self._raw, len(self._items))
+        self._raw = grow_rows(self._raw, len(self._items))
 
     def fit(self, train: Sequence[RatingSubmitted]) -> None:
         """Apply the TRAIN ratings in order, exactly as ``learn_one`` would."""
@@ -309,7 +300,7 @@ class OnlinePopularity:
     def learn_one(self, rating: RatingSubmitted) -> None:
         """Decay all scores by gamma and add 1 to the rated movie's, in O(1)."""
         row = self._items.row(rating.movie_id)
-        self._raw = _ensure_rows(self._raw, row + 1)
+        self._raw = grow_rows(self._raw, row + 1)
         self._increment *= self._growth
         self._raw[row] += self._increment
         if self._increment > self._RENORMALISE_AT:
@@ -416,11 +407,11 @@ class OnlineMF:
         start = self._n_item_rows
         if n_items <= start:
             return
-        self._counts = _ensure_rows(self._counts, n_items)
-        self._b = _ensure_rows(self._b, n_items)
-        self._bi = _ensure_rows(self._bi, n_items)
-        self._q = _ensure_rows(self._q, n_items)
-        self._rq = _ensure_rows(self._rq, n_items)
+        self._counts = grow_rows(self._counts, n_items)
+        self._b = grow_rows(self._b, n_items)
+        self._bi = grow_rows(self._bi, n_items)
+        self._q = grow_rows(self._q, n_items)
+        self._rq = grow_rows(self._rq, n_items)
         new = n_items - start
         self._q[start:n_items] = self._rng.normal(0.0, self.init_std, (new, self.dim))
         self._rq[start:n_items] = self._rng.normal(0.0, self.init_std, (new, self.rating_dim))
@@ -430,9 +421,9 @@ class OnlineMF:
         row = self._users.get(user_id)
         if row is None:
             row = self._users[user_id] = len(self._users)
-            self._p = _ensure_rows(self._p, row + 1)
-            self._rp = _ensure_rows(self._rp, row + 1)
-            self._bu = _ensure_rows(self._bu, row + 1)
+            self._p = grow_rows(self._p, row + 1)
+            self._rp = grow_rows(self._rp, row + 1)
+            self._bu = grow_rows(self._bu, row + 1)
             self._p[row] = self._rng.normal(0.0, self.init_std, self.dim)
             self._rp[row] = self._rng.normal(0.0, self.init_std, self.rating_dim)
             self._rated.append(set())
@@ -500,43 +491,14 @@ class OnlineMF:
             )
 
     def _sample_negatives(self, user: int, item: int) -> IntArray:
-        added = self._items.added_rows
-        if len(added) == 0:
-            return np.zeros(0, dtype=np.intp)
-        rated = self._rated[user]
-        # Draw a few spares so that rejecting rated movies rarely leaves too few.
-        drawn = added[self._rng.integers(0, len(added), 2 * self.n_negatives + 2)]
-        negatives: list[int] = []
-        for row in drawn.tolist():
-            if row != item and row not in rated and row not in negatives:
-                negatives.append(row)
-                if len(negatives) == self.n_negatives:
-                    break
-        return np.asarray(negatives, dtype=np.intp)
+        return sample_negatives(
+            self._rng, self._items.added_rows, self._rated[user], item, self.n_negatives
+        )
 
     def _bpr_step(self, user: int, item: int) -> bool:
         """One BPR step; False when a score is not finite (nothing is updated then)."""
         negatives = self._sample_negatives(user, item)
-        if len(negatives) == 0:
-            return True
-        p_u = self._p[user].copy()
-        q_i = self._q[item].copy()
-        q_j = self._q[negatives]
-        differences = q_i - q_j  # (n, dim)
-        x = differences @ p_u + (self._b[item] - self._b[negatives])
-        if not np.isfinite(x).all():
-            return False
-        # sigmoid(-x), the weight of each triple in the gradient of ln sigmoid(x), via tanh
-        # because exp overflows for large |x|.
-        weight = 0.5 - 0.5 * np.tanh(0.5 * x)
-        total = float(weight.sum())
-        lr, l2 = self.lr, self.l2
-        self._p[user] += lr * (weight @ differences - l2 * p_u)
-        self._q[item] += lr * (total * p_u - l2 * q_i)
-        self._q[negatives] = q_j + lr * (-weight[:, None] * p_u - l2 * q_j)
-        self._b[item] += lr * (total - l2 * self._b[item])
-        self._b[negatives] += lr * (-weight - l2 * self._b[negatives])
-        return True
+        return bpr_step(self._p, self._q, self._b, user, item, negatives, self.lr, self.l2)
 
     def _regression_step(self, user: int, item: int, stars: float) -> bool:
         """One SGD step on the squared error; False when the error is not finite."""

@@ -175,7 +175,7 @@ class PipelineModel:
                         [profile.n_ratings], [profile.mean_rating], [profile.rated]
                     )[0],
                     index.vectors([movie_id]),
-                    self._reranker.sources.features(self.catalogue, [movie_id]),
+                    self._reranker.sources.features(self.catalogue, [movie_id], user_id),
                 )[0]
             )
         current = self._lists.get(user_id)
@@ -237,11 +237,7 @@ class PipelineModel:
             if isinstance(out.event, RecommendationsGenerated):
                 self._lists[out.event.user_id] = out.event
         if self._reranker is not None:
-            self._reranker.item_stats.learn_many(
-                [r.movie_id for r in ratings],
-                [r.rating for r in ratings],
-                [r.occurred_at for r in ratings],
-            )
+            self._reranker.sources.learn(ratings)
 
     def _incoming(self, topic: str, events: Sequence[E]) -> list[Incoming[E]]:
         first = self._offsets.get(topic, 0)

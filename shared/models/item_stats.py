@@ -70,6 +70,18 @@ ITEM_FEATURE_NAMES: tuple[str, ...] = (
 
 N_ITEM_FEATURES = len(ITEM_FEATURE_NAMES)
 
+PAIR_FEATURE_NAMES: tuple[str, ...] = ("cf_score",)
+"""Feature columns of a (user, movie) pair rather than of the movie alone, appended to
+the item features of each candidate: ``cf_score``, the user's online BPR score of the
+movie standardised over the movies it knows (``shared.models.online_cf``)."""
+
+N_PAIR_FEATURES = len(PAIR_FEATURE_NAMES)
+
+CANDIDATE_FEATURE_NAMES: tuple[str, ...] = ITEM_FEATURE_NAMES + PAIR_FEATURE_NAMES
+"""The ranker's feature columns per candidate: the item features, then the pair ones."""
+
+N_CANDIDATE_FEATURES = len(CANDIDATE_FEATURE_NAMES)
+
 USER_FEATURE_NAMES: tuple[str, ...] = ("log_count", "mean_offset", "new_user", "rated_offset")
 """The user feature columns, in order (see the module docstring)."""
 

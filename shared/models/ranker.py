@@ -5,12 +5,15 @@ constant 1 appended, and an item tower, the sum of an MLP over the item vector a
 small MLP over the item's online features (``shared.models.item_stats`` documents the
 feature columns). The relevance of an item to a user is
 
-    score(u, i) = <e_u, e_i> + w * <u, v_i>
+    score(u, i) = <e_u, e_i> + w * <u, v_i> + w_cf * cf(u, i)
 
 with a learned weight ``w`` on the plain cosine of the profile and item vectors: the
 ranker starts from what retrieval already knows and learns corrections (popularity,
 recency, activity) on top; the constant in ``e_u`` gives each item a user-independent
-bias from its features. The score is still one dot product of two towers
+bias from its features. ``cf(u, i)`` is the pair feature ``cf_score``, the user's
+online BPR score of the movie as a z-score (``shared.models.online_cf``), with its own
+learned weight ``w_cf``: the collaborative signal of who rated what lately, which
+content vectors do not carry. Without it the score is one dot product of two towers
 (``[e_u, w u]`` and ``[e_i, v]``), and the item tower is split so that the vector part
 is computed once per item and only the cheap feature part per candidate.
 The rating head is an MLP over ``(e_u * e_i, e_u, e_i, user features, item features,
@@ -26,7 +29,8 @@ terms:
 
 - a softmax over the row's own candidates against the rated one (rows whose rated item
   is among them): the hard negatives the ranker has to order at serving time;
-- a sampled softmax over in-batch negatives with sampling-bias correction (Yi et al.
+- a sampled softmax over in-batch negatives (towers and cosine only: another row's
+  item has no ``cf_score`` for this user) with sampling-bias correction (Yi et al.
   2019, "Sampling-bias-corrected neural modeling for large corpus item
   recommendations"): ``log q_j``, the log-frequency of item ``j`` among the training
   examples, is subtracted from every in-batch logit, so that popular items, which show
@@ -60,12 +64,14 @@ from tqdm import tqdm
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.checkpoint import load_checkpoint, load_into, save_checkpoint, state_digest
 from shared.models.item_stats import (
-    ITEM_FEATURE_NAMES,
-    N_ITEM_FEATURES,
+    CANDIDATE_FEATURE_NAMES,
+    N_CANDIDATE_FEATURES,
+    N_PAIR_FEATURES,
     N_USER_FEATURES,
     USER_FEATURE_NAMES,
     ItemStats,
 )
+from shared.models.online_cf import OnlineBPR
 from shared.models.training import BestEpoch
 from shared.models.updater import DEFAULT_PRIOR_RATING
 from shared.types import Matrix, Vector
@@ -75,8 +81,8 @@ log = logging.getLogger(__name__)
 KIND = "two-tower-ranker"
 """Checkpoint kind of a ``TwoTowerNet``."""
 
-VERSION_PREFIX = "two-tower-v2"
-"""Versions read ``two-tower-v2-<8 hex of the weights' digest>``."""
+VERSION_PREFIX = "two-tower-v3"
+"""Versions read ``two-tower-v3-<8 hex of the weights' digest>``."""
 
 MIN_RATING = 0.5
 """Lowest star rating; predicted ratings are clipped to [``MIN_RATING``, ``MAX_RATING``]."""
@@ -99,6 +105,9 @@ class RankerConfig:
         rating_hidden: width of the rating head's hidden layer (default 64).
         init_cosine_weight: starting weight ``w`` of the plain cosine (default 10, the
             residual updater's softmax scale).
+        init_pair_weight: starting weight of each pair column (``cf_score``, a z-score;
+            default 0.5, the weight that added the most to the first ranker's logits on
+            validation).
         candidate_weight: weight of the softmax over each row's candidates (default 1).
         in_batch_weight: weight of the logQ-corrected in-batch softmax (default 0.2).
         logq_correction: subtract ``log q_j`` from in-batch logits (default True).
@@ -119,6 +128,7 @@ class RankerConfig:
     feature_hidden: int = 64
     rating_hidden: int = 64
     init_cosine_weight: float = 10.0
+    init_pair_weight: float = 0.5
     candidate_weight: float = 1.0
     in_batch_weight: float = 0.2
     logq_correction: bool = True
@@ -168,12 +178,12 @@ class RankerExamples:
             event (events of users without a profile yet are left out by the caller).
         user_features: ``(n, N_USER_FEATURES)`` float32, the user's features just before.
         item_rows: ``(n,)`` int64, the rated item's row in the item-vector matrix.
-        item_features: ``(n, N_ITEM_FEATURES)`` float32, the rated item's features just
+        item_features: ``(n, N_CANDIDATE_FEATURES)`` float32, the rated item's features just
             before the event.
         ratings: ``(n,)`` float32 stars.
         candidate_rows: ``(n, c)`` int64, the rows of the candidates the recommender
             would have scored for the user just before the event; ``-1`` pads.
-        candidate_features: ``(n, c, N_ITEM_FEATURES)`` float16 (to halve the memory),
+        candidate_features: ``(n, c, N_CANDIDATE_FEATURES)`` float16 (to halve the memory),
             their features then; zeros on padding.
 
     Raises:
@@ -195,7 +205,7 @@ class RankerExamples:
             "user_vectors": (self.user_vectors, 2, None),
             "user_features": (self.user_features, 2, N_USER_FEATURES),
             "item_rows": (self.item_rows, 1, None),
-            "item_features": (self.item_features, 2, N_ITEM_FEATURES),
+            "item_features": (self.item_features, 2, N_CANDIDATE_FEATURES),
             "ratings": (self.ratings, 1, None),
             "candidate_rows": (self.candidate_rows, 2, None),
             "candidate_features": (self.candidate_features, 3, None),
@@ -205,7 +215,7 @@ class RankerExamples:
                 raise ValueError(f"{name} has shape {array.shape}; expected {n} rows")
             if width is not None and array.shape[1] != width:
                 raise ValueError(f"{name} has {array.shape[1]} columns, expected {width}")
-        want = (*self.candidate_rows.shape, N_ITEM_FEATURES)
+        want = (*self.candidate_rows.shape, N_CANDIDATE_FEATURES)
         if self.candidate_features.shape != want:
             raise ValueError(f"candidate_features has shape {self.candidate_features.shape}")
         if n and int(self.item_rows.min()) < 0:
@@ -303,11 +313,11 @@ class ExampleBuilder:
             )
         if ufeats.shape != (N_USER_FEATURES,):
             raise ValueError(f"user_features must have {N_USER_FEATURES} values")
-        if ifeats.shape != (N_ITEM_FEATURES,):
-            raise ValueError(f"item_features must have {N_ITEM_FEATURES} values")
-        if cfeats.shape != (len(crows), N_ITEM_FEATURES):
+        if ifeats.shape != (N_CANDIDATE_FEATURES,):
+            raise ValueError(f"item_features must have {N_CANDIDATE_FEATURES} values")
+        if cfeats.shape != (len(crows), N_CANDIDATE_FEATURES):
             raise ValueError(
-                f"candidate_features must have shape ({len(crows)}, {N_ITEM_FEATURES})"
+                f"candidate_features must have shape ({len(crows)}, {N_CANDIDATE_FEATURES})"
             )
         if item_row < 0 or (crows < 0).any():
             raise ValueError("item and candidate rows must be >= 0")
@@ -337,7 +347,7 @@ class ExampleBuilder:
             raise ValueError("no ranker example was added")
         n, width = len(self._ratings), max(len(c) for c in self._candidate_rows)
         rows = np.full((n, width), -1, dtype=np.int64)
-        feats = np.zeros((n, width, N_ITEM_FEATURES), dtype=np.float16)
+        feats = np.zeros((n, width, N_CANDIDATE_FEATURES), dtype=np.float16)
         for i, (crows, cfeats) in enumerate(
             zip(self._candidate_rows, self._candidate_features, strict=True)
         ):
@@ -373,9 +383,14 @@ class TwoTowerNet(nn.Module):
 
     Args:
         dim: item (and user) vector dimension, the item encoder's.
-        n_user_features, n_item_features: feature widths (``item_stats`` layouts).
-        embed_dim, hidden, feature_hidden, rating_hidden, init_cosine_weight, dropout:
-            as in ``RankerConfig``.
+        n_user_features, n_item_features: feature widths (``item_stats`` layouts; the
+            candidates' columns, ``CANDIDATE_FEATURE_NAMES``, end with the
+            ``n_pair_features`` pair columns).
+        n_pair_features: the trailing candidate columns that describe the (user, item)
+            pair (``PAIR_FEATURE_NAMES``): they enter the score through learned weights
+            (``pair_weight``), like the cosine, not through the item tower.
+        embed_dim, hidden, feature_hidden, rating_hidden, init_cosine_weight,
+            init_pair_weight, dropout: as in ``RankerConfig``.
         global_mean: the rating head's offset in stars (the training ratings' mean).
     """
 
@@ -383,20 +398,25 @@ class TwoTowerNet(nn.Module):
         self,
         dim: int,
         n_user_features: int = N_USER_FEATURES,
-        n_item_features: int = N_ITEM_FEATURES,
+        n_item_features: int = N_CANDIDATE_FEATURES,
+        n_pair_features: int = N_PAIR_FEATURES,
         *,
         embed_dim: int = 64,
         hidden: int = 256,
         feature_hidden: int = 64,
         rating_hidden: int = 64,
         init_cosine_weight: float = 10.0,
+        init_pair_weight: float = 0.5,
         dropout: float = 0.0,
         global_mean: float = DEFAULT_PRIOR_RATING,
     ) -> None:
         super().__init__()
+        if not 0 <= n_pair_features <= n_item_features:
+            raise ValueError(f"{n_pair_features} pair columns of {n_item_features} features")
         self.dim = dim
         self.n_user_features = n_user_features
         self.n_item_features = n_item_features
+        self.n_pair_features = n_pair_features
         self.embed_dim = embed_dim
         self.hidden = hidden
         self.feature_hidden = feature_hidden
@@ -404,8 +424,11 @@ class TwoTowerNet(nn.Module):
         width = embed_dim + 1  # the bias column
         self.user_tower = _mlp(dim + n_user_features, hidden, 1, embed_dim, dropout)
         self.item_vector_tower = _mlp(dim, hidden, 1, width, dropout)
-        self.item_feature_tower = _mlp(n_item_features, feature_hidden, 1, width, dropout)
+        self.item_feature_tower = _mlp(
+            n_item_features - n_pair_features, feature_hidden, 1, width, dropout
+        )
         self.cosine_weight = nn.Parameter(torch.tensor(float(init_cosine_weight)))
+        self.pair_weight = nn.Parameter(torch.full((n_pair_features,), float(init_pair_weight)))
         head_in = 3 * width + n_user_features + n_item_features + 1
         self.rating_head = _mlp(head_in, rating_hidden, 1, 1, dropout)
         self.register_buffer("global_mean", torch.tensor(float(global_mean)))
@@ -416,6 +439,7 @@ class TwoTowerNet(nn.Module):
             "dim": self.dim,
             "n_user_features": self.n_user_features,
             "n_item_features": self.n_item_features,
+            "n_pair_features": self.n_pair_features,
             "embed_dim": self.embed_dim,
             "hidden": self.hidden,
             "feature_hidden": self.feature_hidden,
@@ -433,11 +457,13 @@ class TwoTowerNet(nn.Module):
         features: torch.Tensor,
         vector_part: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``(..., embed_dim + 1)`` item-tower outputs; ``vector_part`` is
-        ``item_vector_tower(vectors)`` when the caller already has it."""
+        """``(..., embed_dim + 1)`` item-tower outputs of the item vectors and the item
+        feature columns of ``features`` (any pair columns at its end are not read);
+        ``vector_part`` is ``item_vector_tower(vectors)`` when the caller already has it."""
         if vector_part is None:
             vector_part = self.item_vector_tower(vectors)
-        return vector_part + self.item_feature_tower(features)
+        items = features[..., : self.n_item_features - self.n_pair_features]
+        return vector_part + self.item_feature_tower(items)
 
     def logits_all_pairs(
         self,
@@ -455,12 +481,15 @@ class TwoTowerNet(nn.Module):
         user_vectors: torch.Tensor,
         item_emb: torch.Tensor,
         item_vectors: torch.Tensor,
+        features: torch.Tensor,
     ) -> torch.Tensor:
         """``(n, c)`` scores of user row ``b`` against its own candidates ``[b, :]``
-        (``item_emb`` ``(n, c, e)``, ``item_vectors`` ``(n, c, dim)``)."""
+        (``item_emb`` ``(n, c, e)``, ``item_vectors`` ``(n, c, dim)``, ``features``
+        ``(n, c, n_item_features)``): towers, weighted cosine and weighted pair columns."""
         tower = (item_emb * user_emb[:, None, :]).sum(-1)
         cosine = (item_vectors * user_vectors[:, None, :]).sum(-1)
-        return tower + self.cosine_weight * cosine
+        pair = features[..., self.n_item_features - self.n_pair_features :] @ self.pair_weight
+        return tower + self.cosine_weight * cosine + pair
 
     def rating(
         self,
@@ -490,7 +519,7 @@ class TwoTowerNet(nn.Module):
 
 
 def weights_version(net: TwoTowerNet) -> str:
-    """``two-tower-v2-<8 hex>``: a digest of the weights, so two trainings differ."""
+    """``two-tower-v3-<8 hex>``: a digest of the weights, so two trainings differ."""
     return f"{VERSION_PREFIX}-{state_digest(net)[:8]}"
 
 
@@ -522,6 +551,8 @@ class Ranker:
         candidate_pools: how many candidates each extra pool added in training
             (``CandidateSources`` fields ``n_trending``, ``n_new``, ``n_rising``; default:
             its defaults); serving builds its sources with the same.
+        online_cf_params: ``OnlineBPR`` parameters of the ``cf_score`` feature the net
+            was trained with (default: its defaults); ``new_online_cf`` builds one.
     """
 
     def __init__(
@@ -530,11 +561,13 @@ class Ranker:
         model_version: str | None = None,
         item_stats_params: dict[str, float] | None = None,
         candidate_pools: dict[str, int] | None = None,
+        online_cf_params: dict[str, float] | None = None,
     ) -> None:
         self.net = net.eval()
         self.model_version = model_version or weights_version(net)
         self.item_stats_params = dict(item_stats_params or ItemStats().params())
         self.candidate_pools = dict(candidate_pools or {})
+        self.online_cf_params = dict(online_cf_params or OnlineBPR().params())
 
     @property
     def dim(self) -> int:
@@ -544,6 +577,11 @@ class Ranker:
     def new_item_stats(self) -> ItemStats:
         """An empty ``ItemStats`` with the parameters the net was trained with."""
         return ItemStats(**self.item_stats_params)
+
+    def new_online_cf(self) -> OnlineBPR:
+        """An empty ``OnlineBPR`` with the parameters the net's ``cf_score`` was
+        computed with."""
+        return OnlineBPR.from_params(self.online_cf_params)
 
     def _inputs(
         self,
@@ -581,7 +619,7 @@ class Ranker:
             user_vectors: ``(n, dim)`` profile vectors.
             user_features: ``(n, N_USER_FEATURES)`` (``item_stats.user_features_batch``).
             cand_vectors: ``(n, c, dim)`` item vectors of each user's ``c`` candidates.
-            cand_features: ``(n, c, N_ITEM_FEATURES)`` (``ItemStats.features``).
+            cand_features: ``(n, c, N_CANDIDATE_FEATURES)`` (``ItemStats.features``).
 
         Returns:
             ``(scores, ratings)``, both ``(n, c)`` float32: scores are logits (higher is
@@ -602,7 +640,7 @@ class Ranker:
         net = self.net
         user_emb = net.user_embedding(users, ufeats)
         item_emb = net.item_embedding(cands, cfeats)
-        scores = net.logits_candidates(user_emb, users, item_emb, cands)
+        scores = net.logits_candidates(user_emb, users, item_emb, cands, cfeats)
         cosine = (cands * users[:, None, :]).sum(-1)
         ratings = net.rating(user_emb[:, None, :], ufeats[:, None, :], item_emb, cfeats, cosine)
         ratings = ratings.clamp(MIN_RATING, MAX_RATING)
@@ -643,7 +681,7 @@ class Ranker:
     ) -> np.ndarray:
         """``(c,)`` relevance scores of one user's candidates: ``user_vector (dim,)``,
         ``user_features (N_USER_FEATURES,)``, ``cand_vectors (c, dim)``,
-        ``cand_features (c, N_ITEM_FEATURES)``."""
+        ``cand_features (c, N_CANDIDATE_FEATURES)``."""
         return self.score_batch(*_one(user_vector, user_features, cand_vectors, cand_features))[0]
 
     def predict_rating(
@@ -686,10 +724,11 @@ def save_ranker(directory: Path, net: TwoTowerNet, config: dict[str, Any]) -> Pa
     """
     full = {
         "item_stats": ItemStats().params(),
+        "online_cf": OnlineBPR().params(),
         **config,
         **net.describe(),
         "user_feature_names": list(USER_FEATURE_NAMES),
-        "item_feature_names": list(ITEM_FEATURE_NAMES),
+        "item_feature_names": list(CANDIDATE_FEATURE_NAMES),
         "kind": KIND,
         "version": weights_version(net),
     }
@@ -715,6 +754,7 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
             dim,
             int(config["n_user_features"]),
             int(config["n_item_features"]),
+            int(config["n_pair_features"]),
             embed_dim=int(config["embed_dim"]),
             hidden=int(config["hidden"]),
             feature_hidden=int(config["feature_hidden"]),
@@ -723,15 +763,17 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
         stats_params = {k: float(v) for k, v in dict(config["item_stats"]).items()}
         ItemStats(**stats_params)
         pools = {str(k): int(v) for k, v in dict(config.get("candidate_pools", {})).items()}
+        cf_params = {str(k): float(v) for k, v in dict(config["online_cf"]).items()}
+        OnlineBPR.from_params(cf_params)
         names = (tuple(config["user_feature_names"]), tuple(config["item_feature_names"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigurationError(
             f"checkpoint {directory} config does not describe a ranker: {exc}"
         ) from exc
-    if names != (USER_FEATURE_NAMES, ITEM_FEATURE_NAMES):
+    if names != (USER_FEATURE_NAMES, CANDIDATE_FEATURE_NAMES):
         raise ConfigurationError(
             f"checkpoint {directory} was trained on features {names}; this code computes "
-            f"{(USER_FEATURE_NAMES, ITEM_FEATURE_NAMES)}"
+            f"{(USER_FEATURE_NAMES, CANDIDATE_FEATURE_NAMES)}"
         )
     if expected_dim is not None and dim != expected_dim:
         raise ConfigurationError(
@@ -739,7 +781,7 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
             f"the item encoder gives {expected_dim}-d"
         )
     load_into(net, state, Path(directory))
-    ranker = Ranker(net, str(config["version"]), stats_params, pools)
+    ranker = Ranker(net, str(config["version"]), stats_params, pools, cf_params)
     log.info("ranker loaded version=%s dim=%d dir=%s", ranker.model_version, dim, directory)
     return ranker
 
@@ -803,10 +845,9 @@ def _forward(
     user_emb = net.user_embedding(users, ufeats)
 
     cand_vectors = items[cand_rows]
-    cand_emb = net.item_embedding(
-        cand_vectors, data.cand_feats[index].float(), vector_part[cand_rows]
-    )
-    cand_logits = net.logits_candidates(user_emb, users, cand_emb, cand_vectors)
+    cand_feats = data.cand_feats[index].float()
+    cand_emb = net.item_embedding(cand_vectors, cand_feats, vector_part[cand_rows])
+    cand_logits = net.logits_candidates(user_emb, users, cand_emb, cand_vectors, cand_feats)
     cand_logits = cand_logits.masked_fill(padding, -math.inf)
     cand_cosine = (cand_vectors * users[:, None, :]).sum(-1).masked_fill(padding, -math.inf)
     slots = data.slots[index]
@@ -818,6 +859,8 @@ def _forward(
 
     vectors = items[rows]
     item_emb = net.item_embedding(vectors, ifeats, vector_part[rows])
+    # In-batch negatives are other rows' rated items, whose pair columns are of another
+    # user: this term scores towers and cosine only.
     logits = net.logits_all_pairs(user_emb, users, item_emb, vectors)
     if log_q is not None:
         logits = logits - log_q[rows][None, :]
@@ -896,6 +939,7 @@ def train_ranker(
     validation: RankerExamples | None = None,
     config: RankerConfig | None = None,
     item_stats_params: dict[str, float] | None = None,
+    online_cf_params: dict[str, float] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[TwoTowerNet, dict[str, Any], dict[str, list[float]]]:
@@ -917,6 +961,8 @@ def train_ranker(
         config: hyper-parameters (default ``RankerConfig()``).
         item_stats_params: the ``ItemStats.params()`` the features were computed with,
             stored in the config so services rebuild them (default: the defaults).
+        online_cf_params: the ``OnlineBPR.params()`` of the ``cf_score`` column, stored
+            likewise (default: the defaults).
         seed: seeds torch and numpy (initial weights, shuffling, dropout).
         progress: show a tqdm bar.
 
@@ -968,6 +1014,7 @@ def train_ranker(
         feature_hidden=config.feature_hidden,
         rating_hidden=config.rating_hidden,
         init_cosine_weight=config.init_cosine_weight,
+        init_pair_weight=config.init_pair_weight,
         dropout=config.dropout,
         global_mean=global_mean,
     )
@@ -1049,8 +1096,9 @@ def train_ranker(
     out_config: dict[str, Any] = {
         **net.describe(),
         "user_feature_names": list(USER_FEATURE_NAMES),
-        "item_feature_names": list(ITEM_FEATURE_NAMES),
+        "item_feature_names": list(CANDIDATE_FEATURE_NAMES),
         "item_stats": dict(item_stats_params or ItemStats().params()),
+        "online_cf": dict(online_cf_params or OnlineBPR().params()),
         "kind": KIND,
         "version": weights_version(net),
         "hyper": asdict(config),

@@ -13,12 +13,14 @@ from itertools import islice
 
 import numpy as np
 
+from shared.events import RatingSubmitted
 from shared.models.item_stats import ItemStats, user_features_batch
+from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import Ranker
 from shared.models.rating import RatingModel
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.mmr import mmr
-from shared.types import Matrix, MovieId, Vector
+from shared.types import Matrix, MovieId, UserId, Vector
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class ScoredItem:
 class CandidateSources:
     """Where candidates come from besides the cosine neighbours of the user vector, and
     the online features the ranker reads of them: ``item_stats`` (popularity, mean
-    rating, stream time) is updated by the caller as ratings arrive."""
+    rating, stream time) and ``online_cf`` (the users' BPR scores of movies) learn each
+    rating as it arrives (``learn``)."""
 
     item_stats: ItemStats
     n_trending: int = 100
@@ -52,6 +55,18 @@ class CandidateSources:
     """Candidates added from the most-rated movies of the last few hundred ratings
     (``ItemStats.rising``): a release everyone is rating now, long before its
     long-memory count makes it trending."""
+    online_cf: OnlineBPR | None = None
+    """The ``cf_score`` candidate feature's model; None scores every pair 0 (the mean)."""
+
+    def learn(self, ratings: Sequence[RatingSubmitted]) -> None:
+        """Every online feature learns these ratings, in order."""
+        self.item_stats.learn_many(
+            [r.movie_id for r in ratings],
+            [r.rating for r in ratings],
+            [r.occurred_at for r in ratings],
+        )
+        if self.online_cf is not None:
+            self.online_cf.learn_many([r.user_id for r in ratings], [r.movie_id for r in ratings])
 
     def pools(self, catalogue: Catalogue, spare: int) -> list[tuple[list[MovieId], int]]:
         """The extra candidate sources of one batch, as ``(movies in order, how many to
@@ -65,9 +80,17 @@ class CandidateSources:
             pools.append((rising, self.n_rising))
         return pools
 
-    def features(self, catalogue: Catalogue, movie_ids: Sequence[MovieId]) -> Matrix:
-        """The ranker's item features of catalogue movies, as of now."""
-        return self.item_stats.features(movie_ids, catalogue.years(movie_ids))
+    def features(
+        self, catalogue: Catalogue, movie_ids: Sequence[MovieId], user_id: UserId | None = None
+    ) -> Matrix:
+        """The ranker's candidate features of catalogue movies for a user, as of now:
+        ``(len(movie_ids), N_CANDIDATE_FEATURES)``, the item features then the user's
+        ``cf_score`` of each (0 without ``online_cf`` or ``user_id``)."""
+        items = self.item_stats.features(movie_ids, catalogue.years(movie_ids))
+        pair = np.zeros((len(movie_ids), 1), dtype=np.float32)
+        if self.online_cf is not None and user_id is not None:
+            pair[:, 0] = self.online_cf.standardised_scores(user_id, movie_ids)
+        return np.concatenate([items, pair], axis=1)
 
     def user_features(
         self,
@@ -167,6 +190,7 @@ def recommend(
     reranker: Reranker | None = None,
     user_features: np.ndarray | None = None,
     history: History | None = None,
+    user_id: UserId | None = None,
 ) -> list[ScoredItem]:
     """The list of one user; same result as the matching row of ``recommend_batch``."""
     query = np.asarray(user_vector, dtype=np.float32).reshape(1, -1)
@@ -181,6 +205,7 @@ def recommend(
         reranker=reranker,
         user_features=features,
         histories=None if history is None else [history],
+        users=None if user_id is None else [user_id],
     )[0]
 
 
@@ -235,6 +260,7 @@ def recommend_batch(
     reranker: Reranker | None = None,
     user_features: Matrix | None = None,
     histories: Sequence[History] | None = None,
+    users: Sequence[UserId] | None = None,
 ) -> list[list[ScoredItem]]:
     """Lists of up to ``k`` items for each row of ``user_vectors``, with one index search.
 
@@ -257,6 +283,8 @@ def recommend_batch(
         histories: per user, the rated movies and their stars: the listed items'
             predicted ratings come from the reranker's rating model with them
             (``Reranker.predict_ratings``), from the ranker's rating head without.
+        users: per row, the user's id, for the ranker's ``cf_score`` feature (0 for
+            every candidate without).
 
     Raises:
         ConfigurationError: the vectors' dimension is not the catalogue's, or
@@ -276,6 +304,8 @@ def recommend_batch(
         raise ValueError("a reranker needs one row of user_features per user vector")
     if histories is not None and len(histories) != len(queries):
         raise ValueError(f"{len(queries)} user vectors but {len(histories)} histories")
+    if users is not None and len(users) != len(queries):
+        raise ValueError(f"{len(queries)} user vectors but {len(users)} user ids")
     sources = None if reranker is None else reranker.sources
     retrieved = retrieve_batch(queries, excludes, catalogue, max(n_candidates, k), sources)
     lists: list[list[ScoredItem]] = []
@@ -298,7 +328,9 @@ def recommend_batch(
             queries[row : row + 1],
             np.asarray(user_features[row : row + 1], dtype=np.float32),
             vectors[None, :, :],
-            reranker.sources.features(catalogue, candidates)[None, :, :],
+            reranker.sources.features(catalogue, candidates, None if users is None else users[row])[
+                None, :, :
+            ],
         )
         order = mmr(relevance_scale(logits[0]), vectors, k, mmr_lambda)
         listed = [candidates[i] for i in order]

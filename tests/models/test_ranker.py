@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from shared.exceptions import ConfigurationError, NumericalError
-from shared.models.item_stats import N_ITEM_FEATURES, N_USER_FEATURES
+from shared.models.item_stats import N_CANDIDATE_FEATURES, N_USER_FEATURES
+from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import (
     ExampleBuilder,
     Ranker,
@@ -68,11 +69,11 @@ def popularity() -> np.ndarray:
 
 
 def item_feature_table() -> np.ndarray:
-    """``(N_ITEMS, N_ITEM_FEATURES)``: every item's features, in ``ITEM_FEATURE_NAMES``
+    """``(N_ITEMS, N_CANDIDATE_FEATURES)``: every item's features, in ``CANDIDATE_FEATURE_NAMES``
     order (the same at every event, for simplicity)."""
     pop = popularity()
     ages = np.random.default_rng(8).uniform(0.0, 30.0, N_ITEMS)
-    table = np.zeros((N_ITEMS, N_ITEM_FEATURES), dtype=np.float32)
+    table = np.zeros((N_ITEMS, N_CANDIDATE_FEATURES), dtype=np.float32)
     table[:, 0] = np.log1p(1000 * pop) / 4  # log_recent_share
     table[:, 1] = np.log1p(1000 * pop) / 4  # log_fast_share
     table[:, 2] = np.log1p(5000 * pop) / 4  # log_count
@@ -133,7 +134,7 @@ def candidates(examples: RankerExamples, n_users: int) -> tuple[np.ndarray, ...]
     users = examples.user_vectors[:n_users]
     ufeats = examples.user_features[:n_users]
     cands = np.broadcast_to(ITEMS, (n_users, N_ITEMS, DIM)).copy()
-    cfeats = np.broadcast_to(ITEM_FEATURES, (n_users, N_ITEMS, N_ITEM_FEATURES)).copy()
+    cfeats = np.broadcast_to(ITEM_FEATURES, (n_users, N_ITEMS, N_CANDIDATE_FEATURES)).copy()
     return users, ufeats, cands, cfeats
 
 
@@ -169,7 +170,7 @@ def test_training_reduces_loss_and_keeps_the_best_ndcg(
     assert history["train_rmse"][-1] < history["train_rmse"][0]
     assert min(history["val_loss"]) < history["val_loss"][0]
     assert config["kind"] == "two-tower-ranker"
-    assert config["version"].startswith("two-tower-v2-")
+    assert config["version"].startswith("two-tower-v3-")
     training = config["training"]
     best = int(np.argmax(history["val_ndcg"]))
     assert training["best_epoch"] == best
@@ -216,6 +217,39 @@ def test_learns_preference_that_cosine_gets_wrong(
     assert (cosine_gap[side_a] < 0).all()
     assert (gap[side_a] > 0).mean() > 0.95
     assert (gap[~side_a] < 0).mean() > 0.95
+
+
+def test_learns_to_use_the_pair_feature() -> None:
+    """Vectors and item features say nothing here; only the last (pair) column, the
+    user's CF score of each candidate, is higher for the rated item. The ranker must
+    learn it from the candidate softmax alone (the in-batch term sees it zeroed)."""
+    rng = np.random.default_rng(4)
+
+    def examples(n: int) -> RankerExamples:
+        builder = ExampleBuilder()
+        for _ in range(n):
+            cands = rng.permutation(N_ITEMS)[:30]
+            item = int(cands[0])
+            cands = rng.permutation(cands)
+            feats = np.zeros((30, N_CANDIDATE_FEATURES), dtype=np.float32)
+            feats[:, -1] = rng.normal(size=30)
+            feats[cands == item, -1] += 2.0
+            builder.add(
+                unit(rng.normal(size=DIM)),
+                np.zeros(4, dtype=np.float32),
+                item,
+                feats[cands == item][0],
+                3.5,
+                cands,
+                feats,
+            )
+        return builder.build()
+
+    _, config, _ = train_ranker(
+        examples(1000), ITEMS, validation=examples(300), config=SMALL, seed=0, progress=False
+    )
+    validation = config["training"]["validation"]
+    assert validation["val_ndcg"] > validation["val_cosine_ndcg"] + 0.2
 
 
 def test_logq_correction_raises_popular_items() -> None:
@@ -275,19 +309,22 @@ def test_batch_equals_single(trained: tuple[TwoTowerNet, dict, dict]) -> None:
     assert ranker.score(users[0], ufeats[0], cands[0, :0], cfeats[0, :0]).shape == (0,)
 
 
-def test_score_is_the_towers_plus_weighted_cosine(
+def test_score_is_the_towers_plus_weighted_cosine_and_pair_columns(
     trained: tuple[TwoTowerNet, dict, dict],
 ) -> None:
     net = trained[0]
     users, ufeats, cands, cfeats = candidates(VALID, 3)
+    cfeats[..., -1] = np.random.default_rng(5).normal(size=cfeats.shape[:2])  # cf_score
     scores = Ranker(net).score_batch(users, ufeats, cands, cfeats)
     with torch.no_grad():
         u, f = torch.from_numpy(users), torch.from_numpy(ufeats)
         v, g = torch.from_numpy(cands), torch.from_numpy(cfeats)
         e_u = net.user_embedding(u, f)
-        e_i = net.item_vector_tower(v) + net.item_feature_tower(g)
+        e_i = net.item_vector_tower(v) + net.item_feature_tower(g[..., :-1])
         assert (e_u[:, -1] == 1.0).all()  # the constant column: a per-item bias
-        expected = (e_u[:, None, :] * e_i).sum(-1) + net.cosine_weight * (v * u[:, None, :]).sum(-1)
+        towers = (e_u[:, None, :] * e_i).sum(-1)
+        cosine = net.cosine_weight * (v * u[:, None, :]).sum(-1)
+        expected = towers + cosine + net.pair_weight[0] * g[..., -1]
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -315,6 +352,7 @@ def test_save_load_roundtrip(trained: tuple[TwoTowerNet, dict, dict], tmp_path: 
     assert loaded.model_version == config["version"] == Ranker(net).model_version
     assert loaded.dim == DIM
     assert loaded.new_item_stats().params() == params
+    assert loaded.new_online_cf().params() == OnlineBPR().params()
     assert torch.equal(loaded.net.cosine_weight, net.cosine_weight)
     global_mean = float(loaded.net.state_dict()["global_mean"])
     assert global_mean == pytest.approx(float(TRAIN.ratings.mean()))
@@ -343,8 +381,9 @@ def test_load_refuses_what_does_not_fit(
         ({"user_feature_names": ["log_count", "mean_offset", "new_user"]}, "features"),
         ({"hidden": 8}, "does not fit"),
         ({"feature_hidden": 8}, "does not fit"),
-        ({"n_item_features": N_ITEM_FEATURES - 2}, "does not fit"),
+        ({"n_item_features": N_CANDIDATE_FEATURES - 2}, "does not fit"),
         ({"item_stats": {"half_life": -1.0}}, "does not describe"),
+        ({"online_cf": {"dim": 0}}, "does not describe"),
     ]
     for bad, match in cases:
         path.write_text(json.dumps({**stored, **bad}))
@@ -365,7 +404,7 @@ def test_example_builder_pads_candidates_and_finds_the_positive() -> None:
     examples = builder.build()
     assert examples.candidate_rows.tolist() == [[5, 3, 7], [1, -1, -1], [2, 4, -1]]
     assert examples.candidate_rows.dtype == np.int64
-    assert examples.candidate_features.shape == (3, 3, N_ITEM_FEATURES)
+    assert examples.candidate_features.shape == (3, 3, N_CANDIDATE_FEATURES)
     assert examples.candidate_features.dtype == np.float16
     np.testing.assert_array_equal(
         examples.candidate_features[0], ITEM_FEATURES[[5, 3, 7]].astype(np.float16)
@@ -385,8 +424,8 @@ def test_example_builder_checks_rows() -> None:
     with pytest.raises(ValueError):
         builder.build()
     ufeats = np.zeros(N_USER_FEATURES, dtype=np.float32)
-    ifeats = np.zeros(N_ITEM_FEATURES, dtype=np.float32)
-    cands, cfeats = [3, 4], np.zeros((2, N_ITEM_FEATURES), dtype=np.float32)
+    ifeats = np.zeros(N_CANDIDATE_FEATURES, dtype=np.float32)
+    cands, cfeats = [3, 4], np.zeros((2, N_CANDIDATE_FEATURES), dtype=np.float32)
     builder.add(ITEMS[0], ufeats, 3, ifeats, 4.0, cands, cfeats)
     with pytest.raises(ValueError):
         builder.add(ITEMS[0][:-1], ufeats, 3, ifeats, 4.0, cands, cfeats)

@@ -11,7 +11,13 @@ import torch
 
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.exceptions import ConfigurationError
-from shared.models.item_stats import ItemStats, user_features_batch
+from shared.models.item_stats import (
+    N_CANDIDATE_FEATURES,
+    N_ITEM_FEATURES,
+    ItemStats,
+    user_features_batch,
+)
+from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import Ranker, TwoTowerNet
 from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
 from shared.retrieval.catalogue import Catalogue
@@ -247,15 +253,87 @@ def test_candidate_sources_features() -> None:
     stats = rated_stats()
     sources = CandidateSources(stats)
     ids = ["m3", "m0", "m9"]
-    np.testing.assert_array_equal(
-        sources.features(catalogue, ids), stats.features(ids, [1903, 1900, 1909])
-    )
+    items = stats.features(ids, [1903, 1900, 1909])
+    features = sources.features(catalogue, ids, "u1")
+    assert features.shape == (3, N_CANDIDATE_FEATURES)
+    np.testing.assert_array_equal(features[:, :N_ITEM_FEATURES], items)
+    np.testing.assert_array_equal(features[:, N_ITEM_FEATURES:], 0.0)  # no online CF model
     rated = [["m0", "m4"], [], ["ghost"]]
     np.testing.assert_array_equal(
         sources.user_features([2, 0, 1], [4.0, 3.5, 2.0], rated),
         user_features_batch([2, 0, 1], [4.0, 3.5, 2.0], [stats.rated_offset(r) for r in rated]),
     )
     assert Reranker(small_ranker(), sources).item_stats is stats
+
+
+def rating(user: str, movie: str, day: int = 1) -> RatingSubmitted:
+    return RatingSubmitted(
+        user_id=user,
+        movie_id=movie,
+        rating=4.0,
+        occurred_at=datetime(1998, 1, day, tzinfo=UTC),
+    )
+
+
+def test_candidate_sources_learn_feeds_every_online_feature() -> None:
+    catalogue, _ = random_catalogue(10, dated=True)
+    sources = CandidateSources(ItemStats(), online_cf=OnlineBPR(dim=4, seed=1))
+    # u0..u5 all rate m1 then m2: the users who rated m1 go on to m2.
+    sources.learn([rating(f"u{i}", m) for i in range(6) for m in ("m1", "m2", f"m{3 + i % 4}")])
+    assert sources.item_stats.count("m1") == 6
+    assert sources.online_cf is not None and sources.online_cf.n_items == 6
+    ids = ["m2", "m9", "m1"]
+    features = sources.features(catalogue, ids, "u0")
+    np.testing.assert_array_equal(
+        features[:, -1], sources.online_cf.standardised_scores("u0", ids).astype(np.float32)
+    )
+    assert features[1, -1] == 0.0  # never rated: the mean
+    np.testing.assert_array_equal(sources.features(catalogue, ids)[:, -1], 0.0)  # no user
+
+
+def test_recommend_batch_scores_the_users_own_cf_feature() -> None:
+    torch.set_num_threads(1)
+    catalogue, _ = random_catalogue(30, seed=21, dated=True)
+    online = OnlineBPR(dim=4, seed=2)
+    reranker = Reranker(small_ranker(), CandidateSources(rated_stats(), online_cf=online))
+    for i in range(40):
+        online.learn_one(f"u{i % 2}", f"m{(i * 7) % 30 if i % 2 else i % 5}")
+    queries = users(2, seed=22)
+    ufeats = reranker.sources.user_features([3, 3], [3.5, 3.5], [[], []])
+    lists = recommend_batch(
+        queries,
+        [set(), set()],
+        catalogue,
+        k=5,
+        n_candidates=10,
+        mmr_lambda=1.0,
+        reranker=reranker,
+        user_features=ufeats,
+        users=["u0", "u1"],
+    )
+    retrieved = retrieve_batch(queries, [set(), set()], catalogue, 10, reranker.sources)
+    for row, (user, (candidates, _)) in enumerate(zip(["u0", "u1"], retrieved, strict=True)):
+        logits = reranker.ranker.score(
+            queries[row],
+            ufeats[row],
+            catalogue.index.vectors(candidates),
+            reranker.sources.features(catalogue, candidates, user),
+        )
+        by_movie = dict(zip(candidates, logits, strict=True))
+        for item in lists[row]:
+            assert item.score == pytest.approx(float(by_movie[item.movie_id]), abs=1e-5)
+    with pytest.raises(ValueError, match="user ids"):
+        recommend_batch(
+            queries,
+            [set(), set()],
+            catalogue,
+            k=5,
+            n_candidates=10,
+            mmr_lambda=1.0,
+            reranker=reranker,
+            user_features=ufeats,
+            users=["u0"],
+        )
 
 
 def small_ranker() -> Ranker:
