@@ -225,8 +225,9 @@ class OnlineBPR:
         if not spread > 0:
             return out
         standard = (scores - float(scores.mean())) / spread
-        for k, movie_id in enumerate(movie_ids):
-            row = self._items.get(movie_id)
-            if row is not None:
-                out[k] = standard[row]
+        rows = np.fromiter(
+            (self._items.get(m, -1) for m in movie_ids), dtype=np.intp, count=len(movie_ids)
+        )
+        known = rows >= 0
+        out[known] = standard[rows[known]]
         return out
