@@ -300,17 +300,21 @@ def test_recommend_batch_scores_the_users_own_cf_feature() -> None:
         online.learn_one(f"u{i % 2}", f"m{(i * 7) % 30 if i % 2 else i % 5}")
     queries = users(2, seed=22)
     ufeats = reranker.sources.user_features([3, 3], [3.5, 3.5], [[], []])
-    lists = recommend_batch(
-        queries,
-        [set(), set()],
-        catalogue,
-        k=5,
-        n_candidates=10,
-        mmr_lambda=1.0,
-        reranker=reranker,
-        user_features=ufeats,
-        users=["u0", "u1"],
-    )
+
+    def ranked(ids: list[str]) -> list[list[ScoredItem]]:
+        return recommend_batch(
+            queries,
+            [set(), set()],
+            catalogue,
+            k=5,
+            n_candidates=10,
+            mmr_lambda=1.0,
+            reranker=reranker,
+            user_features=ufeats,
+            users=ids,
+        )
+
+    lists = ranked(["u0", "u1"])
     retrieved = retrieve_batch(queries, [set(), set()], catalogue, 10, reranker.sources)
     for row, (user, (candidates, _)) in enumerate(zip(["u0", "u1"], retrieved, strict=True)):
         logits = reranker.ranker.score(
@@ -323,17 +327,7 @@ def test_recommend_batch_scores_the_users_own_cf_feature() -> None:
         for item in lists[row]:
             assert item.score == pytest.approx(float(by_movie[item.movie_id]), abs=1e-5)
     with pytest.raises(ValueError, match="user ids"):
-        recommend_batch(
-            queries,
-            [set(), set()],
-            catalogue,
-            k=5,
-            n_candidates=10,
-            mmr_lambda=1.0,
-            reranker=reranker,
-            user_features=ufeats,
-            users=["u0"],
-        )
+        ranked(["u0"])
 
 
 def small_ranker() -> Ranker:
