@@ -367,7 +367,8 @@ def train_all(
     began = time.perf_counter()
     if first <= STAGES.index("ranker"):
         rows = {m: i for i, m in enumerate(ids)}
-        sources = CandidateSources(ItemStats(), n_rising=N_RISING, online_cf=OnlineBPR(seed=seed))
+        online_cf = OnlineBPR(seed=seed)
+        sources = CandidateSources(ItemStats(), n_rising=N_RISING, online_cf=online_cf)
         examples, positions = ranker_examples(
             split.train,
             updater,
@@ -385,7 +386,7 @@ def train_all(
             vectors,
             validation=val_rows,
             item_stats_params=sources.item_stats.params(),
-            online_cf_params=None if sources.online_cf is None else sources.online_cf.params(),
+            online_cf_params=online_cf.params(),
             seed=seed,
             progress=progress,
         )

@@ -14,7 +14,7 @@ from itertools import islice
 import numpy as np
 
 from shared.events import RatingSubmitted
-from shared.models.item_stats import ItemStats, user_features_batch
+from shared.models.item_stats import N_PAIR_FEATURES, ItemStats, user_features_batch
 from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import Ranker
 from shared.models.rating import RatingModel
@@ -87,7 +87,7 @@ class CandidateSources:
         ``(len(movie_ids), N_CANDIDATE_FEATURES)``, the item features then the user's
         ``cf_score`` of each (0 without ``online_cf`` or ``user_id``)."""
         items = self.item_stats.features(movie_ids, catalogue.years(movie_ids))
-        pair = np.zeros((len(movie_ids), 1), dtype=np.float32)
+        pair = np.zeros((len(movie_ids), N_PAIR_FEATURES), dtype=np.float32)
         if self.online_cf is not None and user_id is not None:
             pair[:, 0] = self.online_cf.standardised_scores(user_id, movie_ids)
         return np.concatenate([items, pair], axis=1)
