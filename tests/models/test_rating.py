@@ -18,6 +18,7 @@ from shared.models.item_stats import ItemStats
 from shared.models.rating import (
     RatingModel,
     RatingParams,
+    corating_similarity,
     fit_rating_factors,
     load_rating_model,
     prequential_rmse,
@@ -85,12 +86,80 @@ def test_on_real_ratings_the_user_offset_and_the_fold_in_lower_the_error(
         model = RatingModel(fit.movie_ids, fit.factors, params, (1.0, 5.0), "test")
         return prequential_rmse(model, train, test, vectors, ItemStats())
 
-    fold_in = rmse(RatingParams(neighbours=0))
-    biases_only = rmse(RatingParams(factor_ridge=1e12, neighbours=0))
-    item_mean = rmse(RatingParams(user_prior=1e12, factor_ridge=1e12, neighbours=0))
+    off = {"neighbours": 0, "corating_weight": 0.0}
+    fold_in = rmse(RatingParams(**off))
+    biases_only = rmse(RatingParams(factor_ridge=1e12, **off))
+    item_mean = rmse(RatingParams(user_prior=1e12, factor_ridge=1e12, **off))
     assert fold_in < biases_only - 0.005
     assert biases_only < item_mean - 0.02
     assert 0.8 < fold_in < 1.0
+
+    def with_corating(weight: float) -> float:
+        model = RatingModel(
+            fit.movie_ids,
+            fit.factors,
+            RatingParams(neighbours=0, corating_weight=weight),
+            (1.0, 5.0),
+            "test",
+            (fit.neighbour_rows, fit.neighbour_similarity),
+        )
+        return prequential_rmse(model, train, test, vectors, ItemStats())
+
+    assert with_corating(0.7) < fold_in - 0.002
+
+
+def test_corating_similarity_finds_the_movies_rated_alike() -> None:
+    # Movies 0 and 1 are rated alike by four users, 2 the opposite way; 3 is noise.
+    residual = np.array(
+        [
+            [1.0, 1.0, -1.0, 0.5],
+            [-1.0, -1.0, 1.0, 0.5],
+            [1.0, 1.0, -1.0, -0.5],
+            [-1.0, -1.0, 1.0, -0.5],
+        ]
+    )
+    mask = np.ones_like(residual)
+    rows, similarity = corating_similarity(residual, mask, shrink=0.0, keep=2)
+    assert rows.shape == similarity.shape == (4, 2)
+    assert rows[0, 0] == 1 and rows[1, 0] == 0 and rows[2, 0] == 3
+    np.testing.assert_allclose(similarity[0, 0], 1.0, atol=1e-6)
+    assert 0 not in rows[0]  # never its own neighbour
+    # Shrinkage: four common raters and shrink 4 halve the similarity.
+    _, shrunk = corating_similarity(residual, mask, shrink=4.0, keep=2)
+    np.testing.assert_allclose(shrunk[0, 0], 0.5, atol=1e-6)
+    # Without common raters there is no similarity.
+    lonely = np.array([[1.0, 0.0], [0.0, 1.0]])
+    _, none = corating_similarity(lonely, lonely, shrink=1.0, keep=1)
+    np.testing.assert_allclose(none, 0.0)
+
+
+def test_a_movie_rated_like_a_loved_one_is_predicted_higher() -> None:
+    # TRAIN: whoever likes "a" likes "b" too, and "c" goes the other way.
+    train = []
+    for u in range(40):
+        taste = 1.0 if u % 2 else -1.0
+        train += [
+            rating(str(u), "a", 3.0 + taste),
+            rating(str(u), "b", 3.0 + taste),
+            rating(str(u), "c", 3.0 - taste),
+            rating(str(u), "d", 3.0),
+        ]
+    fit = fit_rating_factors(train, dim=1, similarity_shrink=0.0)
+    params = RatingParams(neighbours=0, factor_ridge=1e12)
+    neighbours = (fit.neighbour_rows, fit.neighbour_similarity)
+    with_term = RatingModel(fit.movie_ids, fit.factors, params, (1.0, 5.0), "t", neighbours)
+    without = RatingModel(fit.movie_ids, fit.factors, params, (1.0, 5.0), "t")
+    stats = learned(train)
+    vectors = np.eye(4)
+    # A new user loved "a" and was lukewarm on "d".
+    args = (stats, ["a", "d"], [5.0, 3.0], vectors[[0, 3]], ["b", "c"], vectors[[1, 2]])
+    b, c = with_term.predict(*args)
+    b0, c0 = without.predict(*args)
+    # Negative similarities are left out, so the opposite movie is not lifted.
+    assert b > b0 + 0.3 and c <= c0 + 1e-9
+    # A movie without TRAIN ratings has no co-raters: the term leaves it alone.
+    new = (stats, ["a"], [5.0], vectors[:1], ["new"], vectors[1:2])
+    np.testing.assert_allclose(with_term.predict(*new), without.predict(*new))
 
 
 def test_fitting_is_seeded(movielens: MovieLens) -> None:
@@ -163,7 +232,7 @@ def test_a_checkpoint_round_trips_and_a_broken_one_is_refused(tmp_path: Path) ->
     saved = save_rating_model(tmp_path / "rating", fit, params, {"item_encoder_version": "x"})
     loaded = load_rating_model(tmp_path / "rating")
     assert loaded.model_version == saved.model_version
-    assert loaded.model_version.startswith("fold-in-v1-")
+    assert loaded.model_version.startswith("fold-in-v2-")
     assert loaded.params == params and loaded.dim == 3
     stats = learned(ratings)
     vectors = np.random.default_rng(0).standard_normal((4, 3))
