@@ -233,6 +233,9 @@ def test_a_checkpoint_round_trips_and_a_broken_one_is_refused(tmp_path: Path) ->
     loaded = load_rating_model(tmp_path / "rating")
     assert loaded.model_version == saved.model_version
     assert loaded.model_version.startswith("fold-in-v2-")
+    # The same fit with other settings is another version.
+    other = save_rating_model(tmp_path / "other", fit, RatingParams(recency=0.2, neighbours=2), {})
+    assert other.model_version != saved.model_version
     assert loaded.params == params and loaded.dim == 3
     stats = learned(ratings)
     vectors = np.random.default_rng(0).standard_normal((4, 3))
