@@ -96,8 +96,9 @@ RANKER_RECENT_SHARE = 0.3
 still starts at the first rating, so the earlier ones warm up the profiles and the
 online features (``ItemStats``, ``OnlineBPR``) first: the examples then look like what
 the recommender scores after all of TRAIN. Chosen on validation (NDCG@10 among the
-candidates: 0.1240 from every rating, 0.1239 from the last 70%, 0.1253 from the last
-50%, 0.1255 from the last 30% (0.1252 with another seed), 0.1250 from the last 20%)."""
+candidates, four epochs: 0.1240 from every rating, 0.1239 from the last 70%, 0.1253
+from the last 50%, 0.1255 from the last 30% (0.1252 and 0.1253 with two other seeds),
+0.1250 from the last 20%)."""
 
 STAGES = ("item-encoder", "user-updater", "ranker", "rating-model")
 """The stages in training order; ``--stage`` starts from one of them."""
