@@ -289,9 +289,11 @@ class RatingModel:
         """Factors per movie."""
         return int(self._factors.shape[1])
 
-    def _factor_rows(self, movie_ids: Sequence[MovieId]) -> np.ndarray:
-        missing = len(self._factors) - 1
-        return self._factors[[self._row.get(m, missing) for m in movie_ids]]
+    def _index(self, movie_ids: Sequence[MovieId]) -> list[int]:
+        """Each movie's row in the factors and similarities; a movie without TRAIN
+        ratings gets the last row (zeros in both)."""
+        missing = len(self._row)
+        return [self._row.get(m, missing) for m in movie_ids]
 
     def predict(
         self,
@@ -337,7 +339,8 @@ class RatingModel:
         weight = np.exp(-p.recency * np.arange(len(rated) - 1, -1, -1, dtype=np.float64))
         user_offset = float(weight @ residual) / (float(weight.sum()) + p.user_prior)
         residual = residual - user_offset
-        q = self._factor_rows(rated)
+        rated_rows, target_rows = self._index(rated), self._index(targets)
+        q = self._factors[rated_rows]
         weighted = q * weight[:, None]
         user = np.linalg.solve(
             weighted.T @ q + p.factor_ridge * np.eye(self.dim), weighted.T @ residual
@@ -353,26 +356,20 @@ class RatingModel:
         total = kernel.sum(axis=1) + p.knn_prior
         # No close rated movie and no prior: no kNN term (not 0/0).
         knn = np.divide(kernel @ left, total, out=np.zeros(len(targets)), where=total > 0)
-        predicted = base + user_offset + self._factor_rows(targets) @ user + knn
-        predicted += p.corating_weight * self._corating(rated, targets, deviation)
+        predicted = base + user_offset + self._factors[target_rows] @ user + knn
+        predicted += p.corating_weight * self._corating(target_rows, rated_rows, deviation)
         return np.clip(predicted, *self.rating_range)
 
     def _corating(
-        self, rated: Sequence[MovieId], targets: Sequence[MovieId], deviation: np.ndarray
+        self, target_rows: list[int], rated_rows: list[int], deviation: np.ndarray
     ) -> np.ndarray:
         """The co-rating kNN term of each target: the rated movies' ``deviation`` from the
         user's mean level, averaged with weights ``similarity ** corating_power`` over the
         ``corating_neighbours`` most similar (module docstring, step 5)."""
         p = self.params
         if self._similarity is None or p.corating_weight == 0 or p.corating_neighbours == 0:
-            return np.zeros(len(targets))
-        missing = len(self._similarity) - 1
-        similarity = self._similarity[
-            np.ix_(
-                [self._row.get(m, missing) for m in targets],
-                [self._row.get(m, missing) for m in rated],
-            )
-        ].astype(np.float64)
+            return np.zeros(len(target_rows))
+        similarity = self._similarity[np.ix_(target_rows, rated_rows)].astype(np.float64)
         similarity = np.clip(similarity, 0.0, None)
         keep = p.corating_neighbours
         if similarity.shape[1] > keep:
@@ -380,7 +377,7 @@ class RatingModel:
             similarity = np.where(similarity >= cut, similarity, 0.0)
         kernel = similarity**p.corating_power
         total = kernel.sum(axis=1) + p.corating_prior
-        return np.divide(kernel @ deviation, total, out=np.zeros(len(targets)), where=total > 0)
+        return np.divide(kernel @ deviation, total, out=np.zeros(len(target_rows)), where=total > 0)
 
 
 def rating_version(factors: ItemFactors, params: RatingParams) -> str:
