@@ -35,7 +35,7 @@ from confluent_kafka import OFFSET_END, TopicPartition
 from services.ingest.replay import replay, wait_until_embedded
 from shared.config import Settings
 from shared.data.movielens import MovieLens, load_movielens
-from shared.events import RECOMMENDATIONS, RatingSubmitted
+from shared.events import NEWCOMERS_USER_ID, RECOMMENDATIONS, RatingSubmitted
 from shared.kafka.client import make_consumer
 
 SERVICES = ("ingest", "item-embedding", "user-profile", "recommender")
@@ -69,7 +69,8 @@ class Collector:
                         continue
                     # orjson directly: validating every list would slow the reader, not the stack.
                     value = orjson.loads(message.value() or b"{}")
-                    if "latency_ms" not in value:
+                    # The newcomers' list is no user's answer to a rating.
+                    if "latency_ms" not in value or value.get("user_id") == NEWCOMERS_USER_ID:
                         continue
                     self.latencies_ms.append(float(value["latency_ms"]))
                     self.causes.add(value["cause_event_id"])

@@ -503,7 +503,7 @@ def stream_markdown(doc: dict[str, Any]) -> str:
             f"- identical lists: {doc['identical_lists']:,} of {n:,}"
             f" (first item identical: {doc['identical_first_item']:,})",
             f"- lists caused by the user's previous rating: {doc['exact_lists']:,};"
-            f" no list (user's first rating): {doc['no_list']:,}; time-outs: {doc['timeouts']}",
+            f" no list: {doc['no_list']:,}; time-outs: {doc['timeouts']}",
             f"- wall: stack {doc['stream_wall_s']:.0f} s, in process"
             f" {doc['in_process_wall_s']:.0f} s",
             "",

@@ -19,6 +19,7 @@ from shared.events import (
     DEAD_LETTERS,
     ITEM_EMBEDDINGS,
     MOVIES,
+    NEWCOMERS_USER_ID,
     RATINGS,
     RECOMMENDATIONS,
     DeadLetter,
@@ -121,15 +122,24 @@ def wait_for_items(settings: Settings, movie_ids: set[str]) -> None:
 
 
 def list_caused_by(settings: Settings, event_id: str) -> RecommendationsGenerated:
-    def found(events: list[Event]) -> bool:
-        return any(getattr(e, "cause_event_id", None) == event_id for e in events)
+    """The rating user's list caused by the rating (the newcomers' list may name it too)."""
 
-    events = read_topic(settings, RECOMMENDATIONS, found, timeout_s=60)
-    return next(
-        e
-        for e in events
-        if isinstance(e, RecommendationsGenerated) and e.cause_event_id == event_id
-    )
+    def users_list(events: list[Event]) -> RecommendationsGenerated | None:
+        return next(
+            (
+                e
+                for e in events
+                if isinstance(e, RecommendationsGenerated)
+                and e.cause_event_id == event_id
+                and e.user_id != NEWCOMERS_USER_ID
+            ),
+            None,
+        )
+
+    events = read_topic(settings, RECOMMENDATIONS, lambda ev: users_list(ev) is not None, 60)
+    found = users_list(events)
+    assert found is not None
+    return found
 
 
 def rate(settings: Settings, user: str, movie: str, stars: float) -> str:

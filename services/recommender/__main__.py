@@ -2,9 +2,11 @@
 
 Wiring only: a ``TopicReader`` hydrates the catalogue from the whole of
 ``item-embeddings`` and keeps following it; once it has caught up, a ``BatchConsumer``
-turns ``user-profiles`` into ``recommendations`` with ``handle_user_profiles``. With a
-trained ranker (``make train``), a second reader follows the whole of ``ratings`` to keep
-the online item features (popularity, mean rating) the ranker reads.
+turns ``user-profiles`` into ``recommendations`` with ``handle_user_profiles``. A second
+reader follows the whole of ``ratings`` to keep the online item features (popularity,
+mean rating; with a trained ranker also its online BPR) and, once it has caught up,
+publishes the newcomers' list (``newcomers_recommendations``, key
+``NEWCOMERS_USER_ID``) whenever its movies change.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from types import FrameType
 from typing import cast
 
 from services.recommender import SERVICE
-from services.recommender.handler import handle_item_embeddings, handle_user_profiles
+from services.recommender.handler import (
+    handle_item_embeddings,
+    handle_user_profiles,
+    newcomers_recommendations,
+)
 from shared.config import Settings
 from shared.events import (
     ITEM_EMBEDDINGS,
     RATINGS,
+    RECOMMENDATIONS,
     USER_PROFILES,
     Event,
     ItemEmbedded,
@@ -37,7 +44,10 @@ from shared.kafka.publisher import DeliveryError, Publisher
 from shared.kafka.topic_reader import TopicReader
 from shared.logs import configure_logging
 from shared.models.deployed import build_reranker
+from shared.models.item_stats import ItemStats
 from shared.retrieval.catalogue import Catalogue
+from shared.retrieval.recommend import CandidateSources
+from shared.types import MovieId
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +69,10 @@ class RecommenderWorker:
         self.settings = settings
         self.catalogue = Catalogue()
         self.reranker = build_reranker(settings)
+        self.sources = (
+            CandidateSources(ItemStats()) if self.reranker is None else self.reranker.sources
+        )
+        """The online item features (the ranker's when there is one)."""
         self._catch_up_timeout_s = catch_up_timeout_s
         self._stopping = threading.Event()
         # The reader thread gets its own producer: the consumer loop's flush must only
@@ -67,16 +81,19 @@ class RecommenderWorker:
         self._reader = TopicReader(
             settings, ITEM_EMBEDDINGS, self._on_items, self._on_invalid_item, name=SERVICE
         )
-        self._ratings_reader = (
-            None
-            if self.reranker is None
-            else TopicReader(
-                settings,
-                RATINGS,
-                self._on_ratings,
-                self._on_invalid_rating,
-                name=f"{SERVICE}-ratings",
-            )
+        # The newcomers' list: published from the ratings reader's thread and, once the
+        # catalogue is loaded, from the main one; the lock keeps one at a time.
+        self._newcomers_lock = threading.Lock()
+        self._newcomers_publisher = Publisher(settings)
+        self._newcomers_published: list[MovieId] | None = None
+        self._last_rating: Incoming[RatingSubmitted] | None = None
+        self._ratings_reader = TopicReader(
+            settings,
+            RATINGS,
+            self._on_ratings,
+            self._on_invalid_rating,
+            name=f"{SERVICE}-ratings",
+            on_caught_up=self._publish_newcomers,
         )
         self.consumer = BatchConsumer(
             settings,
@@ -88,15 +105,15 @@ class RecommenderWorker:
 
     def run(self) -> None:
         self._reader.start()
-        if self._ratings_reader is not None:
-            self._ratings_reader.start()
+        self._ratings_reader.start()
         try:
             if self._wait_for_catalogue():
+                if self._ratings_reader.wait_caught_up(0):
+                    self._publish_newcomers()  # now with the whole catalogue's titles
                 self.consumer.run()
         finally:
             self._reader.stop()
-            if self._ratings_reader is not None:
-                self._ratings_reader.stop()
+            self._ratings_reader.stop()
             try:
                 self._reader_publisher.flush()
             except DeliveryError as exc:
@@ -141,12 +158,38 @@ class RecommenderWorker:
         )
 
     def _on_ratings(self, batch: list[Incoming[Event]]) -> None:
-        # The ranker's online features only: the user-profile service owns the ratings'
-        # validation and dead letters, so a rating it will refuse (unknown movie) still
-        # counts here.
-        assert self.reranker is not None  # the reader exists only with a ranker
-        ratings = [i.event for i in batch if isinstance(i.event, RatingSubmitted)]
-        self.reranker.sources.learn(ratings)
+        # The online features only: the user-profile service owns the ratings' validation
+        # and dead letters, so a rating it will refuse (unknown movie) still counts here.
+        # The reader follows only ratings, and parse() validated each event.
+        ratings = cast(list[Incoming[RatingSubmitted]], batch)
+        if not ratings:
+            return
+        self.sources.learn([i.event for i in ratings])
+        self._last_rating = ratings[-1]
+        if self._ratings_reader.wait_caught_up(0):
+            self._publish_newcomers()
+
+    def _publish_newcomers(self) -> None:
+        """Publish the newcomers' list if its movies changed since the last one."""
+        with self._newcomers_lock:
+            cause = self._last_rating
+            if cause is None:
+                return
+            event = newcomers_recommendations(
+                self.sources.item_stats, self.catalogue, self.settings, datetime.now(UTC), cause
+            )
+            movies = None if event is None else [item.movie_id for item in event.items]
+            if event is None or movies == self._newcomers_published:
+                return
+            try:
+                self._newcomers_publisher.publish(Outgoing(RECOMMENDATIONS, event))
+                self._newcomers_publisher.flush()
+            except DeliveryError as exc:
+                # The next change publishes again; the readers must keep running.
+                log.error("newcomers' list not delivered error=%s", exc)
+                return
+            self._newcomers_published = movies
+            log.debug("newcomers' list published movies=%s", movies)
 
     def _on_invalid_rating(self, source: Source, reason: str) -> None:
         # Not ours to dead-letter: the user-profile service dead-letters bad ratings.

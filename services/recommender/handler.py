@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import numpy as np
 
 from services.recommender import SERVICE
 from shared.config import Settings
 from shared.events import (
+    NEWCOMERS_USER_ID,
     RECOMMENDATIONS,
     ItemEmbedded,
+    RatingSubmitted,
     RecommendationsGenerated,
     RecommendedItem,
     UserProfileUpdated,
 )
 from shared.exceptions import UnprocessableEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
+from shared.models.item_stats import ItemStats
 from shared.retrieval.catalogue import Catalogue, check_vector
-from shared.retrieval.recommend import Reranker, ScoredItem, recommend_batch
+from shared.retrieval.recommend import Reranker, ScoredItem, newcomer_list, recommend_batch
 from shared.types import UserId
 
 log = logging.getLogger(__name__)
@@ -152,3 +155,41 @@ def handle_user_profiles(
         len(out) - len(profiles),
     )
     return out
+
+
+def newcomers_recommendations(
+    item_stats: ItemStats,
+    catalogue: Catalogue,
+    settings: Settings,
+    now: datetime,
+    cause: Incoming[RatingSubmitted],
+) -> RecommendationsGenerated | None:
+    """The list of users with no rating yet (``user_id`` ``NEWCOMERS_USER_ID``): the
+    ``settings.top_k`` movies rated most of late (``newcomer_list``), as of the ratings
+    ``item_stats`` has learned, the last of which is ``cause``. ``latency_ms`` runs from
+    that rating's broker timestamp (``now`` without one). None while no catalogue movie
+    has been rated."""
+    scored = newcomer_list(item_stats, catalogue, settings.top_k)
+    if not scored:
+        return None
+    ts = cause.source.timestamp_ms
+    published = now if ts is None else datetime.fromtimestamp(ts / 1000, UTC)
+    latency_ms = (now - published).total_seconds() * 1000.0
+    return RecommendationsGenerated(
+        user_id=NEWCOMERS_USER_ID,
+        items=[
+            RecommendedItem(
+                movie_id=item.movie_id,
+                title=catalogue.title(item.movie_id),
+                score=item.score,
+                predicted_rating=item.predicted_rating,
+            )
+            for item in scored
+        ],
+        model_version=(
+            f"newcomers=trending-h{item_stats.half_life:g};item={catalogue.model_version}"
+        ),
+        cause_event_id=cause.event.event_id,
+        generated_at=now,
+        latency_ms=max(0.0, latency_ms),
+    )

@@ -55,6 +55,9 @@ class ModelRun:
     """Per test event, the predicted rating (``keep_lists=True`` only)."""
     snapshots: list[Snapshot | None] = field(default_factory=list)
     """Per test event, the profile its list came from (``PipelineModel`` only)."""
+    newcomer_lists: dict[int, list[MovieId]] = field(default_factory=dict)
+    """The lists of the test events whose user had no profile yet (the newcomers' list,
+    which no profile or MMR lambda changes), by event index (``PipelineModel`` only)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: name, variant, timings and the summary."""
@@ -117,6 +120,7 @@ def evaluate(
     lists: list[list[MovieId]] = []
     predictions: list[float] = []
     snapshots: list[Snapshot | None] = []
+    newcomer_lists: dict[int, list[MovieId]] = {}
     pipeline = model if isinstance(model, PipelineModel) else None
 
     began = time.perf_counter()
@@ -151,7 +155,10 @@ def evaluate(
             lists.append(recommended)
             predictions.append(predicted)
         if pipeline is not None:
-            snapshots.append(pipeline.snapshot(user))
+            snapshot = pipeline.snapshot(user)
+            snapshots.append(snapshot)
+            if snapshot is None:
+                newcomer_lists[i] = recommended
         model.learn_one(rating)
         rated.add(movie)
     test_s = time.perf_counter() - began
@@ -175,6 +182,7 @@ def evaluate(
         lists=lists if keep_lists else None,
         predictions=predictions if keep_lists else None,
         snapshots=snapshots,
+        newcomer_lists=newcomer_lists,
     )
 
 
@@ -212,8 +220,9 @@ def mmr_sweep(
 
     The user vectors do not depend on lambda, so each test event's profile (recorded by
     ``evaluate``) is re-ranked with the recommender's ``recommend_batch`` over the
-    model's final catalogue. Meaningful for the ``all-items`` variant, whose catalogue
-    never changes; at the deployed lambda it reproduces ``run`` exactly.
+    model's final catalogue; an event whose user had no profile keeps its newcomers'
+    list. Meaningful for the ``all-items`` variant, whose catalogue never changes; at the
+    deployed lambda it reproduces ``run`` exactly.
 
     Returns:
         Per lambda: ``{"mmr_lambda", "hr", "ndcg", "ild", "coverage"}``.
@@ -242,7 +251,7 @@ def mmr_sweep(
                 by_event[i] = [item.movie_id for item in scored]
         for i, rating in enumerate(test):
             board.add(
-                recommended=by_event.get(i, []),
+                recommended=by_event.get(i) or run.newcomer_lists.get(i, []),
                 target=rating.movie_id,
                 rating=rating.rating,
                 predicted=None,

@@ -13,7 +13,9 @@ order the topics would carry them:
 
 Each user's latest ``RecommendationsGenerated`` list is kept, and that is the list a
 test event is scored against: the list the user would be holding when they rate,
-which is also what ``make eval-stream`` reads back from the real topic. With the
+which is also what ``make eval-stream`` reads back from the real topic. A user with no
+rating yet holds the newcomers' list (``services.recommender.handler.
+newcomers_recommendations``, from the online item features as of the ratings so far). With the
 current updater (rating-weighted mean of content vectors) this is the "content kNN"
 baseline. No Kafka is involved: sources are synthetic (one offset counter per topic,
 no broker timestamp), and every output is checked for dead letters, which here mean a
@@ -34,7 +36,11 @@ from typing import TypeVar
 import numpy as np
 
 from services.item_embedding.handler import handle_movies
-from services.recommender.handler import handle_item_embeddings, handle_user_profiles
+from services.recommender.handler import (
+    handle_item_embeddings,
+    handle_user_profiles,
+    newcomers_recommendations,
+)
 from services.user_profile.handler import handle_ratings
 from shared.config import Settings
 from shared.events import (
@@ -50,10 +56,11 @@ from shared.events import (
 from shared.exceptions import ReelstreamError
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.models.item_encoder import ItemEncoder
+from shared.models.item_stats import ItemStats
 from shared.models.updater import UserUpdater, shrunk_mean_rating
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.qdrant_store import QdrantStore
-from shared.retrieval.recommend import Reranker
+from shared.retrieval.recommend import CandidateSources, Reranker
 from shared.types import Matrix, MovieId, UserId, Vector
 
 log = logging.getLogger(__name__)
@@ -85,9 +92,10 @@ class PipelineModel:
         encoder: the item encoder (the item-embedding service's).
         updater: the user model (the user-profile service's).
         reranker: the recommender's trained ranker and online item features, or None
-            (candidates ranked by cosine). Its item features learn each rating after the
-            lists of that rating's batch are computed, as the recommender's ratings
-            reader (polling every 0.2 s) usually does.
+            (candidates ranked by cosine; online item features of its own for the
+            newcomers' list). The item features learn each rating after the lists of
+            that rating's batch are computed, as the recommender's ratings reader
+            (polling every 0.2 s) usually does.
         name: the name in reports.
     """
 
@@ -116,6 +124,10 @@ class PipelineModel:
         self._profiles: dict[UserId, UserProfileUpdated] = {}
         self._offsets: dict[str, int] = {}
         self._item_version: str | None = None
+        # The recommender's online item features: the reranker's, or its own without one
+        # (the newcomers' list needs them either way).
+        self._sources = reranker.sources if reranker is not None else CandidateSources(ItemStats())
+        self._last_rating: Incoming[RatingSubmitted] | None = None
         self._cold_prediction = shrunk_mean_rating(updater.initial_state())
 
     # -- EvalModel ----------------------------------------------------------------------
@@ -144,7 +156,11 @@ class PipelineModel:
             raise EvaluationError(f"lists have top_k={self._settings.top_k} items; {k} asked")
         current = self._lists.get(user_id)
         if current is None:
-            return []  # the recommender publishes a list only after a user's first rating
+            # No rating yet: the newcomers' list, as the recommender would publish it now.
+            current = self._newcomers()
+            if current is None:
+                return []
+            return [i.movie_id for i in current.items if i.movie_id not in exclude][:k]
         return [item.movie_id for item in current.items[:k]]
 
     def predict_rating(self, user_id: UserId, movie_id: MovieId) -> float:
@@ -211,8 +227,9 @@ class PipelineModel:
     def _apply(self, ratings: Sequence[RatingSubmitted]) -> None:
         users = {r.user_id for r in ratings}
         states = {u: self._states[u] for u in users if u in self._states}
+        incoming = self._incoming("ratings", ratings)
         outgoing, updated = handle_ratings(
-            self._incoming("ratings", ratings),
+            incoming,
             states,
             self._vectors,
             self._updater,
@@ -236,8 +253,17 @@ class PipelineModel:
         for out in self._checked(lists):
             if isinstance(out.event, RecommendationsGenerated):
                 self._lists[out.event.user_id] = out.event
-        if self._reranker is not None:
-            self._reranker.sources.learn(ratings)
+        self._sources.learn(ratings)
+        if incoming:
+            self._last_rating = incoming[-1]
+
+    def _newcomers(self) -> RecommendationsGenerated | None:
+        """The recommender's newcomers' list as of the ratings applied so far."""
+        if self._last_rating is None:
+            return None
+        return newcomers_recommendations(
+            self._sources.item_stats, self.catalogue, self._settings, _now(), self._last_rating
+        )
 
     def _incoming(self, topic: str, events: Sequence[E]) -> list[Incoming[E]]:
         first = self._offsets.get(topic, 0)

@@ -41,6 +41,7 @@ from shared.config import Settings
 from shared.events import (
     ITEM_EMBEDDINGS,
     MOVIES,
+    NEWCOMERS_USER_ID,
     RATINGS,
     RECOMMENDATIONS,
     Event,
@@ -64,6 +65,8 @@ MAX_ID_LENGTH = 64
 CATALOGUE_READ_TIMEOUT_S = 120.0
 """Longest wait (seconds) to read ``item-embeddings`` to its end for the arrivals check."""
 
+_NEWCOMERS_KEY = NEWCOMERS_USER_ID.encode()
+
 # How long (seconds) one reader poll blocks: the reader's stop latency, not the lists'
 # (poll returns as soon as a message is there).
 _POLL_S = 0.1
@@ -82,9 +85,10 @@ class StreamedEvent:
     rating: RatingSubmitted
     """The original TEST rating (original user id and event id, not the namespaced ones)."""
     recommended: list[MovieId] | None
-    """The list caused by the user's previous rating (TRAIN or TEST), best first. None
-    when the user had no previous rating, or when no list of the user came back at all;
-    after a time-out it is the user's latest list read so far (``exact`` is False)."""
+    """The list caused by the user's previous rating (TRAIN or TEST), best first. For a
+    user's first rating it is the newcomers' list last read (``NEWCOMERS_USER_ID``),
+    after a time-out the user's latest list read so far (``exact`` is False for both);
+    None when no such list came back at all."""
     predicted: float | None
     """Predicted stars: the target's ``predicted_rating`` in that list when it is listed,
     else the first item's (the baseline predicts one number per user); None without a
@@ -142,6 +146,7 @@ class _ListReader:
         self._changed = threading.Condition()
         self._by_cause: dict[EventId, _List] = {}
         self._latest: dict[UserId, _List] = {}
+        self._newcomers: _List | None = None
         self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="t1-stream-lists", daemon=True)
@@ -214,7 +219,7 @@ class _ListReader:
                 continue
             key = message.key()
             # Other users' lists (other runs, live traffic) are skipped unparsed.
-            if key is None or not key.startswith(self._key_prefix):
+            if key is None or not (key.startswith(self._key_prefix) or key == _NEWCOMERS_KEY):
                 continue
             try:
                 event = decode(RecommendationsGenerated, message.value())
@@ -242,9 +247,13 @@ class _ListReader:
             return
         with self._changed:
             for user, recs in lists:
+                if user == NEWCOMERS_USER_ID:
+                    # The whole stack's, not this run's: it does not count as read.
+                    self._newcomers = recs
+                    continue
                 self._by_cause[recs.cause] = recs
                 self._latest[user] = recs
-            self.lists_read += len(lists)
+            self.lists_read += sum(user != NEWCOMERS_USER_ID for user, _ in lists)
             self.last_read_at = time.monotonic()
             self._changed.notify_all()
 
@@ -259,6 +268,11 @@ class _ListReader:
         """The list caused by ``cause`` if it has been read, without waiting."""
         with self._changed:
             return self._by_cause.get(cause)
+
+    def newcomers(self) -> _List | None:
+        """The newcomers' list last read (None before any)."""
+        with self._changed:
+            return self._newcomers
 
     def latest(self, user: UserId) -> _List | None:
         """The user's latest list read so far (namespaced user id)."""
@@ -428,8 +442,9 @@ def run_stream(
        has come for ``list_timeout_s`` seconds.
     3. TEST, in order: publish the movies arriving at this index (``arrivals``), wait up
        to ``list_timeout_s`` seconds (default 30) for the list caused by the user's
-       previous rating (on a time-out the user's latest list is used, ``exact`` False),
-       record it, publish the rating.
+       previous rating (on a time-out the user's latest list is used, ``exact`` False;
+       for a user's first rating the newcomers' list last read), record it, publish the
+       rating.
 
     Args:
         movies: the catalogue; movie ids are published as they are.
@@ -541,6 +556,8 @@ def run_stream(
                 exact = recs is not None
                 if recs is None:
                     recs = reader.latest(user)
+            else:
+                recs = reader.newcomers()
             events.append(
                 StreamedEvent(
                     rating=rating,

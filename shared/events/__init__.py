@@ -1,6 +1,7 @@
 """The wire contract: event models, their serde and the topic registry."""
 
 from shared.events.record import (
+    NEWCOMERS_USER_ID,
     DeadLetter,
     Event,
     ItemEmbedded,
@@ -32,6 +33,7 @@ __all__ = [
     "DEAD_LETTERS",
     "ITEM_EMBEDDINGS",
     "MOVIES",
+    "NEWCOMERS_USER_ID",
     "RATINGS",
     "RECOMMENDATIONS",
     "TOPICS",

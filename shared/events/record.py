@@ -25,6 +25,7 @@ from pydantic import (
     PlainValidator,
     StringConstraints,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -173,15 +174,29 @@ class MoviePublished(Event):
     metadata: dict[str, MetadataValue] = Field(default_factory=dict, max_length=100)
 
 
+NEWCOMERS_USER_ID = "_newcomers"
+"""The ``user_id`` of the list for users with no rating yet on ``recommendations``: what
+a user who just arrived is shown until their first rating gets them a list of their own.
+No rating may carry it."""
+
+
 class RatingSubmitted(Event):
     """A user's rating of a movie (topic ``ratings``, key ``user_id``)."""
 
     event_id: Id = Field(default_factory=new_event_id)
     user_id: Id
+    """Any id but ``_newcomers``, which names the newcomers' list on ``recommendations``."""
     movie_id: Id
     rating: float = Field(ge=0.5, le=5.0, allow_inf_nan=False)
     """Stars, 0.5 to 5.0."""
     occurred_at: Timestamp
+
+    @field_validator("user_id")
+    @classmethod
+    def _not_reserved(cls, user_id: str) -> str:
+        if user_id == NEWCOMERS_USER_ID:
+            raise ValueError(f"user_id {NEWCOMERS_USER_ID!r} is reserved for the newcomers' list")
+        return user_id
 
 
 Modality = Literal["text", "image", "metadata"]
@@ -250,6 +265,8 @@ class RecommendationsGenerated(Event):
     """A user's fresh list (topic ``recommendations``, key ``user_id``)."""
 
     user_id: Id
+    """The user the list is for; ``_newcomers``: the list for every user with no rating
+    yet (the movies rated most of late), published again whenever its movies change."""
     items: list[RecommendedItem]
     model_version: str
     cause_event_id: Id

@@ -29,8 +29,9 @@ class TopicReader:
     ``follow_interval_s`` (default 0.2 s) and reads only what is new, so a new event
     is handed over within about that interval.
 
-    ``on_invalid(source, reason)`` gets messages that do not parse. Both callbacks run
-    on the reader's thread.
+    ``on_invalid(source, reason)`` gets messages that do not parse; ``on_caught_up()``,
+    when given, is called once, right after the first read to the end. Every callback
+    runs on the reader's thread.
     """
 
     def __init__(
@@ -42,12 +43,14 @@ class TopicReader:
         *,
         name: str,
         follow_interval_s: float = 0.2,
+        on_caught_up: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._spec = spec
         self._topic = settings.topic(spec.name)
         self._on_events = on_events
         self._on_invalid = on_invalid
+        self._on_caught_up = on_caught_up
         self._name = name
         self._follow_interval_s = follow_interval_s
         self._stop = threading.Event()
@@ -90,6 +93,8 @@ class TopicReader:
                 if not self._caught_up.is_set() and not self._stop.is_set():
                     log.info("reader=%s caught up", self._name)
                     self._caught_up.set()
+                    if self._on_caught_up is not None:
+                        self._on_caught_up()
                 self._stop.wait(self._follow_interval_s)
         except Exception:
             log.exception("reader=%s crashed", self._name)

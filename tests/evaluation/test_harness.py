@@ -117,7 +117,13 @@ def test_pipeline_lists_are_the_recommenders_lists_of_the_mean_profile(
         assert pipeline.predict_rating(user, "1") == pytest.approx(
             (mean + 3.5 * 5) / (len(rated) + 5)
         )
-    assert pipeline.recommend("nobody", set(), 10) == []
+    # A user with no rating holds the newcomers' list: the most rated movies of late.
+    counts: dict[MovieId, float] = {}
+    for age, r in enumerate(reversed(split.train)):
+        counts[r.movie_id] = counts.get(r.movie_id, 0.0) + 0.5 ** (age / 5000)
+    most = sorted(counts, key=lambda m: -counts[m])
+    assert pipeline.recommend("nobody", set(), 10) == most[:10]
+    assert pipeline.recommend("nobody", {most[0]}, 3) == most[1:4]
     assert pipeline.predict_rating("nobody", "1") == 3.5
 
 

@@ -51,6 +51,7 @@ def test_naive_timestamps_are_utc_and_serialise_with_z() -> None:
         ({"user_id": True}, "user_id"),
         ({"user_id": ""}, "user_id"),
         ({"user_id": None}, "user_id"),
+        ({"user_id": "_newcomers"}, "user_id '_newcomers' is reserved"),
         ({"movie_id": [1]}, "movie_id"),
         ({"occurred_at": "yesterday"}, "occurred_at"),
         ({"stars": 3}, "stars"),

@@ -26,6 +26,7 @@ from shared.retrieval.recommend import (
     Reranker,
     ScoredItem,
     merge_candidates,
+    newcomer_list,
     recommend,
     recommend_batch,
     retrieve_batch,
@@ -188,6 +189,33 @@ def rows_unit(vectors: np.ndarray) -> np.ndarray:
 def cosine_order(vectors: np.ndarray, query: np.ndarray) -> list[str]:
     sims = rows_unit(vectors) @ query
     return [f"m{i}" for i in np.argsort(-sims, kind="stable")]
+
+
+def test_the_newcomers_list_is_the_most_rated_catalogue_movies_of_late() -> None:
+    catalogue, _ = random_catalogue(8)
+    stats = rated_stats()
+    listed = newcomer_list(stats, catalogue, 3)
+    # "ghost" is rated most but is not in the catalogue: the next movies take its place.
+    assert [i.movie_id for i in listed] == ["m0", "m1", "m2"]
+    assert [i.rank for i in listed] == [1, 2, 3]
+    total = stats.decayed_total()
+    assert [i.score for i in listed] == pytest.approx(
+        [stats.decayed_count(m) / total for m in ("m0", "m1", "m2")]
+    )
+    assert listed[0].predicted_rating == pytest.approx(stats.shrunk_mean("m0"))
+    # Asking for more than was ever rated gives every rated catalogue movie once.
+    assert [i.movie_id for i in newcomer_list(stats, catalogue, 50)] == TRENDING
+    # Popularity of late, not of all time: a burst of m4 puts it first.
+    moment = datetime(1990, 6, 2, tzinfo=UTC)
+    stats.learn_many(["m4"] * 12, [3.0] * 12, [moment] * 12)
+    assert newcomer_list(stats, catalogue, 1)[0].movie_id == "m4"
+
+
+def test_no_newcomers_list_before_any_rating_or_for_k_zero() -> None:
+    catalogue, _ = random_catalogue(8)
+    assert newcomer_list(ItemStats(), catalogue, 5) == []
+    assert newcomer_list(rated_stats(), catalogue, 0) == []
+    assert newcomer_list(rated_stats(), Catalogue(), 5) == []
 
 
 def test_merge_candidates_order_dedup_exclusion_and_count() -> None:

@@ -18,11 +18,17 @@ import pytest
 import torch
 
 from services.recommender.__main__ import RecommenderWorker
-from services.recommender.handler import handle_item_embeddings, handle_user_profiles
+from services.recommender.handler import (
+    handle_item_embeddings,
+    handle_user_profiles,
+    newcomers_recommendations,
+)
 from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
     ITEM_EMBEDDINGS,
+    NEWCOMERS_USER_ID,
+    RATINGS,
     RECOMMENDATIONS,
     USER_PROFILES,
     DeadLetter,
@@ -208,6 +214,33 @@ def test_latency_is_never_negative(catalogue: Catalogue) -> None:
     assert rec.latency_ms == 0.0
 
 
+def rating(user: str, movie: str, stars: float = 4.0) -> RatingSubmitted:
+    return RatingSubmitted(user_id=user, movie_id=movie, rating=stars, occurred_at=NOW)
+
+
+def test_the_newcomers_list_holds_the_most_rated_movies_with_their_titles(
+    catalogue: Catalogue,
+) -> None:
+    stats = ItemStats()
+    ratings = [
+        rating("a", "r2", 5.0),
+        rating("b", "r2", 3.0),
+        rating("b", "hit"),
+        rating("c", "r7"),
+    ]
+    stats.learn_many([r.movie_id for r in ratings], [r.rating for r in ratings])
+    cause = Incoming(ratings[-1], Source("ratings", 0, 3, b"c", b"{}", None))
+    rec = newcomers_recommendations(stats, catalogue, settings(), NOW, cause)
+    assert rec is not None and rec.user_id == NEWCOMERS_USER_ID
+    # r2 was rated twice; hit and r7 once each, and the later rating weighs a little more.
+    assert [i.movie_id for i in rec.items] == ["r2", "r7", "hit"]
+    assert rec.items[2].title == "Movie hit"
+    assert rec.items[0].predicted_rating == pytest.approx(stats.shrunk_mean("r2"))
+    assert rec.cause_event_id == ratings[-1].event_id and rec.latency_ms == 0.0
+    assert rec.model_version == "newcomers=trending-h5000;item=concat-v1"
+    assert newcomers_recommendations(ItemStats(), catalogue, settings(), NOW, cause) is None
+
+
 def test_refused_items_are_dead_lettered_and_the_others_kept() -> None:
     catalogue = Catalogue()
     batch = [
@@ -296,6 +329,33 @@ def test_the_worker_serves_lists_from_the_whole_catalogue_and_follows_new_items(
         rec = list_for(settings, again.cause_event_id)
         assert rec.items[0].movie_id == "fresh" and rec.items[0].title == "Fresh"
     assert not settings.ready_file("recommender").exists()
+
+
+@pytest.mark.integration
+def test_the_worker_publishes_the_newcomers_list_and_follows_what_is_rated(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings(top_k=3, n_candidates=10)
+    publish(settings, [(ITEM_EMBEDDINGS, e) for e in seeded_items(10)])
+    # Rated before the worker starts: the list comes once the ratings are read.
+    publish(settings, [(RATINGS, rating(f"u{i}", "r4")) for i in range(3)])
+    publish(settings, [(RATINGS, rating("u9", "r1"))])
+
+    def newcomers(events: list[Event]) -> list[list[str]]:
+        return [
+            [i.movie_id for i in e.items]
+            for e in events
+            if isinstance(e, RecommendationsGenerated) and e.user_id == NEWCOMERS_USER_ID
+        ]
+
+    with running(settings):
+        events = read_topic(settings, RECOMMENDATIONS, lambda ev: bool(newcomers(ev)))
+        assert newcomers(events) == [["r4", "r1"]]
+        # r7 is rated most of late now: a new list leads with it.
+        publish(settings, [(RATINGS, rating(f"v{i}", "r7")) for i in range(6)])
+        events = read_topic(settings, RECOMMENDATIONS, lambda ev: len(newcomers(ev)) >= 2)
+        assert newcomers(events)[-1][0] == "r7"
+        assert all(len(set(m)) == len(m) for m in newcomers(events))
 
 
 @pytest.mark.integration
