@@ -25,7 +25,8 @@ gets a vector from its content alone.
   the rating-weighted mean of a user's last ``window`` items (the rating-weighted-mean
   updater over a short history) must retrieve the next item that user rated, with a
   softmax over the whole catalogue at a temperature (the items already in the context
-  are excluded, as the recommender excludes rated movies).
+  are excluded, as the recommender excludes rated movies; ``rated_negatives_only``
+  keeps movies nobody rated out of the negatives).
 """
 
 from __future__ import annotations
@@ -108,7 +109,11 @@ class FusionConfig:
     people_dim: int = 32
     """Width of a person's embedding."""
     people_buckets: int = 16384
-    """Hash buckets of people ids (collisions share an embedding)."""
+    """Hash buckets of people ids (collisions share an embedding). Fewer buckets place
+    unseen movies better: with 15% of the fit window's movies left out of the
+    interaction objective, their median rank for the contexts that rated them went from
+    550 to 373 of 1,682 with 1,024 buckets (both with ``rated_negatives_only``), warm
+    movies' staying at 40; see ``rated_negatives_only`` for why neither is the default."""
     dropout: float = 0.1
     """Dropout on the fused hidden layer, training only."""
     modality_dropout: float = 0.1
@@ -130,6 +135,17 @@ class FusionConfig:
     space (mean nearest-neighbour cosine 0.83 vs 0.91)."""
     window: int = 10
     """Previous ratings of a user that form the context of the next one."""
+    rated_negatives_only: bool = False
+    """Only movies rated in the training ratings are negatives of the interaction
+    softmax. With the whole catalogue (the default), every movie nobody rated is pushed
+    away from every context, and a new release is placed worse than at random: with 15%
+    of the fit window's movies left out of the interaction objective, their median rank
+    for the contexts that rated them was 1,109 of 1,682 with the whole catalogue as
+    negatives and 550 with rated movies only (top 100: 1.6% and 11.3%); warm movies'
+    median stayed at 40. Still off: with it and 1,024 people buckets, all four stages
+    retrained scored validation HR@10 0.2412 and NDCG@10 0.1248 against 0.2435 and
+    0.1261, and no cold-item hit against one. A median rank of 373 is still far from a
+    top-10 list."""
     liked_weight: float = 1.0
     """Loss weight of a next item rated >= 4 stars, relative to 1 for the others."""
     triplet_weight: float = 1.0
@@ -602,8 +618,13 @@ def sample_triplets(
 
 
 def _interaction_loss(
-    vectors: torch.Tensor, batch: Interactions, temperature: float
+    vectors: torch.Tensor,
+    batch: Interactions,
+    temperature: float,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Softmax of each example's next item against the catalogue, or against the
+    movies of ``negatives`` (bool per movie) only."""
     context = vectors[batch.context] * batch.weights[:, :, None]
     users = functional.normalize(context.sum(dim=1), dim=1)
     logits = users @ vectors.T / temperature
@@ -611,6 +632,8 @@ def _interaction_loss(
     # negatives either (the target itself stays, should the user rate it again).
     seen = torch.zeros_like(logits, dtype=torch.bool)
     seen.scatter_(1, batch.context, batch.weights > 0)
+    if negatives is not None:
+        seen |= ~negatives[None, :]
     seen[torch.arange(len(batch)), batch.target] = False
     logits = logits.masked_fill(seen, float("-inf"))
     losses = functional.cross_entropy(logits, batch.target, reduction="none")
@@ -691,6 +714,10 @@ def train_fusion(
     )
     if cfg.use_interaction and len(train_ex) == 0:
         raise ConfigurationError("no interaction examples: no user rated two catalogue movies")
+    negatives: torch.Tensor | None = None
+    if cfg.rated_negatives_only:
+        negatives = torch.zeros(len(movies), dtype=torch.bool)
+        negatives[[rows[r.movie_id] for r in train_ratings if r.movie_id in rows]] = True
     relations = Relations.of(movies)
     positives = relations.positives() if cfg.use_triplet else []
     net = build_net(arch)
@@ -745,7 +772,7 @@ def train_fusion(
             loss = vectors.new_zeros(())
             if cfg.use_interaction:
                 index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                part = _interaction_loss(vectors, train_ex.take(index), cfg.temperature)
+                part = _interaction_loss(vectors, train_ex.take(index), cfg.temperature, negatives)
                 sums["interaction"] += float(part.detach())
                 loss = loss + cfg.interaction_weight * part
             if cfg.use_triplet:
@@ -779,7 +806,9 @@ def train_fusion(
             vectors = net(inputs)
             if len(val_ex):
                 val_losses = [
-                    float(_interaction_loss(vectors, val_ex.take(chunk), cfg.temperature))
+                    float(
+                        _interaction_loss(vectors, val_ex.take(chunk), cfg.temperature, negatives)
+                    )
                     * len(chunk)
                     for chunk in torch.arange(len(val_ex)).split(cfg.batch_size)
                 ]

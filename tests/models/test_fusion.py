@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from itertools import combinations
@@ -216,20 +217,18 @@ def test_training_is_reproducible_with_a_seed(
     assert other["version"] != config["version"]
 
 
+INTERACTION_ONLY = FusionConfig(
+    use_triplet=False, epochs=8, batch_size=32, hidden_dim=64, out_dim=32, people_buckets=512
+)
+"""A small encoder trained on the interaction objective alone."""
+
+
 def test_the_interaction_objective_pulls_co_rated_movies_together(
     text: TextEncoder, trained: tuple[FusionNet, dict, dict]
 ) -> None:
     _, config, _ = trained
-    interaction_only = FusionConfig(
-        use_triplet=False,
-        epochs=8,
-        batch_size=32,
-        hidden_dim=64,
-        out_dim=32,
-        people_buckets=512,
-    )
     net, config, _ = train_fusion(
-        MOVIES, RATINGS, text, config=interaction_only, seed=0, progress=False
+        MOVIES, RATINGS, text, config=INTERACTION_ONLY, seed=0, progress=False
     )
     torch.manual_seed(0)
     # The same architecture and input standardisation, untrained.
@@ -240,6 +239,25 @@ def test_the_interaction_objective_pulls_co_rated_movies_together(
     before = co_rated_gap(vectors(FusionItemEncoder(fresh, config, text), MOVIES))
     after = co_rated_gap(vectors(FusionItemEncoder(net, config, text), MOVIES))
     assert after > before + 0.1, (before, after)
+
+
+def test_a_movie_nobody_rated_is_not_pushed_away_from_the_rated_ones(text: TextEncoder) -> None:
+    """The interaction softmax draws its negatives from the rated movies only: with the
+    whole catalogue as negatives, movies nobody rated end up far from every context."""
+    unrated = {m.movie_id for m in MOVIES[-8:]}
+    ratings = [r for r in RATINGS if r.movie_id not in unrated]
+
+    def gap(rated_only: bool) -> float:
+        config = dataclasses.replace(INTERACTION_ONLY, rated_negatives_only=rated_only)
+        net, record, _ = train_fusion(MOVIES, ratings, text, config=config, progress=False)
+        assert record["training"]["config"]["rated_negatives_only"] is rated_only
+        matrix = vectors(FusionItemEncoder(net, record, text), MOVIES)
+        is_new = np.array([m.movie_id in unrated for m in MOVIES])
+        centre = matrix[~is_new].mean(axis=0)
+        # How much closer the rated movies are to their centre than the unrated ones.
+        return float((matrix[~is_new] @ centre).mean() - (matrix[is_new] @ centre).mean())
+
+    assert gap(rated_only=True) < gap(rated_only=False) - 0.05
 
 
 def test_validation_loss_is_recorded_when_ratings_are_held_out(text: TextEncoder) -> None:
