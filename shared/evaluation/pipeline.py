@@ -14,11 +14,11 @@ order the topics would carry them:
 Each user's latest ``RecommendationsGenerated`` list is kept, and that is the list a
 test event is scored against: the list the user would be holding when they rate,
 which is also what ``make eval-stream`` reads back from the real topic. A user with no
-rating yet holds the newcomers' list (``services.recommender.handler.
-newcomers_recommendations``, from the online item features as of the ratings so far). With the
-current updater (rating-weighted mean of content vectors) this is the "content kNN"
-baseline. No Kafka is involved: sources are synthetic (one offset counter per topic,
-no broker timestamp), and every output is checked for dead letters, which here mean a
+rating yet holds the newcomers' list (``newcomers_recommendations`` of the recommender's
+handlers, from the online item features as of the ratings so far). With the current
+updater (rating-weighted mean of content vectors) this is the "content kNN" baseline.
+No Kafka is involved: sources are synthetic (one offset counter per topic, no broker
+timestamp), and every output is checked for dead letters, which here mean a
 bug, so they raise.
 """
 
