@@ -9,7 +9,14 @@ from collections.abc import Callable
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
 from shared.config import Settings
-from shared.events import Event, TopicSpec, decode
+from shared.events import (
+    NEWCOMERS_USER_ID,
+    RECOMMENDATIONS,
+    Event,
+    RecommendationsGenerated,
+    TopicSpec,
+    decode,
+)
 from shared.kafka.client import make_consumer, make_producer
 
 
@@ -51,3 +58,25 @@ def read_topic(
         return events
     finally:
         consumer.close()
+
+
+def list_caused_by(settings: Settings, cause_event_id: str) -> RecommendationsGenerated:
+    """The rating user's list caused by the rating ``cause_event_id``, read from
+    ``recommendations`` (the newcomers' list may name the same cause: it is skipped)."""
+
+    def users_list(events: list[Event]) -> RecommendationsGenerated | None:
+        return next(
+            (
+                e
+                for e in events
+                if isinstance(e, RecommendationsGenerated)
+                and e.cause_event_id == cause_event_id
+                and e.user_id != NEWCOMERS_USER_ID
+            ),
+            None,
+        )
+
+    events = read_topic(settings, RECOMMENDATIONS, lambda ev: users_list(ev) is not None, 60)
+    found = users_list(events)
+    assert found is not None
+    return found

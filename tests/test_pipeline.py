@@ -19,15 +19,12 @@ from shared.events import (
     DEAD_LETTERS,
     ITEM_EMBEDDINGS,
     MOVIES,
-    NEWCOMERS_USER_ID,
     RATINGS,
-    RECOMMENDATIONS,
     DeadLetter,
     Event,
     ItemEmbedded,
-    RecommendationsGenerated,
 )
-from tests.kafka_helpers import produce_raw, read_topic
+from tests.kafka_helpers import list_caused_by, produce_raw, read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -119,27 +116,6 @@ def wait_for_items(settings: Settings, movie_ids: set[str]) -> None:
         return movie_ids <= {e.movie_id for e in events if isinstance(e, ItemEmbedded)}
 
     read_topic(settings, ITEM_EMBEDDINGS, embedded, timeout_s=180)
-
-
-def list_caused_by(settings: Settings, event_id: str) -> RecommendationsGenerated:
-    """The rating user's list caused by the rating (the newcomers' list may name it too)."""
-
-    def users_list(events: list[Event]) -> RecommendationsGenerated | None:
-        return next(
-            (
-                e
-                for e in events
-                if isinstance(e, RecommendationsGenerated)
-                and e.cause_event_id == event_id
-                and e.user_id != NEWCOMERS_USER_ID
-            ),
-            None,
-        )
-
-    events = read_topic(settings, RECOMMENDATIONS, lambda ev: users_list(ev) is not None, 60)
-    found = users_list(events)
-    assert found is not None
-    return found
 
 
 def rate(settings: Settings, user: str, movie: str, stars: float) -> str:

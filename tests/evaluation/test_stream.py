@@ -16,15 +16,11 @@ from infra.topics import ensure_topics
 from shared.config import Settings
 from shared.evaluation.stream import StreamResult, run_stream
 from shared.events import (
-    NEWCOMERS_USER_ID,
-    RECOMMENDATIONS,
-    Event,
     MoviePublished,
     RatingSubmitted,
 )
-from shared.events import RecommendationsGenerated as Recs
 from shared.exceptions import ConfigurationError
-from tests.kafka_helpers import read_topic
+from tests.kafka_helpers import list_caused_by
 
 ANIMATION = ["Animation", "Children's", "Comedy"]
 HORROR = ["Horror", "Thriller"]
@@ -128,27 +124,6 @@ def rated_before(test: list[RatingSubmitted], train: list[RatingSubmitted]) -> l
         out.append(set(seen.get(r.user_id, set())))
         seen.setdefault(r.user_id, set()).add(r.movie_id)
     return out
-
-
-def list_caused_by(settings: Settings, cause_event_id: str) -> Recs:
-    """The user's list caused by this rating (the newcomers' list may name it too)."""
-
-    def users_list(events: list[Event]) -> Recs | None:
-        return next(
-            (
-                e
-                for e in events
-                if isinstance(e, Recs)
-                and e.cause_event_id == cause_event_id
-                and e.user_id != NEWCOMERS_USER_ID
-            ),
-            None,
-        )
-
-    events = read_topic(settings, RECOMMENDATIONS, lambda ev: users_list(ev) is not None, 60)
-    found = users_list(events)
-    assert found is not None
-    return found
 
 
 def check_lists(
