@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 import numpy as np
 
@@ -172,9 +172,7 @@ def newcomers_recommendations(
     scored = newcomer_list(item_stats, catalogue, settings.top_k)
     if not scored:
         return None
-    ts = cause.source.timestamp_ms
-    published = now if ts is None else datetime.fromtimestamp(ts / 1000, UTC)
-    latency_ms = (now - published).total_seconds() * 1000.0
+    latency_ms = (now - cause.source.published_at(now)).total_seconds() * 1000.0
     return RecommendationsGenerated(
         user_id=NEWCOMERS_USER_ID,
         items=[

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 from services.user_profile.naming import SERVICE
 from shared.events import USER_PROFILES, RatingSubmitted, UserProfileUpdated
@@ -147,7 +147,6 @@ class _Batch:
         vector = self.updater.vector(state)
         if vector is None:  # only reachable with an updater that breaks its contract
             raise ReelstreamError(f"user {user!r} has ratings but no vector")
-        ts = cause.source.timestamp_ms
         return UserProfileUpdated(
             user_id=user,
             vector=vector,
@@ -158,7 +157,7 @@ class _Batch:
             model_version=version,
             cause_event_id=cause.event.event_id,
             # Without a broker timestamp the latency clock starts now (never negative).
-            cause_published_at=now if ts is None else datetime.fromtimestamp(ts / 1000, UTC),
+            cause_published_at=cause.source.published_at(now),
             updated_at=now,
         )
 

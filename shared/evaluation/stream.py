@@ -246,6 +246,7 @@ class _ListReader:
         if not lists:
             return
         with self._changed:
+            own = 0
             for user, recs in lists:
                 if user == NEWCOMERS_USER_ID:
                     # The whole stack's, not this run's: it does not count as read.
@@ -253,8 +254,10 @@ class _ListReader:
                     continue
                 self._by_cause[recs.cause] = recs
                 self._latest[user] = recs
-            self.lists_read += sum(user != NEWCOMERS_USER_ID for user, _ in lists)
-            self.last_read_at = time.monotonic()
+                own += 1
+            if own:
+                self.lists_read += own
+                self.last_read_at = time.monotonic()
             self._changed.notify_all()
 
     def _check_alive(self) -> None:

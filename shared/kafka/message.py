@@ -34,6 +34,12 @@ class Source:
     timestamp_ms: int | None
     """Broker timestamp (CreateTime or LogAppendTime), ms since the epoch."""
 
+    def published_at(self, default: datetime) -> datetime:
+        """The broker timestamp as a UTC datetime; ``default`` when there is none."""
+        if self.timestamp_ms is None:
+            return default
+        return datetime.fromtimestamp(self.timestamp_ms / 1000, UTC)
+
     @classmethod
     def of(cls, message: Message) -> Source:
         """The source of a confluent-kafka message."""
