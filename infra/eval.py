@@ -62,11 +62,15 @@ log = logging.getLogger("infra.eval")
 BASELINES = ("most-popular", "online-popularity", "online-mf", "content-knn")
 """The baselines: they need no checkpoint."""
 
-TRAINED = ("fusion-mean", "reelstream-no-ranker", "reelstream")
+TRAINED = ("fusion-mean", "reelstream-no-ranker", "reelstream-no-pull", "reelstream")
 """The trained stack and its ablations (checkpoints from ``make train``):
 ``fusion-mean`` = trained item encoder + rating-weighted mean, no ranker;
 ``reelstream-no-ranker`` = trained encoder + residual updater, candidates by cosine;
-``reelstream`` = the deployed stack: encoder + residual updater + two-tower ranker."""
+``reelstream-no-pull`` = the deployed stack with every item vector left as encoded;
+``reelstream`` = the deployed stack: encoder + residual updater + two-tower ranker, and
+ratings pull the vectors of movies the encoder did not learn from ratings
+(``settings.item_pull``). The baselines and ``fusion-mean`` leave item vectors as
+encoded: they are the systems their names say."""
 
 MODELS = (*BASELINES, *TRAINED)
 """Every model ``make eval`` scores, in table order (trained ones only when their
@@ -126,21 +130,29 @@ class ModelFactory:
         return [n for n in names if n not in TRAINED]
 
     def build(self, name: str) -> EvalModel:
+        unpulled = self.settings.model_copy(update={"item_pull": 0.0})
         builders: dict[str, Callable[[], EvalModel]] = {
             "most-popular": lambda: MostPopular(),
             "online-popularity": lambda: OnlinePopularity(),
             "online-mf": lambda: OnlineMF(seed=self.seed),
             "content-knn": lambda: PipelineModel(
-                self.settings, self.encoder, RatingWeightedMean(), name="content-knn"
+                unpulled, self.encoder, RatingWeightedMean(), name="content-knn"
             ),
             "fusion-mean": lambda: PipelineModel(
-                self.settings, self.trained_encoder, RatingWeightedMean(), name="fusion-mean"
+                unpulled, self.trained_encoder, RatingWeightedMean(), name="fusion-mean"
             ),
             "reelstream-no-ranker": lambda: PipelineModel(
                 self.settings,
                 self.trained_encoder,
                 build_user_updater(self.settings),
                 name="reelstream-no-ranker",
+            ),
+            "reelstream-no-pull": lambda: PipelineModel(
+                unpulled,
+                self.trained_encoder,
+                build_user_updater(self.settings),
+                reranker=build_reranker(self.settings),
+                name="reelstream-no-pull",
             ),
             "reelstream": lambda: PipelineModel(
                 self.settings,
@@ -334,6 +346,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "top_k": settings.top_k,
             "n_candidates": settings.n_candidates,
             "mmr_lambda": settings.mmr_lambda,
+            "item_pull": settings.item_pull,
             "batch_size": settings.batch_size,
             "text_model": str(settings.text_model),
             "clip_weights": None if settings.clip_weights is None else str(settings.clip_weights),
@@ -459,6 +472,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
             "top_k": settings.top_k,
             "n_candidates": settings.n_candidates,
             "mmr_lambda": settings.mmr_lambda,
+            "item_pull": settings.item_pull,
         },
         **comparison,
     }

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     """How long (seconds) a rating of a movie with no vector yet waits for its embedding
     before it goes to ``dead-letters`` [REELSTREAM_RATING_WAIT_S]."""
 
+    item_pull: float = Field(0.5, ge=0, le=10, validation_alias="REELSTREAM_ITEM_PULL")
+    """How far each rating moves the vector of a movie the item encoder did not learn
+    from ratings towards the rater's profile: ``v <- normalise(v + item_pull * u)``, with
+    ``u`` the profile before the rating; 0 leaves every vector as encoded
+    [REELSTREAM_ITEM_PULL]. Chosen on the validation split (the last 10% of TRAIN)."""
+
     empty_fetch_backoff_s: float = Field(
         0.02, ge=0, validation_alias="REELSTREAM_EMPTY_FETCH_BACKOFF_S"
     )

@@ -52,6 +52,7 @@ def handle_movies(
             model_version=encoder.model_version,
             published_at=_broker_time(incoming.source.timestamp_ms),
             embedded_at=now,
+            rated_in_training=item.rated_in_training,
         )
         for incoming, item in zip(chosen, encoded, strict=True)
     ]

@@ -6,7 +6,13 @@ raw bytes, so an invalid message becomes a dead letter instead of a faust decode
 error, and processes micro-batches:
 
     parse -> wait (bounded) for missing item vectors -> handle_ratings in an executor
-    -> write the table -> publish profiles and dead letters
+    -> write the table -> publish moved item vectors, profiles and dead letters
+
+Ratings of movies the item encoder did not learn from ratings move those movies'
+vectors (``settings.item_pull``); the service keeps its moves at once and publishes
+them on ``item-embeddings``, where the recommender's catalogue picks them up. Run one
+instance per item catalogue: two instances moving the same movie would each publish
+their own moves, and the later message would win.
 
 Delivery is at-least-once: faust commits a batch's offsets after the agent has
 finished with it and after flushing the producer (changelog and outputs). A batch
@@ -39,13 +45,21 @@ from services.user_profile.handler import Rating, handle_ratings
 from services.user_profile.item_vectors import ItemVectors
 from services.user_profile.naming import SERVICE
 from shared.config import Settings
-from shared.events import DEAD_LETTERS, RATINGS, USER_PROFILES, RatingSubmitted, encode
+from shared.events import (
+    DEAD_LETTERS,
+    ITEM_EMBEDDINGS,
+    RATINGS,
+    USER_PROFILES,
+    ItemEmbedded,
+    RatingSubmitted,
+    encode,
+)
 from shared.exceptions import ConfigurationError, InvalidEventError
 from shared.kafka import aiokafka_backoff
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, parse
 from shared.models.deployed import build_user_updater
 from shared.models.updater import UserState, UserUpdater
-from shared.types import MovieId, UserId, Vector
+from shared.types import MovieId, UserId
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +163,7 @@ class UserProfileApp:
             spec.name: self.app.topic(
                 settings.topic(spec.name), key_serializer="raw", value_serializer="raw"
             )
-            for spec in (USER_PROFILES, DEAD_LETTERS)
+            for spec in (ITEM_EMBEDDINGS, USER_PROFILES, DEAD_LETTERS)
         }
         self.vectors = ItemVectors(settings, on_invalid=self._invalid_item)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="user-update")
@@ -185,7 +199,13 @@ class UserProfileApp:
         await self.vectors.wait_caught_up()
         self.ready_file.parent.mkdir(parents=True, exist_ok=True)
         self.ready_file.write_text(str(time.time()))
-        log.info("service=%s ready items=%d", SERVICE, len(self.vectors))
+        log.info(
+            "service=%s ready items=%d pullable=%d item_pull=%s",
+            SERVICE,
+            len(self.vectors),
+            self.vectors.n_pullable,
+            self.settings.item_pull,
+        )
 
     # --- the agent ---------------------------------------------------------------
     async def _agent(self, stream: StreamT[bytes]) -> None:
@@ -237,41 +257,44 @@ class UserProfileApp:
                 len(missing),
                 len(still),
             )
-        vectors = self.vectors.get_many(movie_ids)
         users = {incoming.event.user_id for incoming in valid}
         stored = {u: raw for u in users if (raw := self.table.get(u.encode())) is not None}
         try:
-            out, updated = await self._run_handler(valid, stored, vectors)
+            out, updated = await self._run_handler(valid, stored)
         except Exception:
             log.exception("service=%s batch of %d failed; retrying one by one", SERVICE, len(valid))
-            out, updated = await self._handle_one_by_one(valid, stored, vectors)
+            out, updated = await self._handle_one_by_one(valid, stored)
         for user, state in updated.items():
             self.table[user.encode()] = state.to_bytes()
         return out
 
     async def _run_handler(
-        self,
-        batch: list[Rating],
-        stored: ChainMap[UserId, bytes] | dict[UserId, bytes],
-        vectors: dict[MovieId, Vector],
+        self, batch: list[Rating], stored: ChainMap[UserId, bytes] | dict[UserId, bytes]
     ) -> tuple[list[Outgoing], dict[UserId, UserState]]:
+        movie_ids = {incoming.event.movie_id for incoming in batch}
+        pull = self.settings.item_pull
         loop = asyncio.get_running_loop()
         # The numeric update runs off the event loop so heartbeats and fetches go on.
-        return await loop.run_in_executor(
+        out, updated = await loop.run_in_executor(
             self._executor,
             partial(
                 handle_ratings,
                 batch,
                 stored,
-                vectors,
+                self.vectors.get_many(movie_ids),
                 self.updater,
                 datetime.now(UTC),
                 item_model_version=self.vectors.model_version,
+                pullable=self.vectors.pullable(movie_ids) if pull > 0 else None,
+                item_pull=pull,
             ),
         )
+        # The next batch must see the moved vectors before they come back from the topic.
+        self.vectors.update([o.event for o in out if isinstance(o.event, ItemEmbedded)])
+        return out, updated
 
     async def _handle_one_by_one(
-        self, valid: list[Rating], stored: dict[UserId, bytes], vectors: dict[MovieId, Vector]
+        self, valid: list[Rating], stored: dict[UserId, bytes]
     ) -> tuple[list[Outgoing], dict[UserId, UserState]]:
         out: list[Outgoing] = []
         updated: dict[UserId, UserState] = {}
@@ -279,7 +302,7 @@ class UserProfileApp:
         for incoming in valid:
             try:
                 one_out, one_updated = await self._run_handler(
-                    [incoming], ChainMap(written, stored), vectors
+                    [incoming], ChainMap(written, stored)
                 )
             except Exception as exc:
                 s = incoming.source

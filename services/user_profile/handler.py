@@ -12,9 +12,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 
+import numpy as np
+
 from services.user_profile.naming import SERVICE
-from shared.events import USER_PROFILES, RatingSubmitted, UserProfileUpdated
-from shared.exceptions import InvalidEventError, ReelstreamError
+from shared.events import (
+    ITEM_EMBEDDINGS,
+    USER_PROFILES,
+    ItemEmbedded,
+    RatingSubmitted,
+    UserProfileUpdated,
+)
+from shared.exceptions import InvalidEventError, NumericalError, ReelstreamError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
 from shared.models.updater import UserState, UserUpdater
 from shared.types import MovieId, UserId, Vector
@@ -40,12 +48,48 @@ def _is_replay(incoming: Rating, state: UserState) -> bool:
     return offset is not None and state.last_offset is not None and offset <= state.last_offset
 
 
+def pulled(
+    item: ItemEmbedded, profiles: Sequence[Vector], pull: float, now: datetime
+) -> ItemEmbedded:
+    """``item`` moved towards the profiles of its new raters: the vector becomes
+    ``normalise(v + pull * sum(profiles))`` and ``online_ratings`` grows by their number.
+
+    Raises:
+        NumericalError: the moved vector is zero, NaN or infinite.
+    """
+    moved = np.asarray(item.vector, dtype=np.float64) + pull * np.sum(
+        np.asarray(profiles, dtype=np.float64), axis=0
+    )
+    norm = float(np.linalg.norm(moved))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise NumericalError(f"item {item.movie_id} vector has norm {norm} after the pull")
+    return item.model_copy(
+        update={
+            "vector": (moved / norm).astype(np.float32),
+            "online_ratings": item.online_ratings + len(profiles),
+            "embedded_at": now,
+        }
+    )
+
+
 class _Batch:
     """Working state of one ``handle_ratings`` call."""
 
-    def __init__(self, updater: UserUpdater, vectors: Mapping[MovieId, Vector]) -> None:
+    def __init__(
+        self,
+        updater: UserUpdater,
+        vectors: Mapping[MovieId, Vector],
+        pullable: Mapping[MovieId, ItemEmbedded],
+        pull: float,
+        now: datetime,
+    ) -> None:
         self.updater = updater
-        self.vectors = vectors
+        self.base_vectors = vectors
+        self.pullable = pullable
+        self.pull = pull
+        self.now = now
+        self.moved: dict[MovieId, ItemEmbedded] = {}
+        """Items moved in this batch: later ratings of the batch see their new vectors."""
         self.out: list[Outgoing] = []
         self.current: dict[UserId, UserState] = {}
         self.pending: dict[UserId, list[Rating]] = {}
@@ -80,7 +124,7 @@ class _Batch:
                     self.replayed[user] = incoming
                 continue
             movie_id = incoming.event.movie_id
-            if movie_id not in self.vectors:
+            if movie_id not in self.base_vectors:
                 self.out.append(
                     _reject(
                         incoming,
@@ -93,6 +137,30 @@ class _Batch:
         self.current[user] = state
         self.pending[user] = todo
 
+    def vector(self, movie_id: MovieId) -> Vector:
+        """The item's vector as of now: moved in this batch, or as given."""
+        item = self.moved.get(movie_id)
+        return self.base_vectors[movie_id] if item is None else item.vector
+
+    def pull_items(self, rows: Sequence[tuple[UserId, Rating]], states: list[UserState]) -> None:
+        """Move the pullable items of a round towards their raters' profiles as they
+        were before the round (a user's first rating pulls nothing: no profile yet)."""
+        profiles: dict[MovieId, list[Vector]] = {}
+        for (_, incoming), state in zip(rows, states, strict=True):
+            movie_id = incoming.event.movie_id
+            if movie_id not in self.moved and movie_id not in self.pullable:
+                continue
+            profile = self.updater.vector(state)
+            if profile is not None:
+                profiles.setdefault(movie_id, []).append(profile)
+        for movie_id, vectors in profiles.items():
+            item = self.moved[movie_id] if movie_id in self.moved else self.pullable[movie_id]
+            try:
+                self.moved[movie_id] = pulled(item, vectors, self.pull, self.now)
+            except NumericalError as exc:
+                # The ratings still apply, to the vector as it was.
+                log.warning("item vector kept: %s", exc)
+
     def apply_round(self, step: int) -> bool:
         """Apply the ``step``-th queued rating of every user that has one, in one
         ``learn_many`` call; returns False when no user had one."""
@@ -100,12 +168,14 @@ class _Batch:
         if not rows:
             return False
         states = [self.current[u] for u, _ in rows]
+        if self.pull > 0:
+            self.pull_items(rows, states)
         events = [incoming.event for _, incoming in rows]
         learned: list[UserState] | None
         try:
             learned = self.updater.learn_many(
                 states,
-                [self.vectors[e.movie_id] for e in events],
+                [self.vector(e.movie_id) for e in events],
                 [e.rating for e in events],
                 [e.occurred_at for e in events],
             )
@@ -120,7 +190,7 @@ class _Batch:
                     learned[i]
                     if learned is not None
                     else self.updater.learn_one(
-                        states[i], self.vectors[event.movie_id], event.rating, event.occurred_at
+                        states[i], self.vector(event.movie_id), event.rating, event.occurred_at
                     )
                 )
                 # A state whose vector cannot be read must not be stored.
@@ -170,6 +240,8 @@ def handle_ratings(
     now: datetime,
     *,
     item_model_version: str | None = None,
+    pullable: Mapping[MovieId, ItemEmbedded] | None = None,
+    item_pull: float = 0.0,
 ) -> tuple[list[Outgoing], dict[UserId, UserState]]:
     """Apply a micro-batch of ratings; returns what to publish and the states to store.
 
@@ -185,6 +257,12 @@ def handle_ratings(
       already waited for it), as is one the updater refuses (NaN, other dimension).
     - One ``UserProfileUpdated`` per user per batch, caused by the user's last applied
       rating: ``cause_published_at`` is that message's broker timestamp.
+    - A rating of a ``pullable`` movie (one the item encoder did not learn from ratings)
+      first moves its vector towards the rater's profile as it was before the rating
+      (``pulled``), and the rating is applied with the moved vector; so are the later
+      ratings of the batch. One ``ItemEmbedded`` per moved movie goes out, on
+      ``item-embeddings``, ahead of the profiles. The item encoder places a movie from
+      its content alone; who rates it then says more about who will.
 
     Args:
         batch: valid ratings in offset order (any users, any partitions).
@@ -195,6 +273,9 @@ def handle_ratings(
         now: the update time (UTC), the profiles' ``updated_at``.
         item_model_version: the item encoder's version, appended to the updater's in
             the profiles' ``model_version``.
+        pullable: the latest ``ItemEmbedded`` of (at least) the batch's movies with
+            ``rated_in_training`` false.
+        item_pull: how far a rating moves such a movie's vector (0: not at all).
 
     Returns:
         ``(outputs, updated)``: profiles and dead letters to publish, and the new state
@@ -204,13 +285,14 @@ def handle_ratings(
     for incoming in batch:
         by_user.setdefault(incoming.event.user_id, []).append(incoming)
 
-    work = _Batch(updater, vectors)
+    work = _Batch(updater, vectors, pullable or {}, item_pull, now)
     for user, ratings in by_user.items():
         work.admit(user, ratings, states.get(user))
     step = 0
     while work.apply_round(step):
         step += 1
 
+    work.out.extend(Outgoing(ITEM_EMBEDDINGS, item) for item in work.moved.values())
     version = model_version(updater, item_model_version)
     updated: dict[UserId, UserState] = {}
     for user in by_user:

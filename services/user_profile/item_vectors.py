@@ -53,6 +53,12 @@ class ItemVectors(Mapping[MovieId, Vector]):
     A movie's latest embedding wins; a tombstone (null value) removes the movie. Invalid
     messages and vectors that are not L2-normalised are handed to ``on_invalid`` (the
     service dead-letters them); the map keeps the previous vector of that movie, if any.
+
+    The service moves the vectors of movies the encoder did not learn from ratings
+    (``pullable``) and publishes them on the same topic. It keeps its own moves at once
+    (``update``), so reading one back later must not undo a newer move: a moved vector
+    (``online_ratings`` > 0) only replaces one moved fewer times. A fresh embedding
+    (``online_ratings`` 0: the movie was re-embedded) always does.
     """
 
     def __init__(
@@ -67,6 +73,8 @@ class ItemVectors(Mapping[MovieId, Vector]):
         self._name = name
         self._lock = threading.Lock()
         self._vectors: dict[MovieId, Vector] = {}
+        self._online: dict[MovieId, int] = {}
+        self._pullable: dict[MovieId, ItemEmbedded] = {}
         self._waiters: list[_Waiter] = []
         self._model_version: str | None = None
         self._reader: TopicReader | None = None
@@ -117,6 +125,18 @@ class ItemVectors(Mapping[MovieId, Vector]):
         with self._lock:
             return {m: self._vectors[m] for m in set(movie_ids) if m in self._vectors}
 
+    def pullable(self, movie_ids: Iterable[MovieId]) -> dict[MovieId, ItemEmbedded]:
+        """The latest embedding of each of ``movie_ids`` that the item encoder did not
+        learn from ratings (others left out)."""
+        with self._lock:
+            return {m: self._pullable[m] for m in set(movie_ids) if m in self._pullable}
+
+    @property
+    def n_pullable(self) -> int:
+        """How many movies the item encoder did not learn from ratings."""
+        with self._lock:
+            return len(self._pullable)
+
     @property
     def model_version(self) -> str | None:
         """``model_version`` of the most recently read embedding (None before any)."""
@@ -126,8 +146,7 @@ class ItemVectors(Mapping[MovieId, Vector]):
     def add(self, batch: Sequence[Incoming[Event]]) -> None:
         """Take a batch of ``item-embeddings`` events (the reader's callback) and wake
         the waiters whose movies are all there now."""
-        accepted: dict[MovieId, Vector] = {}
-        version = None
+        accepted: list[ItemEmbedded] = []
         for incoming in batch:
             event = incoming.event
             if not isinstance(event, ItemEmbedded):
@@ -139,17 +158,30 @@ class ItemVectors(Mapping[MovieId, Vector]):
                     incoming.source, f"item vector is not L2-normalised (norm {norm:.6g})"
                 )
                 continue
-            accepted[event.movie_id] = event.vector.astype(np.float32, copy=False)
-            version = event.model_version
-        if not accepted:
+            accepted.append(event)
+        self.update(accepted)
+
+    def update(self, items: Sequence[ItemEmbedded]) -> None:
+        """Take valid item embeddings (read from the topic, or moved by this service)."""
+        if not items:
             return
         with self._lock:
-            self._vectors.update(accepted)
-            if version is not None:
-                self._model_version = version
+            taken: set[MovieId] = set()
+            for item in items:
+                movie_id = item.movie_id
+                if 0 < item.online_ratings <= self._online.get(movie_id, -1):
+                    continue  # our own older move, read back after a newer one
+                self._vectors[movie_id] = item.vector.astype(np.float32, copy=False)
+                self._online[movie_id] = item.online_ratings
+                if item.rated_in_training:
+                    self._pullable.pop(movie_id, None)
+                else:
+                    self._pullable[movie_id] = item
+                self._model_version = item.model_version
+                taken.add(movie_id)
             for waiter in self._waiters:
-                if waiter.missing and not waiter.missing.isdisjoint(accepted):
-                    waiter.missing.difference_update(accepted)
+                if waiter.missing and not waiter.missing.isdisjoint(taken):
+                    waiter.missing.difference_update(taken)
                     if not waiter.missing:
                         waiter.loop.call_soon_threadsafe(_wake, waiter.future)
 
@@ -159,6 +191,8 @@ class ItemVectors(Mapping[MovieId, Vector]):
             movie_id = source.key.decode("utf-8", errors="replace")
             with self._lock:
                 self._vectors.pop(movie_id, None)
+                self._online.pop(movie_id, None)
+                self._pullable.pop(movie_id, None)
             log.info("item removed movie_id=%s", movie_id)
             return
         log.warning(

@@ -9,7 +9,8 @@ order the topics would carry them:
 - ``ratings`` → ``services.user_profile.handler.handle_ratings`` (the user updater over
   states stored as bytes, as in the faust table) → ``user-profiles`` →
   ``services.recommender.handler.handle_user_profiles`` (retrieve, exclude, MMR) →
-  ``recommendations``.
+  ``recommendations``. The item vectors it moves (``settings.item_pull``) go to
+  ``item-embeddings`` and reach the catalogue before the profiles do.
 
 Each user's latest ``RecommendationsGenerated`` list is kept, and that is the list a
 test event is scored against: the list the user would be holding when they rate,
@@ -119,6 +120,7 @@ class PipelineModel:
         self._store = QdrantStore(self._settings, encoder.dim)
         self.catalogue = Catalogue()
         self._vectors: dict[MovieId, Vector] = {}
+        self._pullable: dict[MovieId, ItemEmbedded] = {}
         self._states: dict[UserId, bytes] = {}
         self._lists: dict[UserId, RecommendationsGenerated] = {}
         self._profiles: dict[UserId, UserProfileUpdated] = {}
@@ -138,13 +140,7 @@ class PipelineModel:
         outgoing = handle_movies(
             self._incoming("movies", movies), self._encoder, self._store, _now()
         )
-        embedded = [o.event for o in self._checked(outgoing) if isinstance(o.event, ItemEmbedded)]
-        self._checked(
-            handle_item_embeddings(self._incoming("item-embeddings", embedded), self.catalogue)
-        )
-        for item in embedded:
-            self._vectors[item.movie_id] = np.asarray(item.vector, dtype=np.float32)
-            self._item_version = item.model_version
+        self._embedded(outgoing)
 
     def fit(self, train: Sequence[RatingSubmitted]) -> None:
         size = self._settings.batch_size
@@ -235,7 +231,10 @@ class PipelineModel:
             self._updater,
             _now(),
             item_model_version=self._item_version,
+            pullable=self._pullable,
+            item_pull=self._settings.item_pull,
         )
+        self._embedded(outgoing)
         for user, state in updated.items():
             self._states[user] = state.to_bytes()
         profiles = [
@@ -256,6 +255,23 @@ class PipelineModel:
         self._sources.learn(ratings)
         if incoming:
             self._last_rating = incoming[-1]
+
+    def _embedded(self, outgoing: list[Outgoing]) -> None:
+        """Pass the ``item-embeddings`` among ``outgoing`` to the recommender's catalogue
+        and the user-profile service's vectors."""
+        embedded = [o.event for o in self._checked(outgoing) if isinstance(o.event, ItemEmbedded)]
+        if not embedded:
+            return
+        self._checked(
+            handle_item_embeddings(self._incoming("item-embeddings", embedded), self.catalogue)
+        )
+        for item in embedded:
+            self._vectors[item.movie_id] = np.asarray(item.vector, dtype=np.float32)
+            self._item_version = item.model_version
+            if item.rated_in_training:
+                self._pullable.pop(item.movie_id, None)
+            else:
+                self._pullable[item.movie_id] = item
 
     def _newcomers(self) -> RecommendationsGenerated | None:
         """The recommender's newcomers' list as of the ratings applied so far."""

@@ -203,7 +203,13 @@ Modality = Literal["text", "image", "metadata"]
 
 
 class ItemEmbedded(Event):
-    """A movie's content vector (topic ``item-embeddings``, key ``movie_id``, compacted)."""
+    """A movie's vector (topic ``item-embeddings``, key ``movie_id``, compacted).
+
+    The item-embedding service publishes it from the movie's content. A movie the item
+    encoder did not learn from ratings (``rated_in_training`` false) is then moved
+    towards the profiles of the users who rate it, and republished, by the user-profile
+    service (``online_ratings`` counts those ratings).
+    """
 
     movie_id: Id
     title: str
@@ -217,6 +223,12 @@ class ItemEmbedded(Event):
     published_at: Timestamp | None = None
     """Broker timestamp of the ``movies`` message that caused this embedding."""
     embedded_at: Timestamp
+    """When this vector was computed (by the encoder, or by the last online move)."""
+    rated_in_training: bool = False
+    """True when the item encoder learned this movie's vector from its training ratings;
+    false when the vector stands for the content alone (a movie nobody had rated)."""
+    online_ratings: int = Field(0, ge=0)
+    """Ratings that have moved the vector since the encoder made it (0: as encoded)."""
 
 
 class UserProfileUpdated(Event):

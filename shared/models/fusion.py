@@ -70,6 +70,10 @@ KIND = "fusion-item-encoder"
 FUSION_VERSION = "fusion-v1"
 """Version of the architecture and feature layout; bump it when either changes."""
 
+RATED_KEY = "rated_movie_ids"
+"""Config entry listing the movies the interaction objective saw rated in training
+(sorted). Not part of the version digest: it describes the data, not the network."""
+
 YEAR_CENTER = 1980.0
 YEAR_SCALE = 20.0
 """A year enters as ``(year - YEAR_CENTER) / YEAR_SCALE``, clipped to +-YEAR_CLIP."""
@@ -821,6 +825,7 @@ def train_fusion(
     seconds = time.perf_counter() - began
     config_out: dict[str, Any] = {
         **arch,
+        RATED_KEY: rated_movie_ids(movies, train_ratings),
         "training": {
             "seed": seed,
             "config": asdict(cfg),
@@ -841,6 +846,15 @@ def train_fusion(
         history["mean_cosine"][-1],
     )
     return net, config_out, history
+
+
+def rated_movie_ids(
+    movies: Sequence[MoviePublished], train_ratings: Sequence[RatingSubmitted]
+) -> list[MovieId]:
+    """The catalogue movies with at least one rating in ``train_ratings``, sorted: the
+    movies whose vectors the interaction objective placed (``RATED_KEY``)."""
+    catalogue = {m.movie_id for m in movies}
+    return sorted({r.movie_id for r in train_ratings if r.movie_id in catalogue})
 
 
 # --- the item encoder ------------------------------------------------------------------
@@ -880,6 +894,17 @@ class FusionItemEncoder:
         self._image = image_encoder
         self._dim = int(config["out_dim"])
         self._version = str(config["version"])
+        rated = config.get(RATED_KEY)
+        if rated is None:
+            # Without the list every movie counts as learned from ratings, so no vector
+            # is moved online: the safe side (moving learned vectors spoils them).
+            log.warning(
+                "fusion checkpoint %s does not list its training movies (%s); every "
+                "movie counts as rated in training",
+                self._version,
+                RATED_KEY,
+            )
+        self._rated: frozenset[MovieId] | None = None if rated is None else frozenset(rated)
 
     @property
     def dim(self) -> int:
@@ -903,6 +928,11 @@ class FusionItemEncoder:
     def describe(self) -> str:
         """One line saying which modalities are on, e.g. for the start-up log."""
         return ", ".join(f"{m} on" for m in self.modalities_enabled)
+
+    def rated_in_training(self, movie_id: MovieId) -> bool:
+        """Whether the network learned this movie's vector from its training ratings
+        (always true for a checkpoint that does not list them)."""
+        return self._rated is None or movie_id in self._rated
 
     def encode(self, movies: Sequence[MoviePublished]) -> list[EncodedItem]:
         """One vector per movie, with the modalities that contributed to it.
@@ -935,6 +965,7 @@ class FusionItemEncoder:
                 EncodedItem(
                     vector=matrix[i].copy(),
                     modalities=[m for m in MODALITY_ORDER if m in present],
+                    rated_in_training=self.rated_in_training(movies[i].movie_id),
                 )
             )
         return items

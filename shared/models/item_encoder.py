@@ -47,6 +47,8 @@ class EncodedItem:
     vector: Vector
     """L2-normalised float32, of the encoder's ``dim``."""
     modalities: list[Modality]
+    rated_in_training: bool = False
+    """True when the encoder learned this movie's vector from its training ratings."""
 
 
 @runtime_checkable

@@ -87,8 +87,11 @@ def data() -> tuple[list[MoviePublished], Split]:
 
 @pytest.fixture
 def pipeline(encoder: ConcatItemEncoder) -> Iterator[PipelineModel]:
+    # Item vectors stay as encoded here; test_ratings_pull_... covers moving them.
     model = PipelineModel(
-        Settings(top_k=10, n_candidates=20, mmr_lambda=0.7), encoder, RatingWeightedMean()
+        Settings(top_k=10, n_candidates=20, mmr_lambda=0.7, item_pull=0.0),
+        encoder,
+        RatingWeightedMean(),
     )
     yield model
     model.close()
@@ -125,6 +128,48 @@ def test_pipeline_lists_are_the_recommenders_lists_of_the_mean_profile(
     assert pipeline.recommend("nobody", set(), 10) == most[:10]
     assert pipeline.recommend("nobody", {most[0]}, 3) == most[1:4]
     assert pipeline.predict_rating("nobody", "1") == 3.5
+
+
+def test_ratings_pull_content_only_vectors_towards_their_raters(
+    encoder: ConcatItemEncoder, data: tuple[list[MoviePublished], Split]
+) -> None:
+    """Every concat vector is content alone, so each rating by a user who has a profile
+    moves the movie: ``v <- normalise(v + pull * u)``, recomputed here rating by rating,
+    with the rating-weighted mean's profile built from the vectors as they were."""
+    movies, split = data
+    pull = 0.5
+    model = PipelineModel(
+        Settings(top_k=10, n_candidates=20, item_pull=pull, batch_size=1),
+        encoder,
+        RatingWeightedMean(),
+    )
+    try:
+        model.add_movies(movies)
+        index = model.catalogue.index
+        assert index is not None
+        vectors = {m.movie_id: index.vectors([m.movie_id])[0].astype(np.float64) for m in movies}
+        encoded = dict(vectors)
+        sums: dict[UserId, np.ndarray] = {}
+        for r in split.train:
+            if r.user_id in sums:
+                moved = vectors[r.movie_id] + pull * sums[r.user_id] / np.linalg.norm(
+                    sums[r.user_id]
+                )
+                vectors[r.movie_id] = moved / np.linalg.norm(moved)
+            sums[r.user_id] = sums.get(r.user_id, 0.0) + r.rating * vectors[r.movie_id]
+
+        model.fit(split.train)
+
+        moved_ids = [m for m in vectors if not np.allclose(vectors[m], encoded[m])]
+        assert moved_ids, "some movie must have been rated by a user with a profile"
+        for movie_id, vector in vectors.items():
+            np.testing.assert_allclose(index.vectors([movie_id])[0], vector, atol=1e-4)
+        for user, total in sums.items():
+            snapshot = model.snapshot(user)
+            assert snapshot is not None
+            np.testing.assert_allclose(snapshot.vector, total / np.linalg.norm(total), atol=1e-4)
+    finally:
+        model.close()
 
 
 def models(encoder: ConcatItemEncoder) -> list[EvalModel]:

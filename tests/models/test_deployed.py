@@ -51,8 +51,11 @@ def test_the_committed_checkpoints_are_deployed_together(models_dir: Path) -> No
     assert reranker.rating_model.model_version.startswith("fold-in-")
 
     movie = MoviePublished(movie_id="1", title="Toy Story", year=1995, genres=["Animation"])
-    [item] = encoder.encode([movie])
+    unseen = MoviePublished(movie_id="new-9001", title="A film nobody rated", year=2026)
+    [item, new] = encoder.encode([movie, unseen])
     assert item.vector.shape == (encoder.dim,)
+    # The encoder was trained on TRAIN's ratings, Toy Story's among them.
+    assert item.rated_in_training and not new.rated_in_training
     state = updater.learn_one(updater.initial_state(), item.vector, 5.0, datetime.now(UTC))
     vector = updater.vector(state)
     assert vector is not None and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5

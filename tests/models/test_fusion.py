@@ -18,6 +18,7 @@ from shared.events import MoviePublished, People, RatingSubmitted
 from shared.exceptions import ConfigurationError
 from shared.models.checkpoint import CONFIG_FILE
 from shared.models.fusion import (
+    RATED_KEY,
     FusionConfig,
     FusionItemEncoder,
     FusionNet,
@@ -184,6 +185,33 @@ def test_an_unseen_movie_gets_a_vector_from_its_content(encoder: FusionItemEncod
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
     catalogue = vectors(encoder, MOVIES)
     assert (catalogue @ vector).max() < 1.0 - 1e-4
+
+
+def test_the_encoder_says_which_movies_it_learned_from_ratings(
+    trained: tuple[FusionNet, dict, dict],
+    encoder: FusionItemEncoder,
+    text: TextEncoder,
+    tmp_path: Path,
+) -> None:
+    net, config, _ = trained
+    some = [r for r in RATINGS if int(r.movie_id) < 30]  # movies 30-39 left unrated
+    rated = sorted({r.movie_id for r in some})
+    half, half_config, _ = train_fusion(MOVIES, some, text, config=SMALL, seed=0, progress=False)
+    assert half_config[RATED_KEY] == rated and len(rated) == 30
+    half_encoder = FusionItemEncoder(half, half_config, text)
+    flags = [item.rated_in_training for item in half_encoder.encode(MOVIES)]
+    assert flags == [m.movie_id in rated for m in MOVIES]
+    assert not encoder.encode([make_movie(777)])[0].rated_in_training
+
+    # The list is data, not weights: a checkpoint without it loads under the same
+    # version, and then counts every movie as learned, so no vector is ever moved.
+    directory = save_fusion(tmp_path / "fusion", net, config)
+    raw = json.loads((directory / CONFIG_FILE).read_text())
+    del raw[RATED_KEY]
+    (directory / CONFIG_FILE).write_text(json.dumps(raw))
+    older = load_fusion_encoder(directory, text)
+    assert older.model_version == encoder.model_version
+    assert older.encode([make_movie(777)])[0].rated_in_training
 
 
 def test_training_reduces_the_loss_and_logs_the_spread(

@@ -102,6 +102,8 @@ def test_handle_movies_embeds_upserts_and_publishes(
     assert first.model_version == encoder.model_version
     assert first.published_at == datetime.fromtimestamp(1_700_000_000, tz=UTC)
     assert first.embedded_at == NOW
+    # The concat encoder learned nothing from ratings: its vectors are content alone.
+    assert not first.rated_in_training and first.online_ratings == 0
     assert first.vector.shape == (encoder.dim,)
     assert np.linalg.norm(first.vector) == pytest.approx(1.0, abs=1e-5)
     # Vectors equal the encoder's own output for the same movies.

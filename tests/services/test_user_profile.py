@@ -273,7 +273,16 @@ def test_ratings_without_offsets_are_always_applied() -> None:
 # --- item vectors --------------------------------------------------------------------
 
 
-def embedded(movie: MovieId, vector: Vector, version: str = "enc-1") -> ItemEmbedded:
+def embedded(
+    movie: MovieId,
+    vector: Vector,
+    version: str = "enc-1",
+    *,
+    rated_in_training: bool = True,
+    online_ratings: int = 0,
+) -> ItemEmbedded:
+    """An item embedding; by default one the encoder learned from ratings, which no
+    rating moves (the tests of moving vectors say otherwise)."""
     return ItemEmbedded(
         movie_id=movie,
         title=movie,
@@ -281,7 +290,105 @@ def embedded(movie: MovieId, vector: Vector, version: str = "enc-1") -> ItemEmbe
         modalities=["text"],
         model_version=version,
         embedded_at=T0,
+        rated_in_training=rated_in_training,
+        online_ratings=online_ratings,
     )
+
+
+def unit(vector: np.ndarray) -> Vector:
+    out: Vector = (vector / np.linalg.norm(vector)).astype(np.float32)
+    return out
+
+
+def items_of(out: list) -> dict[MovieId, ItemEmbedded]:
+    found = [o.event for o in out if isinstance(o.event, ItemEmbedded)]
+    assert all(o.spec is ITEM_EMBEDDINGS for o in out if isinstance(o.event, ItemEmbedded))
+    assert len(found) == len({i.movie_id for i in found}), "one embedding per moved movie"
+    return {i.movie_id: i for i in found}
+
+
+def test_ratings_pull_a_content_only_movie_towards_its_raters() -> None:
+    vectors = catalogue(5)
+    pullable = {"m3": embedded("m3", vectors["m3"], rated_in_training=False)}
+    _, before = handle_ratings(
+        [
+            incoming(rating_event("a", "m0", 5.0), 0),
+            incoming(rating_event("a", "m1", 3.0), 1),
+            incoming(rating_event("c", "m2", 4.0), 2),
+        ],
+        {},
+        vectors,
+        UPDATER,
+        NOW,
+    )
+    batch = [
+        incoming(rating_event("a", "m3", 4.0, 1), 3),  # round 0: a has a profile
+        incoming(rating_event("b", "m3", 2.0, 1), 4),  # round 0: b's first rating
+        incoming(rating_event("b", "m4", 1.0, 2), 5),  # round 1: m4 was learned
+        incoming(rating_event("c", "m4", 3.0, 2), 6),  # round 0
+        incoming(rating_event("c", "m3", 5.0, 3), 7),  # round 1: pulls again
+    ]
+
+    out, _ = handle_ratings(
+        batch, stored(before), vectors, UPDATER, NOW, pullable=pullable, item_pull=0.5
+    )
+
+    # Round 0: only a has a profile before rating m3; b's first rating pulls nothing.
+    a_before = by_hand(vectors, [("m0", 5.0), ("m1", 3.0)])
+    once = unit(vectors["m3"] + 0.5 * a_before.astype(np.float64))
+    # Round 1: c's profile after its round-0 rating of m4.
+    c_before = by_hand(vectors, [("m2", 4.0), ("m4", 3.0)])
+    twice = unit(once.astype(np.float64) + 0.5 * c_before)
+    items = items_of(out)
+    assert set(items) == {"m3"}
+    moved = items["m3"]
+    np.testing.assert_allclose(moved.vector, twice, atol=1e-6)
+    assert moved.online_ratings == 2 and not moved.rated_in_training
+    assert moved.embedded_at == NOW and moved.model_version == "enc-1"
+    # Each rating is applied with the vector as moved up to and including its own pull.
+    profiles = profiles_of(out)
+    moved_once = {**vectors, "m3": once}
+    np.testing.assert_allclose(
+        profiles["a"].vector, by_hand(moved_once, [("m0", 5.0), ("m1", 3.0), ("m3", 4.0)]), 1e-5
+    )
+    np.testing.assert_allclose(
+        profiles["b"].vector, by_hand(moved_once, [("m3", 2.0), ("m4", 1.0)]), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        profiles["c"].vector,
+        by_hand({**vectors, "m3": twice}, [("m2", 4.0), ("m4", 3.0), ("m3", 5.0)]),
+        atol=1e-5,
+    )
+    # Moved vectors go out before the profiles; without a pull nothing moves.
+    assert isinstance(out[0].event, ItemEmbedded)
+    still, _ = handle_ratings(batch, stored(before), vectors, UPDATER, NOW, pullable=pullable)
+    assert items_of(still) == {}
+
+
+def test_moved_vectors_read_back_never_undo_a_newer_move() -> None:
+    vectors = catalogue(3)
+    items = ItemVectors(Settings())
+    content = embedded("m0", vectors["m0"], rated_in_training=False)
+    items.add(item_batch([content, embedded("m1", vectors["m1"])]))
+    assert set(items.pullable(["m0", "m1", "x"])) == {"m0"} and items.n_pullable == 1
+
+    # The service keeps its own moves at once; the topic hands them back later.
+    first = embedded(
+        "m0", unit(vectors["m0"] + vectors["m1"]), rated_in_training=False, online_ratings=1
+    )
+    second = first.model_copy(update={"vector": vectors["m2"], "online_ratings": 2})
+    items.update([first])
+    items.update([second])
+    items.add(item_batch([first]))
+    np.testing.assert_array_equal(items["m0"], vectors["m2"])
+    assert items.pullable(["m0"])["m0"].online_ratings == 2
+
+    # A fresh embedding (the movie was published again) replaces any move.
+    items.add(item_batch([content]))
+    np.testing.assert_array_equal(items["m0"], vectors["m0"])
+    # An embedding learned from ratings is no longer pullable.
+    items.add(item_batch([embedded("m0", vectors["m0"])]))
+    assert items.pullable(["m0"]) == {} and items.n_pullable == 0
 
 
 def item_batch(events: list[ItemEmbedded]) -> list[Incoming[Event]]:
@@ -351,6 +458,7 @@ def worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
         "REELSTREAM_BATCH_TIMEOUT_S": str(settings.batch_timeout_s),
         "REELSTREAM_BATCH_SIZE": str(settings.batch_size),
         "REELSTREAM_TRAINED_MODELS": str(settings.trained_models).lower(),
+        "REELSTREAM_ITEM_PULL": str(settings.item_pull),
     }
     ready = settings.ready_file(naming.SERVICE)
     ready.unlink(missing_ok=True)
@@ -510,6 +618,52 @@ def test_ratings_wait_a_while_for_their_movie_vector(
     assert len(letters) == 1
     assert "'never-embedded' has no item vector" in letters[0].error
     assert next(p for p in after if p.user_id == "lost").rated == ["m0"]
+
+
+@pytest.mark.integration
+def test_worker_publishes_the_vectors_ratings_move_and_builds_on_them_after_a_restart(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = make_settings(item_pull=0.5)
+    vectors = catalogue(4, seed=5)
+    new = embedded("new", vectors["m3"], rated_in_training=False)
+    publish(
+        settings, ITEM_EMBEDDINGS, [*(embedded(m, vectors[m]) for m in ("m0", "m1", "m2")), new]
+    )
+    log = tmp_path / "worker.log"
+
+    def moved(n: int) -> ItemEmbedded:
+        def done(events: list[Event]) -> bool:
+            return any(isinstance(e, ItemEmbedded) and e.online_ratings == n for e in events)
+
+        events = read_topic(settings, ITEM_EMBEDDINGS, done, timeout_s=60)
+        return next(e for e in events if isinstance(e, ItemEmbedded) and e.online_ratings == n)
+
+    with worker(settings, log):
+        publish_ratings(
+            settings, [rating_event("ann", "m0", 5.0, 0), rating_event("ann", "new", 4.0, 1)]
+        )
+        once = moved(1)
+        publish_ratings(
+            settings, [rating_event("bob", "m1", 3.0, 2), rating_event("bob", "new", 2.0, 3)]
+        )
+        twice = moved(2)
+        profiles = profiles_until(settings, {"ann": 2, "bob": 2})
+    # Restarted, the worker reads its last move back from item-embeddings.
+    with worker(settings, log):
+        publish_ratings(
+            settings, [rating_event("cy", "m2", 4.0, 4), rating_event("cy", "new", 5.0, 5)]
+        )
+        thrice = moved(3)
+
+    np.testing.assert_allclose(once.vector, unit(vectors["m3"] + 0.5 * vectors["m0"]), atol=1e-6)
+    np.testing.assert_allclose(twice.vector, unit(once.vector + 0.5 * vectors["m1"]), atol=1e-6)
+    np.testing.assert_allclose(thrice.vector, unit(twice.vector + 0.5 * vectors["m2"]), atol=1e-6)
+    assert not thrice.rated_in_training and thrice.title == "new"
+    bob = next(p for p in profiles if p.user_id == "bob" and p.n_ratings == 2)
+    np.testing.assert_allclose(
+        bob.vector, by_hand({**vectors, "new": twice.vector}, [("m1", 3.0), ("new", 2.0)]), 1e-5
+    )
 
 
 def partitions_by_key(settings: Settings, topic: str) -> dict[str, set[int]]:
