@@ -49,17 +49,28 @@ def _is_replay(incoming: Rating, state: UserState) -> bool:
 
 
 def pulled(
-    item: ItemEmbedded, profiles: Sequence[Vector], pull: float, now: datetime
+    item: ItemEmbedded,
+    profiles: Sequence[Vector],
+    pull: float,
+    now: datetime,
+    centre: Vector | None = None,
 ) -> ItemEmbedded:
     """``item`` moved towards the profiles of its new raters: the vector becomes
-    ``normalise(v + pull * sum(profiles))`` and ``online_ratings`` grows by their number.
+    ``normalise(v + pull * sum(profile - centre))`` and ``online_ratings`` grows by
+    their number.
+
+    ``centre`` is what every profile shares (the updater's prior; None: nothing is
+    taken off). Without it a movie moved by many raters ends up near every user and
+    crowds their lists; with it, it moves only by what its raters' tastes have of
+    their own.
 
     Raises:
         NumericalError: the moved vector is zero, NaN or infinite.
     """
-    moved = np.asarray(item.vector, dtype=np.float64) + pull * np.sum(
-        np.asarray(profiles, dtype=np.float64), axis=0
-    )
+    taste = np.asarray(profiles, dtype=np.float64)
+    if centre is not None:
+        taste = taste - np.asarray(centre, dtype=np.float64)
+    moved = np.asarray(item.vector, dtype=np.float64) + pull * np.sum(taste, axis=0)
     norm = float(np.linalg.norm(moved))
     if not np.isfinite(norm) or norm == 0.0:
         raise NumericalError(f"item {item.movie_id} vector has norm {norm} after the pull")
@@ -88,6 +99,7 @@ class _Batch:
         self.pullable = pullable
         self.pull = pull
         self.now = now
+        self.centre = updater.centre() if pull > 0 else None
         self.moved: dict[MovieId, ItemEmbedded] = {}
         """Items moved in this batch: later ratings of the batch see their new vectors."""
         self.out: list[Outgoing] = []
@@ -156,7 +168,7 @@ class _Batch:
         for movie_id, vectors in profiles.items():
             item = self.moved[movie_id] if movie_id in self.moved else self.pullable[movie_id]
             try:
-                self.moved[movie_id] = pulled(item, vectors, self.pull, self.now)
+                self.moved[movie_id] = pulled(item, vectors, self.pull, self.now, self.centre)
             except NumericalError as exc:
                 # The ratings still apply, to the vector as it was.
                 log.warning("item vector kept: %s", exc)
@@ -258,11 +270,11 @@ def handle_ratings(
     - One ``UserProfileUpdated`` per user per batch, caused by the user's last applied
       rating: ``cause_published_at`` is that message's broker timestamp.
     - A rating of a ``pullable`` movie (one the item encoder did not learn from ratings)
-      first moves its vector towards the rater's profile as it was before the rating
-      (``pulled``), and the rating is applied with the moved vector; so are the later
-      ratings of the batch. One ``ItemEmbedded`` per moved movie goes out, on
-      ``item-embeddings``, ahead of the profiles. The item encoder places a movie from
-      its content alone; who rates it then says more about who will.
+      first moves its vector towards the rater's profile as it was before the rating,
+      less ``updater.centre()`` (``pulled``), and the rating is applied with the moved
+      vector; so are the later ratings of the batch. One ``ItemEmbedded`` per moved
+      movie goes out, on ``item-embeddings``, ahead of the profiles. The item encoder
+      places a movie from its content alone; who rates it then says more about who will.
 
     Args:
         batch: valid ratings in offset order (any users, any partitions).

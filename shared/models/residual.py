@@ -373,6 +373,10 @@ class ResidualUpdater:
             raise NumericalError("the user vector has zero length")
         return (stored / norm).astype(np.float32)
 
+    def centre(self) -> Vector:
+        """The learned prior every new user starts from: what the profiles share."""
+        return self._prior.numpy().astype(np.float32)
+
     def mean_rating(
         self,
         state: UserState,

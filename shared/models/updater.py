@@ -189,6 +189,11 @@ class UserUpdater(Protocol):
         """The L2-normalised float32 user vector, or None before any rating."""
         ...
 
+    def centre(self) -> Vector | None:
+        """What every profile shares, float32 (None: nothing known). A profile pulls a
+        new movie's vector by its difference from it (``services.user_profile``)."""
+        ...
+
     def mean_rating(
         self,
         state: UserState,
@@ -369,6 +374,10 @@ class RatingWeightedMean:
         if norm < 1e-12:
             raise NumericalError("the user's weighted sum has zero length")
         return (total / norm).astype(np.float32)
+
+    def centre(self) -> None:
+        """None: a rating-weighted mean has no common starting point."""
+        return None
 
     def mean_rating(
         self,

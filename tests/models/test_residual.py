@@ -200,6 +200,16 @@ def test_follows_the_protocol(updater: ResidualUpdater) -> None:
     assert updater.dim == DIM
 
 
+def test_the_centre_is_the_prior_every_new_user_starts_from() -> None:
+    net = random_net()
+    updater = ResidualUpdater(net)
+    centre = updater.centre()
+    assert centre.dtype == np.float32 and centre.shape == (DIM,)
+    np.testing.assert_allclose(centre, net.prior_vector().detach().numpy(), atol=1e-6)
+    centre[:] = 0.0  # a copy: the updater keeps its own
+    assert float(np.linalg.norm(updater.centre())) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_no_vector_before_any_rating_then_unit_float32(updater: ResidualUpdater) -> None:
     state = updater.initial_state()
     assert updater.vector(state) is None

@@ -72,6 +72,10 @@ def test_updater_follows_the_protocol(updater: UserUpdater) -> None:
     assert updater.model_version
 
 
+def test_the_rating_weighted_mean_has_no_centre() -> None:
+    assert RatingWeightedMean().centre() is None
+
+
 def test_no_vector_before_any_rating(updater: UserUpdater) -> None:
     state = updater.initial_state()
     assert updater.vector(state) is None

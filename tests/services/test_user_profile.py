@@ -21,7 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from services.user_profile import naming
 from services.user_profile.app import broker_url
-from services.user_profile.handler import Rating, handle_ratings
+from services.user_profile.handler import Rating, handle_ratings, pulled
 from services.user_profile.item_vectors import ItemVectors
 from shared.config import Settings
 from shared.events import (
@@ -363,6 +363,50 @@ def test_ratings_pull_a_content_only_movie_towards_its_raters() -> None:
     assert isinstance(out[0].event, ItemEmbedded)
     still, _ = handle_ratings(batch, stored(before), vectors, UPDATER, NOW, pullable=pullable)
     assert items_of(still) == {}
+
+
+class CentredMean(RatingWeightedMean):
+    """The baseline updater with a centre, as the residual updater has (its prior)."""
+
+    def __init__(self, centre: Vector) -> None:
+        super().__init__()
+        self._centre = centre
+
+    def centre(self) -> Vector:
+        return self._centre
+
+
+def test_a_rating_pulls_by_what_the_raters_profile_has_beyond_the_updaters_centre() -> None:
+    vectors = catalogue(4)
+    centre = vectors["m2"]
+    updater = CentredMean(centre)
+    pullable = {"m3": embedded("m3", vectors["m3"], rated_in_training=False)}
+    _, before = handle_ratings(
+        [incoming(rating_event("a", "m0", 5.0), 0), incoming(rating_event("a", "m1", 2.0), 1)],
+        {},
+        vectors,
+        updater,
+        NOW,
+    )
+
+    out, _ = handle_ratings(
+        [incoming(rating_event("a", "m3", 4.0, 1), 2)],
+        stored(before),
+        vectors,
+        updater,
+        NOW,
+        pullable=pullable,
+        item_pull=0.5,
+    )
+
+    taste = by_hand(vectors, [("m0", 5.0), ("m1", 2.0)]).astype(np.float64) - centre
+    np.testing.assert_allclose(
+        items_of(out)["m3"].vector, unit(vectors["m3"] + 0.5 * taste), atol=1e-6
+    )
+    # A profile that is all centre moves nothing.
+    same = pulled(pullable["m3"], [centre], 0.5, NOW, centre)
+    np.testing.assert_allclose(same.vector, vectors["m3"], atol=1e-6)
+    assert same.online_ratings == 1
 
 
 def test_moved_vectors_read_back_never_undo_a_newer_move() -> None:
