@@ -224,9 +224,11 @@ class ItemEmbedded(Event):
     """Broker timestamp of the ``movies`` message that caused this embedding."""
     embedded_at: Timestamp
     """When this vector was computed (by the encoder, or by the last online move)."""
-    rated_in_training: bool = False
+    rated_in_training: bool = True
     """True when the item encoder learned this movie's vector from its training ratings;
-    false when the vector stands for the content alone (a movie nobody had rated)."""
+    false when the vector stands for the content alone (a movie nobody had rated). An
+    event without the field (from a producer that predates it) counts as true: a vector
+    of unknown origin is never moved."""
     online_ratings: int = Field(0, ge=0)
     """Ratings that have moved the vector since the encoder made it (0: as encoded)."""
 

@@ -120,6 +120,23 @@ def test_item_embedding_round_trip() -> None:
     assert back.model_dump(exclude={"vector"}) == item.model_dump(exclude={"vector"})
 
 
+def test_an_item_embedding_from_before_the_pull_fields_is_never_moved() -> None:
+    item = ItemEmbedded(
+        movie_id="1",
+        title="Toy Story",
+        vector=np.ones(8, dtype=np.float32) / np.sqrt(8),
+        modalities=["text"],
+        model_version="test",
+        embedded_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    old = orjson.loads(encode(item))
+    del old["rated_in_training"], old["online_ratings"]
+
+    back = decode(ItemEmbedded, orjson.dumps(old))
+
+    assert back.rated_in_training and back.online_ratings == 0
+
+
 def profile(**change: object) -> bytes:
     base = {
         "user_id": "7",
