@@ -92,9 +92,10 @@ class Settings(BaseSettings):
 
     item_pull: float = Field(0.5, ge=0, le=10, validation_alias="REELSTREAM_ITEM_PULL")
     """How far each rating moves the vector of a movie the item encoder did not learn
-    from ratings towards the rater's profile: ``v <- normalise(v + item_pull * u)``, with
-    ``u`` the profile before the rating; 0 leaves every vector as encoded
-    [REELSTREAM_ITEM_PULL]. Chosen on the validation split (the last 10% of TRAIN)."""
+    from ratings towards the rater's profile: ``v <- normalise(v + item_pull * (u - p))``,
+    with ``u`` the profile before the rating and ``p`` the updater's ``centre()`` (its
+    prior); 0 leaves every vector as encoded [REELSTREAM_ITEM_PULL]. Chosen on the
+    validation split (the last 10% of TRAIN)."""
 
     empty_fetch_backoff_s: float = Field(
         0.02, ge=0, validation_alias="REELSTREAM_EMPTY_FETCH_BACKOFF_S"

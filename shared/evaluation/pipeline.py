@@ -43,6 +43,7 @@ from services.recommender.handler import (
     newcomers_recommendations,
 )
 from services.user_profile.handler import handle_ratings
+from services.user_profile.item_vectors import ItemVectors
 from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
@@ -119,13 +120,12 @@ class PipelineModel:
         )
         self._store = QdrantStore(self._settings, encoder.dim)
         self.catalogue = Catalogue()
-        self._vectors: dict[MovieId, Vector] = {}
-        self._pullable: dict[MovieId, ItemEmbedded] = {}
+        # The user-profile service's map of item vectors, filled by calls, not a reader.
+        self._vectors = ItemVectors(self._settings)
         self._states: dict[UserId, bytes] = {}
         self._lists: dict[UserId, RecommendationsGenerated] = {}
         self._profiles: dict[UserId, UserProfileUpdated] = {}
         self._offsets: dict[str, int] = {}
-        self._item_version: str | None = None
         # The recommender's online item features: the reranker's, or its own without one
         # (the newcomers' list needs them either way).
         self._sources = reranker.sources if reranker is not None else CandidateSources(ItemStats())
@@ -222,16 +222,17 @@ class PipelineModel:
 
     def _apply(self, ratings: Sequence[RatingSubmitted]) -> None:
         users = {r.user_id for r in ratings}
+        movie_ids = {r.movie_id for r in ratings}
         states = {u: self._states[u] for u in users if u in self._states}
         incoming = self._incoming("ratings", ratings)
         outgoing, updated = handle_ratings(
             incoming,
             states,
-            self._vectors,
+            self._vectors.get_many(movie_ids),
             self._updater,
             _now(),
-            item_model_version=self._item_version,
-            pullable=self._pullable,
+            item_model_version=self._vectors.model_version,
+            pullable=self._vectors.pullable(movie_ids),
             item_pull=self._settings.item_pull,
         )
         self._embedded(outgoing)
@@ -265,13 +266,7 @@ class PipelineModel:
         self._checked(
             handle_item_embeddings(self._incoming("item-embeddings", embedded), self.catalogue)
         )
-        for item in embedded:
-            self._vectors[item.movie_id] = np.asarray(item.vector, dtype=np.float32)
-            self._item_version = item.model_version
-            if item.rated_in_training:
-                self._pullable.pop(item.movie_id, None)
-            else:
-                self._pullable[item.movie_id] = item
+        self._vectors.update(embedded)
 
     def _newcomers(self) -> RecommendationsGenerated | None:
         """The recommender's newcomers' list as of the ratings applied so far."""
