@@ -55,7 +55,7 @@ from shared.events import (
     encode,
 )
 from shared.exceptions import ConfigurationError, InvalidEventError
-from shared.kafka import aiokafka_backoff
+from shared.kafka import aiokafka_backoff, faust_transport
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, parse
 from shared.models.deployed import build_user_updater
 from shared.models.updater import UserState, UserUpdater
@@ -136,6 +136,8 @@ class UserProfileApp:
             key_serializer="raw",
             value_serializer="raw",
         )
+        # Without it a group with no committed offsets can skip its first records.
+        faust_transport.install(self.app)
         # Keys are the raw UTF-8 user id (key_type=bytes), exactly the ratings key, and
         # the producer's partitioner places them (use_partitioner=True): the changelog
         # partition of a user is then its ratings partition, whichever event is current.
