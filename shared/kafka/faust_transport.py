@@ -59,6 +59,12 @@ class _Consumer(driver.Consumer):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+# mode names a subclass's logger after its module when the class is made; log under
+# faust's, as the classes they extend do (the "faust" loggers are kept at WARNING).
+for _cls in (_ConsumerThread, _Consumer):
+    _cls.logger = driver.logger
+
+
 class Transport(driver.Transport):
     """faust's aiokafka transport with ``seek_to_committed_or_beginning``."""
 
