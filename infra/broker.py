@@ -54,19 +54,19 @@ def is_reachable(bootstrap: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+def foreground_argv(port: int, data_dir: Path) -> list[str]:
+    """The command that runs the local broker in the foreground (for a process manager)."""
+    return [_noida(), "start", *_options(port, data_dir)]
+
+
+def _options(port: int, data_dir: Path) -> list[str]:
+    return ["--only", "kafka", "--kafka-port", str(port), "--data-dir", str(data_dir)]
+
+
 def start(port: int, data_dir: Path, timeout_s: float = 30.0) -> str:
     """Start a local broker in the background; returns its bootstrap address."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        _noida(),
-        "up",
-        "--only",
-        "kafka",
-        "--kafka-port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-    ]
+    cmd = [_noida(), "up", *_options(port, data_dir)]
     # noida-db prints a harmless GLIBC_2.39 warning on Debian 12; keep it out of the way.
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
