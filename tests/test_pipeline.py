@@ -5,9 +5,12 @@ read back from ``recommendations`` and ``dead-letters``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -201,3 +204,36 @@ def test_recommendations_carry_the_contract_fields(running: Settings) -> None:
     required = {"user_id", "items", "cause_event_id", "model_version", "generated_at", "latency_ms"}
     assert required <= set(recs.model_dump())
     assert {"movie_id", "title", "score", "predicted_rating"} <= set(recs.items[0].model_dump())
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_python_block(after_heading: str) -> str:
+    """The first ```python block of the README after ``after_heading``."""
+    text = README.read_text()
+    start = text.index("```python\n", text.index(after_heading)) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+def test_the_readme_snippet_reads_the_list_its_rating_caused(running: Settings) -> None:
+    """Regression: the snippet produced first and subscribed with "latest" afterwards,
+    so the list was published before its consumer joined and it never returned."""
+    code = readme_python_block("## Publish a rating, read the recommendations")
+    for literal, ours in {
+        '"127.0.0.1:9092"': repr(running.kafka_bootstrap_servers),
+        '"ratings"': repr(running.topic("ratings")),
+        '["recommendations"]': repr([running.topic("recommendations")]),
+        '"242"': '"21"',
+    }.items():
+        assert literal in code, literal
+        code = code.replace(literal, ours)
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == running.top_k + 1 and lines[-1].startswith("latency"), result.stdout
+    assert "21 " not in {line[:3] for line in lines}  # the rated movie is not listed
