@@ -1,15 +1,18 @@
 """The wire contract: one pydantic model per topic.
 
-Values are JSON objects (orjson). Unknown fields are rejected, ids may arrive as JSON
-numbers or strings and are always strings inside, timestamps arrive as ISO-8601 or
-epoch seconds and leave as ISO-8601 UTC. Vectors travel as base64 of little-endian
-float32 (a quarter of the size of a JSON float list).
+Values are JSON objects (orjson). Unknown fields are rejected and types are strict: a
+number is never read from text or a boolean (``"year": "2000"``, ``"rating": true``) nor
+text from a number, except for the documented forms: ids may arrive as JSON numbers or
+strings and are always strings inside, timestamps arrive as ISO-8601 text or epoch
+seconds (a JSON number) and leave as ISO-8601 UTC. Vectors travel as base64 of
+little-endian float32 (a quarter of the size of a JSON float list).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import numbers
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -23,6 +26,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    Strict,
     StringConstraints,
     WithJsonSchema,
     field_validator,
@@ -60,12 +64,26 @@ Id = Annotated[
 """An entity id: a non-empty string of at most 64 characters (JSON integers accepted)."""
 
 
+def _timestamp_input(value: Any) -> Any:
+    # The timestamp is the one lax field of the strict models (ISO text or epoch seconds
+    # both parse), so the forms the contract does not document are refused here.
+    if isinstance(value, bool):
+        raise ValueError("a timestamp is ISO-8601 text or epoch seconds, not a boolean")
+    if isinstance(value, bytes) or (
+        isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit()
+    ):
+        raise ValueError("epoch seconds must be a JSON number, not text")
+    return value
+
+
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 Timestamp = Annotated[
     datetime,
+    Strict(False),
+    BeforeValidator(_timestamp_input),
     AfterValidator(_utc),
     PlainSerializer(
         lambda d: d.isoformat().replace("+00:00", "Z"), return_type=str, when_used="json"
@@ -80,12 +98,19 @@ Timestamp = Annotated[
         mode="validation",
     ),
 ]
-"""A UTC instant; accepts ISO-8601 (naive means UTC) or epoch seconds."""
+"""A UTC instant; accepts ISO-8601 text (naive means UTC) or epoch seconds as a number."""
 
 
 def encode_vector(vector: Vector) -> str:
     """Base64 of the little-endian float32 bytes of a 1-D vector."""
     return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _all_numbers(values: list[Any] | tuple[Any, ...] | np.ndarray) -> bool:
+    # numpy would read "1.5" or True as a number.
+    if isinstance(values, np.ndarray):
+        return values.dtype.kind in "iuf"
+    return all(isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_) for x in values)
 
 
 def decode_vector(value: Any) -> Vector:
@@ -99,6 +124,8 @@ def decode_vector(value: Any) -> Vector:
             raise ValueError("vector byte length is not a multiple of 4 (float32)")
         array = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     elif isinstance(value, list | tuple | np.ndarray):
+        if not _all_numbers(value):
+            raise ValueError("vector entries must be numbers, not text or booleans")
         try:
             array = np.asarray(value, dtype=np.float32)
         except (TypeError, ValueError) as exc:
@@ -132,17 +159,23 @@ def new_event_id() -> str:
 
 
 class Event(BaseModel):
-    """Base of every topic's value."""
+    """Base of every topic's value: unknown fields refused, strict types (no coercion)."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, arbitrary_types_allowed=True, use_attribute_docstrings=True
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        arbitrary_types_allowed=True,
+        use_attribute_docstrings=True,
     )
 
 
 class People(BaseModel):
     """Names or ids of a movie's people; order matters (first director, lead actor)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True
+    )
 
     directors: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
         default_factory=list, max_length=50
@@ -265,7 +298,9 @@ class UserProfileUpdated(Event):
 class RecommendedItem(BaseModel):
     """One entry of a recommendation list, best first."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True
+    )
 
     movie_id: Id
     title: str

@@ -164,3 +164,87 @@ def test_a_profile_carries_its_ratings_or_none() -> None:
 def test_profile_ratings_must_match_rated_and_be_stars(ratings: list[float], reason: str) -> None:
     with pytest.raises(InvalidEventError, match=reason):
         decode(UserProfileUpdated, profile(ratings=ratings))
+
+
+# --- strict types: no coercion on the wire (the "bad and hostile input" issue) ----------
+
+MOVIE = {"movie_id": "1683", "title": "The Matrix", "year": 1999}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"rating": "4"}, "rating"),  # a string rating was read as 4.0
+        ({"rating": "4.5"}, "rating"),
+        ({"rating": True}, "rating"),  # a boolean rating was read as 1.0 (then refused as < 0.5)
+        ({"rating": False}, "rating"),
+        ({"user_id": True}, "user_id"),
+        ({"movie_id": False}, "movie_id"),
+        ({"event_id": True}, "event_id"),
+        ({"movie_id": 242.0}, "movie_id"),  # ids are integers or text, not floats
+        ({"occurred_at": True}, "occurred_at"),
+        ({"occurred_at": "881250949"}, "occurred_at"),  # epoch seconds are a number
+    ],
+)
+def test_strict_types_refuse_coercible_rating_fields(change: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidEventError, match=f"{field}: "):
+        decode(RatingSubmitted, orjson.dumps({**RATING, **change}))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"year": "2000"}, "year"),  # a string year was read as 2000
+        ({"year": True}, "year"),
+        ({"year": 1999.0}, "year"),
+        ({"title": 1999}, "title"),  # a number where text is expected
+        ({"overview": 42}, "overview"),
+        ({"genres": [1]}, "genres.0"),
+        ({"poster": 7}, "poster"),
+        ({"people": {"cast": [3]}}, "people.cast.0"),
+    ],
+)
+def test_strict_types_refuse_coercible_movie_fields(change: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidEventError, match=f"{field}: "):
+        decode(MoviePublished, orjson.dumps({**MOVIE, **change}))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"n_ratings": "2"}, "n_ratings"),
+        ({"n_ratings": True}, "n_ratings"),
+        ({"mean_rating": "3.6"}, "mean_rating"),
+        ({"ratings": ["4", "2.5"]}, "ratings.0"),
+        ({"rated": [True, "2"]}, "rated.0"),
+        ({"updated_at": False}, "updated_at"),
+        ({"vector": ["0.6", "0.8"]}, "vector"),
+        ({"vector": [True, False]}, "vector"),
+    ],
+)
+def test_strict_types_refuse_coercible_profile_fields(
+    change: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidEventError, match=f"{field}: "):
+        decode(UserProfileUpdated, profile(**change))
+
+
+def test_documented_lax_forms_still_parse_under_strict_types() -> None:
+    # Ids as JSON numbers, epoch seconds as an integer or a float, ISO text with an offset.
+    event = decode(
+        RatingSubmitted,
+        orjson.dumps({**RATING, "user_id": 196, "rating": 4, "occurred_at": 881250949.5}),
+    )
+    assert (event.user_id, event.rating) == ("196", 4.0)
+    assert event.occurred_at == datetime(1997, 12, 4, 15, 55, 49, 500000, tzinfo=UTC)
+    iso = decode(
+        RatingSubmitted, orjson.dumps({**RATING, "occurred_at": "1997-12-04T16:55:49+01:00"})
+    )
+    assert iso.occurred_at == datetime(1997, 12, 4, 15, 55, 49, tzinfo=UTC)
+    movie = decode(
+        MoviePublished, orjson.dumps({**MOVIE, "metadata": {"a": 1, "b": True, "c": "x"}})
+    )
+    assert movie.metadata == {"a": 1, "b": True, "c": "x"}
+    assert decode(UserProfileUpdated, profile(vector=[0.6, 0.8])).vector.tolist() == pytest.approx(
+        [0.6, 0.8]
+    )
