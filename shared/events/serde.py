@@ -39,11 +39,27 @@ def decode(record: type[E], raw: bytes | str | None) -> E:
         raise InvalidEventError(describe(exc, record)) from exc
 
 
+MAX_ERRORS_DESCRIBED = 5
+"""Failed fields named in an ``InvalidEventError`` message; the rest are only counted (a
+movie with 60,000 unknown fields would otherwise give a message of megabytes)."""
+
+_MAX_PART_CHARS = 120
+
+
+def _short(text: str, limit: int = _MAX_PART_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def describe(exc: ValidationError, record: type[Event]) -> str:
-    """One line per failed field, e.g. ``rating: Input should be <= 5 (got 7.0)``."""
+    """One part per failed field, e.g. ``rating: Input should be <= 5 (got 7.0)``; at most
+    ``MAX_ERRORS_DESCRIBED`` of them, each part cut short, then how many more failed."""
+    errors = exc.errors(include_url=False, include_context=False)
     parts = []
-    for err in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
-        got = repr(err.get("input"))
-        parts.append(f"{where}: {err['msg']} (got {got[:80]})")
+    for err in errors[:MAX_ERRORS_DESCRIBED]:
+        where = _short(".".join(str(p) for p in err["loc"]) or "(root)")
+        got = _short(repr(err.get("input")), 80)
+        parts.append(f"{where}: {_short(err['msg'], 300)} (got {got})")
+    more = len(errors) - MAX_ERRORS_DESCRIBED
+    if more > 0:
+        parts.append(f"and {more} more errors")
     return f"invalid {record.__name__}: " + "; ".join(parts)

@@ -18,6 +18,7 @@ from shared.events import (
     encode,
     encode_vector,
 )
+from shared.events.serde import MAX_ERRORS_DESCRIBED
 from shared.exceptions import InvalidEventError
 
 RATING = {"user_id": "196", "movie_id": "242", "rating": 3.0, "occurred_at": "1997-12-04T15:55:49Z"}
@@ -248,3 +249,22 @@ def test_documented_lax_forms_still_parse_under_strict_types() -> None:
     assert decode(UserProfileUpdated, profile(vector=[0.6, 0.8])).vector.tolist() == pytest.approx(
         [0.6, 0.8]
     )
+
+
+def test_validation_errors_name_the_first_few_fields_and_count_the_rest() -> None:
+    # A 649 KB movie with 60,000 unknown fields made an error text of 3 MB.
+    movie = {**MOVIE, **{f"unknown_field_{i:05d}": "x" for i in range(60_000)}}
+    raw = orjson.dumps(movie)
+    assert len(raw) > 600_000
+    with pytest.raises(InvalidEventError) as caught:
+        decode(MoviePublished, raw)
+    message = str(caught.value)
+    assert message.startswith("invalid MoviePublished: unknown_field_00000: Extra inputs")
+    assert message.endswith(f"and {60_000 - MAX_ERRORS_DESCRIBED} more errors")
+    assert len(message) < 2_000
+
+
+def test_a_huge_field_name_or_value_is_cut_short_in_the_error() -> None:
+    with pytest.raises(InvalidEventError) as caught:
+        decode(RatingSubmitted, orjson.dumps({**RATING, "k" * 100_000: "v" * 100_000}))
+    assert len(str(caught.value)) < 1_000
