@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     clip_model_config: Path | None = Field(None, validation_alias="CLIP_MODEL_CONFIG")
     """Optional JSON file registering a custom open_clip architecture [CLIP_MODEL_CONFIG]."""
 
+    poster_dir: Path | None = Field(None, validation_alias="REELSTREAM_POSTER_DIR")
+    """The only folder a movie's poster may name a local file in (symlinks and ``..``
+    resolved before the check); unset refuses every local poster file. http(s) posters
+    must be on public addresses; ``data:`` posters are always read [REELSTREAM_POSTER_DIR]."""
+
     device: str = Field("auto", validation_alias="REELSTREAM_DEVICE")
     """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda`` [REELSTREAM_DEVICE]."""
 
@@ -108,6 +113,14 @@ class Settings(BaseSettings):
         1_000_000, ge=1024, validation_alias="REELSTREAM_MAX_MESSAGE_BYTES"
     )
     """Larger input messages are dead-lettered unread [REELSTREAM_MAX_MESSAGE_BYTES]."""
+
+    dead_letter_max_bytes: int = Field(
+        65_536, ge=16_384, le=900_000, validation_alias="REELSTREAM_DEAD_LETTER_MAX_BYTES"
+    )
+    """Largest encoded ``dead-letters`` message (bytes, default 64 KiB, well under the
+    broker's 1 MB default): the error text keeps at most 4 KiB, the key 1 KiB and the
+    payload the rest, each cut with a note of its original size
+    [REELSTREAM_DEAD_LETTER_MAX_BYTES]."""
 
     # --- Local runtime -----------------------------------------------------------
     var_dir: Path = Field(Path("var"), validation_alias="REELSTREAM_VAR_DIR")
