@@ -12,6 +12,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+DEFAULT_DEAD_LETTER_MAX_BYTES = 64 * 1024
 
 
 class Settings(BaseSettings):
@@ -115,7 +116,10 @@ class Settings(BaseSettings):
     """Larger input messages are dead-lettered unread [REELSTREAM_MAX_MESSAGE_BYTES]."""
 
     dead_letter_max_bytes: int = Field(
-        65_536, ge=16_384, le=900_000, validation_alias="REELSTREAM_DEAD_LETTER_MAX_BYTES"
+        DEFAULT_DEAD_LETTER_MAX_BYTES,
+        ge=16_384,
+        le=900_000,
+        validation_alias="REELSTREAM_DEAD_LETTER_MAX_BYTES",
     )
     """Largest encoded ``dead-letters`` message (bytes, default 64 KiB, well under the
     broker's 1 MB default): the error text keeps at most 4 KiB, the key 1 KiB and the
