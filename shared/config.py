@@ -92,9 +92,34 @@ class Settings(BaseSettings):
     batch_timeout_s: float = Field(0.02, gt=0, validation_alias="REELSTREAM_BATCH_TIMEOUT_S")
     """Longest wait (seconds) to fill a micro-batch once a message is there."""
 
-    rating_wait_s: float = Field(10.0, ge=0, validation_alias="REELSTREAM_RATING_WAIT_S")
-    """How long (seconds) a rating of a movie with no vector yet waits for its embedding
-    before it goes to ``dead-letters`` [REELSTREAM_RATING_WAIT_S]."""
+    rating_wait_s: float = Field(3600.0, ge=0, validation_alias="REELSTREAM_RATING_WAIT_S")
+    """How long (seconds, from its publication) a rating of a movie with no vector yet
+    stays parked in its user's state, waiting for the embedding, before it goes to
+    ``dead-letters``. A parked rating holds back only its own user's later ratings
+    [REELSTREAM_RATING_WAIT_S]."""
+
+    transactions: bool = Field(True, validation_alias="REELSTREAM_TRANSACTIONS")
+    """Commit each micro-batch's outputs, state and input offsets in one Kafka
+    transaction (exactly once). Off: outputs and state are flushed before the offsets
+    are committed, and re-delivered input is recognised by its offset (at least once)
+    [REELSTREAM_TRANSACTIONS]."""
+
+    instance_id: str | None = Field(None, validation_alias="REELSTREAM_INSTANCE_ID")
+    """This process's stable name among the instances of its service (``0``, ``1``...):
+    its consumer's static membership (``group.instance.id``), so a restarted instance
+    takes its partitions back without a rebalance, and its transactional id. Unset:
+    dynamic membership [REELSTREAM_INSTANCE_ID]."""
+
+    session_timeout_ms: int = Field(
+        10_000, ge=1000, validation_alias="REELSTREAM_SESSION_TIMEOUT_MS"
+    )
+    """After this long without a heartbeat a consumer is out of its group and its
+    partitions go to the others [REELSTREAM_SESSION_TIMEOUT_MS]."""
+
+    batch_retry_s: float = Field(60.0, gt=0, validation_alias="REELSTREAM_BATCH_RETRY_S")
+    """How long (seconds) a micro-batch whose outputs or commit failed is retried before
+    the worker stops with the error (and its process manager restarts it from the last
+    committed offsets) [REELSTREAM_BATCH_RETRY_S]."""
 
     item_pull: float = Field(0.5, ge=0, le=10, validation_alias="REELSTREAM_ITEM_PULL")
     """How far each rating moves the vector of a movie the item encoder did not learn
@@ -102,13 +127,6 @@ class Settings(BaseSettings):
     with ``u`` the profile before the rating and ``p`` the updater's ``centre()`` (its
     prior); 0 leaves every vector as encoded [REELSTREAM_ITEM_PULL]. Chosen on the
     validation split (the last 10% of TRAIN)."""
-
-    empty_fetch_backoff_s: float = Field(
-        0.02, ge=0, validation_alias="REELSTREAM_EMPTY_FETCH_BACKOFF_S"
-    )
-    """After an empty fetch, the faust worker's client waits this long (seconds) before
-    asking the same broker again, as a long poll would; for brokers that answer empty
-    fetches at once. 0 disables [REELSTREAM_EMPTY_FETCH_BACKOFF_S]."""
 
     max_message_bytes: int = Field(
         1_000_000, ge=1024, validation_alias="REELSTREAM_MAX_MESSAGE_BYTES"
