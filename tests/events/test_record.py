@@ -253,13 +253,13 @@ def test_documented_lax_forms_still_parse_under_strict_types() -> None:
 
 def test_validation_errors_name_the_first_few_fields_and_count_the_rest() -> None:
     # A 649 KB movie with 60,000 unknown fields made an error text of 3 MB.
-    movie = {**MOVIE, **{f"unknown_field_{i:05d}": "x" for i in range(60_000)}}
+    movie = {**MOVIE, **{f"f{i:05d}": 0 for i in range(60_000)}}
     raw = orjson.dumps(movie)
     assert len(raw) > 600_000
     with pytest.raises(InvalidEventError) as caught:
         decode(MoviePublished, raw)
     message = str(caught.value)
-    assert message.startswith("invalid MoviePublished: unknown_field_00000: Extra inputs")
+    assert message.startswith("invalid MoviePublished: f00000: Extra inputs")
     assert message.endswith(f"and {60_000 - MAX_ERRORS_DESCRIBED} more errors")
     assert len(message) < 2_000
 
