@@ -1,8 +1,9 @@
 """Create every topic reelstream uses, explicitly, before any service starts.
 
-Some brokers auto-create topics with one partition; faust expects its changelog to
-have as many partitions as the topic its table is fed from. So every topic is
-created here from the registry in ``shared.events`` with ``Settings.topic_partitions``.
+Some brokers auto-create topics with one partition; the user-profile table's changelog
+must have as many partitions as ``ratings``, the topic its table is fed from. So every
+topic is created here from the registry in ``shared.events`` with
+``Settings.topic_partitions``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ def plan(settings: Settings) -> list[TopicPlan]:
     n = settings.topic_partitions
     topics = [TopicPlan(settings.topic(spec.name), n, spec.compacted) for spec in TOPICS]
     topics.append(TopicPlan(naming.changelog_topic(settings), n, compacted=True))
-    topics.append(TopicPlan(naming.leader_topic(settings), 1, compacted=True))
     return topics
 
 

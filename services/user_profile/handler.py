@@ -1,18 +1,25 @@
 """Pure batch handler of the user-profile service: ratings in, user profiles out.
 
-No Kafka, no faust, no clock: the caller passes the stored states, a snapshot of the
-item vectors and ``now``, and writes the returned states back. The same function runs
-in the faust agent, in the offline evaluation and in unit tests.
+No Kafka, no clock: the caller passes the stored records, a snapshot of the item
+vectors and ``now``, and writes the returned records back. The same function runs in
+the service's consumer loop, in the offline evaluation and in unit tests.
+
+A user's record is the updater's ``UserState`` plus the ratings parked in it: a rating
+of a movie that has no vector yet waits there, with the user's later ratings behind it
+(a user's ratings apply in order), until the vector arrives or the wait runs out.
+Other users never wait for it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 import numpy as np
+import orjson
 
 from services.user_profile.naming import SERVICE
 from shared.events import (
@@ -21,9 +28,11 @@ from shared.events import (
     ItemEmbedded,
     RatingSubmitted,
     UserProfileUpdated,
+    decode,
+    encode,
 )
 from shared.exceptions import InvalidEventError, NumericalError, ReelstreamError
-from shared.kafka.message import Incoming, Outgoing, dead_letter
+from shared.kafka.message import Incoming, Outgoing, Source, dead_letter
 from shared.models.updater import UserState, UserUpdater
 from shared.types import MovieId, UserId, Vector
 
@@ -43,9 +52,76 @@ def _reject(incoming: Rating, reason: str) -> Outgoing:
     return dead_letter(incoming.source, reason, SERVICE)
 
 
-def _is_replay(incoming: Rating, state: UserState) -> bool:
+PARKED_PREFIX = b'{"state":'
+"""How the bytes of a record with parked ratings begin."""
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """What the service stores per user: the model's state and the parked ratings."""
+
+    state: UserState
+    parked: tuple[Rating, ...] = ()
+    """Ratings waiting for their movie's vector (the first one) or for the ratings
+    before them, in offset order."""
+
+    @property
+    def seen_offset(self) -> int | None:
+        """The highest ``ratings`` offset taken in: applied or parked."""
+        offsets = [r.source.offset for r in self.parked if r.source.offset is not None]
+        if self.state.last_offset is not None:
+            offsets.append(self.state.last_offset)
+        return max(offsets, default=None)
+
+    def to_bytes(self) -> bytes:
+        """The state's own bytes when nothing is parked; else
+        ``{"state": <state>, "parked": [...]}`` (``PARKED_PREFIX`` starts it)."""
+        if not self.parked:
+            return self.state.to_bytes()
+        parked = [
+            {
+                "e": orjson.Fragment(encode(r.event)),
+                # The message as it came, for its dead letter (valid JSON: it parsed).
+                "v": orjson.Fragment(r.source.value or encode(r.event)),
+                "k": r.event.user_id,
+                "t": r.source.topic,
+                "p": r.source.partition,
+                "o": r.source.offset,
+                "ts": r.source.timestamp_ms,
+            }
+            for r in self.parked
+        ]
+        return orjson.dumps({"state": orjson.Fragment(self.state.to_bytes()), "parked": parked})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> UserRecord:
+        """Read ``to_bytes`` output (or a bare ``UserState``).
+
+        Raises:
+            InvalidEventError: the bytes are not a user record.
+        """
+        try:
+            data: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEventError(f"user record is not JSON: {exc}") from exc
+        if not isinstance(data, dict) or "state" not in data:
+            return cls(UserState.from_bytes(raw))
+        try:
+            parked = tuple(
+                Incoming(
+                    decode(RatingSubmitted, orjson.dumps(p["e"])),
+                    Source(p["t"], p["p"], p["o"], p["k"].encode(), orjson.dumps(p["v"]), p["ts"]),
+                )
+                for p in data["parked"]
+            )
+        except (KeyError, TypeError) as exc:
+            raise InvalidEventError(f"user record has unreadable parked ratings: {exc}") from exc
+        return cls(UserState.from_bytes(orjson.dumps(data["state"])), parked)
+
+
+def _is_replay(incoming: Rating, seen_offset: int | None) -> bool:
     offset = incoming.source.offset
-    return offset is not None and state.last_offset is not None and offset <= state.last_offset
+    return offset is not None and seen_offset is not None and offset <= seen_offset
 
 
 def pulled(
@@ -93,8 +169,10 @@ class _Batch:
         pullable: Mapping[MovieId, ItemEmbedded],
         pull: float,
         now: datetime,
+        wait_s: float,
     ) -> None:
         self.updater = updater
+        self.wait_s = wait_s
         self.base_vectors = vectors
         self.pullable = pullable
         self.pull = pull
@@ -105,6 +183,9 @@ class _Batch:
         self.out: list[Outgoing] = []
         self.current: dict[UserId, UserState] = {}
         self.pending: dict[UserId, list[Rating]] = {}
+        self.parked: dict[UserId, tuple[Rating, ...]] = {}
+        """Each admitted user's parked ratings after this batch."""
+        self.was_parked: dict[UserId, tuple[Rating, ...]] = {}
         self.applied: dict[UserId, Rating] = {}
         """The last rating applied to each user in this batch (the profile's cause)."""
         self.replayed: dict[UserId, Rating] = {}
@@ -112,14 +193,20 @@ class _Batch:
         self.n_replayed = 0
 
     def admit(self, user: UserId, ratings: list[Rating], raw: bytes | None) -> None:
-        """Load a user's state and queue the ratings that can be applied."""
+        """Load a user's record and queue, in order, its parked ratings and the new
+        ones that can be applied now; park the rest."""
         try:
-            stored = self.updater.initial_state() if raw is None else UserState.from_bytes(raw)
+            record = (
+                UserRecord(self.updater.initial_state())
+                if raw is None
+                else UserRecord.from_bytes(raw)
+            )
         except InvalidEventError as exc:
             # Dead-letter rather than reset: resetting would silently drop the history.
             for incoming in ratings:
                 self.out.append(_reject(incoming, f"stored state of user is unreadable: {exc}"))
             return
+        stored = record.state
         state = stored.for_model(self.updater.model_version)
         if state.vector is None and stored.vector is not None:
             log.warning(
@@ -128,26 +215,38 @@ class _Batch:
                 stored.model,
                 self.updater.model_version,
             )
-        todo: list[Rating] = []
+        queue = list(record.parked)
+        seen = record.seen_offset
         for incoming in ratings:
-            if _is_replay(incoming, state):
+            if _is_replay(incoming, seen):
                 self.n_replayed += 1
                 if incoming.source.offset == state.last_offset:
                     self.replayed[user] = incoming
                 continue
-            movie_id = incoming.event.movie_id
-            if movie_id not in self.base_vectors:
+            queue.append(incoming)
+        todo: list[Rating] = []
+        parked: list[Rating] = []
+        for incoming in queue:
+            if not parked and incoming.event.movie_id in self.base_vectors:
+                todo.append(incoming)
+            elif not parked and self._waited_out(incoming):
                 self.out.append(
                     _reject(
                         incoming,
-                        f"movie_id {movie_id!r} has no item vector "
-                        f"(nothing on item-embeddings for it yet)",
+                        f"movie_id {incoming.event.movie_id!r} has no item vector (nothing "
+                        f"on item-embeddings for it within {self.wait_s:g} s)",
                     )
                 )
-                continue
-            todo.append(incoming)
+            else:
+                parked.append(incoming)
         self.current[user] = state
         self.pending[user] = todo
+        self.parked[user] = tuple(parked)
+        self.was_parked[user] = record.parked
+
+    def _waited_out(self, incoming: Rating) -> bool:
+        published = incoming.source.published_at(self.now)
+        return (self.now - published).total_seconds() >= self.wait_s
 
     def vector(self, movie_id: MovieId) -> Vector:
         """The item's vector as of now: moved in this batch, or as given."""
@@ -254,19 +353,25 @@ def handle_ratings(
     item_model_version: str | None = None,
     pullable: Mapping[MovieId, ItemEmbedded] | None = None,
     item_pull: float = 0.0,
-) -> tuple[list[Outgoing], dict[UserId, UserState]]:
-    """Apply a micro-batch of ratings; returns what to publish and the states to store.
+    revisit: Iterable[UserId] = (),
+    wait_s: float = 0.0,
+) -> tuple[list[Outgoing], dict[UserId, UserRecord]]:
+    """Apply a micro-batch of ratings; returns what to publish and the records to store.
 
-    Each user's ratings are applied in batch order (per-user order is the ``ratings``
-    partition order). Across users the updater runs in rounds, one ``learn_many`` call
-    per round, so a batched model sees many users at once.
+    Each user's ratings are applied in order: first those parked in its record, then
+    the batch's (per-user order is the ``ratings`` partition order). Across users the
+    updater runs in rounds, one ``learn_many`` call per round, so a batched model sees
+    many users at once.
 
-    - A rating at or below the stored state's ``last_offset`` was applied before a
-      crash or rebalance and is skipped. If it is the very rating that made the stored
-      state, the profile is published again from that state: the crash may have come
-      between storing the state and publishing the profile.
-    - A rating of a movie missing from ``vectors`` is dead-lettered (the caller has
-      already waited for it), as is one the updater refuses (NaN, other dimension).
+    - A rating at or below the highest offset the record has taken in (applied or
+      parked) was seen before a crash or rebalance and is skipped. If it is the very
+      rating that made the stored state, the profile is published again from that
+      state: the crash may have come between storing the state and publishing it.
+    - A rating of a movie missing from ``vectors`` parks in the user's record with the
+      user's later ratings behind it; when it has waited ``wait_s`` seconds since its
+      publication (``now`` minus its broker timestamp) with still no vector, it is
+      dead-lettered and the ratings behind it go on. A rating the updater refuses (NaN,
+      other dimension) is dead-lettered.
     - One ``UserProfileUpdated`` per user per batch, caused by the user's last applied
       rating: ``cause_published_at`` is that message's broker timestamp.
     - A rating of a ``pullable`` movie (one the item encoder did not learn from ratings)
@@ -278,9 +383,10 @@ def handle_ratings(
 
     Args:
         batch: valid ratings in offset order (any users, any partitions).
-        states: stored ``UserState`` bytes of (at least) the batch's users; a user that
-            is missing starts from ``updater.initial_state()``.
-        vectors: item vectors of (at least) the batch's movies that have one.
+        states: stored ``UserRecord`` bytes of (at least) the batch's and ``revisit``'s
+            users; a user that is missing starts from ``updater.initial_state()``.
+        vectors: item vectors of (at least) the movies of the batch and of the parked
+            ratings that have one.
         updater: the user model.
         now: the update time (UTC), the profiles' ``updated_at``.
         item_model_version: the item encoder's version, appended to the updater's in
@@ -288,16 +394,20 @@ def handle_ratings(
         pullable: the latest ``ItemEmbedded`` of (at least) the batch's movies with
             ``rated_in_training`` false.
         item_pull: how far a rating moves such a movie's vector (0: not at all).
+        revisit: users with parked ratings to try again (their movie may have arrived,
+            or their wait run out), with or without ratings in the batch.
+        wait_s: how long a parked rating waits for its movie (seconds; default 0: a
+            rating of a movie with no vector is dead-lettered at once).
 
     Returns:
-        ``(outputs, updated)``: profiles and dead letters to publish, and the new state
+        ``(outputs, updated)``: profiles and dead letters to publish, and the new record
         of every user that changed (to write back to the table).
     """
-    by_user: dict[UserId, list[Rating]] = {}
+    by_user: dict[UserId, list[Rating]] = {user: [] for user in revisit}
     for incoming in batch:
         by_user.setdefault(incoming.event.user_id, []).append(incoming)
 
-    work = _Batch(updater, vectors, pullable or {}, item_pull, now)
+    work = _Batch(updater, vectors, pullable or {}, item_pull, now, wait_s)
     for user, ratings in by_user.items():
         work.admit(user, ratings, states.get(user))
     step = 0
@@ -306,12 +416,14 @@ def handle_ratings(
 
     work.out.extend(Outgoing(ITEM_EMBEDDINGS, item) for item in work.moved.values())
     version = model_version(updater, item_model_version)
-    updated: dict[UserId, UserState] = {}
+    updated: dict[UserId, UserRecord] = {}
     for user in by_user:
+        if user not in work.current:
+            continue  # its stored record is unreadable: dead-lettered
         cause = work.applied.get(user)
-        if cause is not None:
-            updated[user] = work.current[user]
-        else:
+        if cause is not None or work.parked[user] != work.was_parked[user]:
+            updated[user] = UserRecord(work.current[user], work.parked[user])
+        if cause is None:
             cause = work.replayed.get(user)
             if cause is None:
                 continue

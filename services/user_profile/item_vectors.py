@@ -1,17 +1,14 @@
 """Every item vector, kept in memory and followed live from ``item-embeddings``.
 
 Each instance of the service reads all partitions of the topic (ratings of any user may
-name any movie), in a ``TopicReader`` thread; the asyncio side reads the map and waits
-for vectors that have not arrived yet.
+name any movie), in a ``TopicReader`` thread; the consumer loop reads the map.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,24 +24,9 @@ log = logging.getLogger(__name__)
 UNIT_NORM_TOLERANCE = 1e-3
 """An item vector whose L2 norm is further than this from 1 is refused."""
 
-CAUGHT_UP_POLL_S = 0.05
-"""How often (seconds) ``wait_caught_up`` looks at the reader."""
-
 InvalidHandler = Callable[[Source, str], None]
 """Gets an ``item-embeddings`` message that cannot be used and the reason; called on
 the reader's thread."""
-
-
-@dataclass
-class _Waiter:
-    missing: set[MovieId]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class ItemVectors(Mapping[MovieId, Vector]):
@@ -75,7 +57,6 @@ class ItemVectors(Mapping[MovieId, Vector]):
         self._vectors: dict[MovieId, Vector] = {}
         self._online: dict[MovieId, int] = {}
         self._pullable: dict[MovieId, ItemEmbedded] = {}
-        self._waiters: list[_Waiter] = []
         self._model_version: str | None = None
         self._reader: TopicReader | None = None
 
@@ -93,15 +74,13 @@ class ItemVectors(Mapping[MovieId, Vector]):
             self._reader.stop(timeout_s)
             self._reader = None
 
-    @property
-    def caught_up(self) -> bool:
-        """True once everything that was in the topic at ``start`` has been read."""
-        return self._reader is not None and self._reader.wait_caught_up(0)
+    def wait_caught_up(self, timeout_s: float | None = None) -> bool:
+        """Block until everything that was in the topic at ``start`` has been read."""
+        return self._reader is not None and self._reader.wait_caught_up(timeout_s)
 
-    async def wait_caught_up(self) -> None:
-        """Wait until ``caught_up`` (without blocking the event loop)."""
-        while not self.caught_up:
-            await asyncio.sleep(CAUGHT_UP_POLL_S)
+    def healthy(self) -> bool:
+        """True while the reader follows the topic (see ``TopicReader.healthy``)."""
+        return self._reader is not None and self._reader.healthy()
 
     # --- the map -----------------------------------------------------------------
     def __getitem__(self, movie_id: MovieId) -> Vector:
@@ -144,8 +123,7 @@ class ItemVectors(Mapping[MovieId, Vector]):
 
     # --- feeding -----------------------------------------------------------------
     def add(self, batch: Sequence[Incoming[Event]]) -> None:
-        """Take a batch of ``item-embeddings`` events (the reader's callback) and wake
-        the waiters whose movies are all there now."""
+        """Take a batch of ``item-embeddings`` events (the reader's callback)."""
         accepted: list[ItemEmbedded] = []
         for incoming in batch:
             event = incoming.event
@@ -166,7 +144,6 @@ class ItemVectors(Mapping[MovieId, Vector]):
         if not items:
             return
         with self._lock:
-            taken: set[MovieId] = set()
             for item in items:
                 movie_id = item.movie_id
                 if 0 < item.online_ratings <= self._online.get(movie_id, -1):
@@ -178,12 +155,6 @@ class ItemVectors(Mapping[MovieId, Vector]):
                 else:
                     self._pullable[movie_id] = item
                 self._model_version = item.model_version
-                taken.add(movie_id)
-            for waiter in self._waiters:
-                if waiter.missing and not waiter.missing.isdisjoint(taken):
-                    waiter.missing.difference_update(taken)
-                    if not waiter.missing:
-                        waiter.loop.call_soon_threadsafe(_wake, waiter.future)
 
     def _invalid(self, source: Source, reason: str) -> None:
         if source.value is None and source.key is not None:
@@ -204,24 +175,3 @@ class ItemVectors(Mapping[MovieId, Vector]):
         )
         if self._on_invalid is not None:
             self._on_invalid(source, reason)
-
-    # --- waiting -----------------------------------------------------------------
-    async def wait_for(self, movie_ids: Iterable[MovieId], timeout_s: float) -> set[MovieId]:
-        """Wait up to ``timeout_s`` seconds until every movie has a vector; returns the
-        ones still missing (empty when all arrived)."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            missing = {m for m in movie_ids if m not in self._vectors}
-            if not missing or timeout_s <= 0:
-                return missing
-            waiter = _Waiter(missing, loop, loop.create_future())
-            self._waiters.append(waiter)
-        try:
-            await asyncio.wait_for(waiter.future, timeout_s)
-        except TimeoutError:
-            pass
-        finally:
-            with self._lock:
-                self._waiters.remove(waiter)
-                still = set(waiter.missing)
-        return still

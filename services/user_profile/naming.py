@@ -1,7 +1,7 @@
-"""Names of the user-profile service's faust app and its internal topics.
+"""Names of the user-profile service's consumer group and its changelog topic.
 
-Kept free of faust imports so that ``infra.topics`` can create these topics (with the
-partition count faust expects) before any worker starts.
+Kept free of Kafka client imports so that ``infra.topics`` can create the changelog
+(with as many partitions as ``ratings``) before any worker starts.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ TABLE = "user-state"
 
 
 def app_id(settings: Settings) -> str:
-    """The faust app id; also the consumer-group id and the prefix of its topics."""
+    """The consumer-group id of the service; also the prefix of its changelog topic."""
     return settings.group(SERVICE)
 
 
 def changelog_topic(settings: Settings) -> str:
+    """The compacted topic behind the per-user table, partitioned like ``ratings``."""
     return f"{app_id(settings)}-{TABLE}-changelog"
-
-
-def leader_topic(settings: Settings) -> str:
-    return f"{app_id(settings)}-__assignor-__leader"

@@ -7,7 +7,7 @@ order the topics would carry them:
   upsert) → ``item-embeddings`` → ``services.recommender.handler.handle_item_embeddings``
   (the recommender's FAISS catalogue) and the user-profile service's vector lookup;
 - ``ratings`` → ``services.user_profile.handler.handle_ratings`` (the user updater over
-  states stored as bytes, as in the faust table) → ``user-profiles`` →
+  states stored as bytes, as in the service's table) → ``user-profiles`` →
   ``services.recommender.handler.handle_user_profiles`` (retrieve, exclude, MMR) →
   ``recommendations``. The item vectors it moves (``settings.item_pull``) go to
   ``item-embeddings`` and reach the catalogue before the profiles do.

@@ -1,8 +1,21 @@
-"""The micro-batch consume → handle → publish → commit loop of the confluent-kafka services.
+"""The micro-batch loop every stream processor runs: consume → handle → publish → commit.
 
-Delivery is at-least-once: a batch's outputs are flushed before its offsets are
-committed. Invalid messages and events the handler cannot process go to
-``dead-letters`` with the reason; the loop never stops on bad input.
+One loop and one error policy for every service:
+
+- A message that is not a valid event, and an event the handler cannot act on, goes to
+  ``dead-letters`` with the reason and its topic/partition/offset; the loop goes on.
+- A batch's outputs, its table writes (``ChangelogTable``) and its input offsets are
+  committed together: in one Kafka transaction when ``Settings.transactions`` is on
+  (exactly once), else outputs and changelog are flushed before the offsets are
+  committed (at least once; the handlers are idempotent by source offset).
+- A failed send fails the batch: the transaction is aborted (or nothing is committed),
+  the table's staged writes are dropped, and the same batch is processed again after a
+  back-off. A dead letter that the broker refuses for good (e.g. too large) is logged
+  with its source offset and left out of the retry: it never blocks the partition. A
+  batch still failing after ``Settings.batch_retry_s`` stops the loop with the error,
+  so that the process manager restarts the worker from the committed offsets.
+- While it runs, the worker's ready file is rewritten every ``READY_EVERY_S`` seconds
+  as long as it has partitions and ``healthy()`` holds; it is removed otherwise.
 """
 
 from __future__ import annotations
@@ -18,9 +31,9 @@ from types import FrameType
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from shared.config import Settings
-from shared.events import DEAD_LETTERS, Event, TopicSpec
+from shared.events import DEAD_LETTERS, DeadLetter, Event, TopicSpec
 from shared.exceptions import InvalidEventError
-from shared.kafka.client import make_consumer
+from shared.kafka.client import make_consumer, make_producer
 from shared.kafka.message import (
     Incoming,
     Outgoing,
@@ -29,7 +42,8 @@ from shared.kafka.message import (
     handle_isolating_failures,
     parse,
 )
-from shared.kafka.publisher import Publisher
+from shared.kafka.publisher import DeliveryError, Publisher
+from shared.kafka.table import ChangelogTable
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +51,46 @@ BatchHandler = Callable[[list[Incoming[Event]]], list[Outgoing]]
 """Takes the valid events of a micro-batch in offset order and returns what to publish
 (dead letters for events it could not act on included)."""
 
+READY_EVERY_S = 2.0
+"""How often (seconds) a healthy worker rewrites its ready file."""
+
+RETRY_FIRST_S = 0.2
+RETRY_MAX_S = 5.0
+"""Back-off between attempts at a failed batch: doubles from the first to the max."""
+
+REPORT_EVERY_S = 30.0
+
+Position = tuple[str, int]
+"""A (topic, partition)."""
+
+REFUSED_FOR_GOOD = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.INVALID_RECORD,
+    }
+)
+"""Delivery errors that no retry of the same message can mend."""
+
 
 class BatchConsumer:
-    """Runs a batch handler over topics of the contract, in one consumer group."""
+    """Runs a batch handler over topics of the contract, in one consumer group.
+
+    Args:
+        settings: broker, batch size and timeout, transactions, instance id, retries.
+        service: the consumer group's service name and the dead letters' ``service``.
+        sources: the topics consumed.
+        handler: the pure batch function.
+        ready_file: rewritten while healthy (see the module docstring).
+        table: per-key state restored and committed with the batches (optional).
+        has_work: when it returns True the handler is called even with no message
+            (e.g. for ratings parked in ``table`` whose movie vector has arrived).
+        healthy: extra health condition of the worker (e.g. its readers are alive).
+        after_commit: called once a batch has committed (e.g. to keep in memory what
+            the batch decided, which a retried batch must not see).
+    """
 
     def __init__(
         self,
@@ -50,16 +101,37 @@ class BatchConsumer:
         *,
         publisher: Publisher | None = None,
         ready_file: Path | None = None,
+        table: ChangelogTable | None = None,
+        has_work: Callable[[], bool] | None = None,
+        healthy: Callable[[], bool] | None = None,
+        after_commit: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._service = service
         self._specs = {settings.topic(spec.name): spec for spec in sources}
         self._handler = handler
-        self._publisher = publisher or Publisher(settings)
+        self._transactional = settings.transactions and publisher is None
+        self._group = settings.group(service)
+        if publisher is None:
+            extra = {"transactional.id": self.transactional_id} if self._transactional else {}
+            publisher = Publisher(settings, make_producer(settings, **extra))
+        self._publisher = publisher
         self._ready_file = ready_file
+        self._table = table
+        self._has_work = has_work
+        self._healthy = healthy
+        self._after_commit = after_commit
         self._stop = threading.Event()
+        self._assigned: set[Position] = set()
+        self._unpublishable: set[tuple[str, int | None, int | None]] = set()
+        self._last_ready = 0.0
         self.processed = 0
         self.dead_lettered = 0
+
+    @property
+    def transactional_id(self) -> str:
+        """One per instance: a restarted instance fences its previous incarnation."""
+        return f"{self._group}-{self._settings.instance_id or 'solo'}"
 
     def stop(self) -> None:
         """Ask the loop to finish its batch, commit and return."""
@@ -73,19 +145,36 @@ class BatchConsumer:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
+    # --- the loop ----------------------------------------------------------------
     def run(self) -> None:
-        consumer = make_consumer(self._settings, self._settings.group(self._service))
-        consumer.subscribe(list(self._specs), on_assign=self._on_assign)
-        log.info("service=%s subscribed topics=%s", self._service, ",".join(self._specs))
+        """Consume until ``stop``. Raises what cannot be retried (a fatal broker error,
+        a batch that kept failing), after closing the consumer."""
+        if self._transactional:
+            self._publisher.producer.init_transactions(30)
+        consumer = make_consumer(self._settings, self._group, **self._membership())
+        consumer.subscribe(
+            list(self._specs),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        log.info(
+            "service=%s subscribed topics=%s transactions=%s",
+            self._service,
+            ",".join(self._specs),
+            self._transactional,
+        )
         last_report = time.monotonic()
         try:
             while not self._stop.is_set():
                 messages = consumer.consume(
                     self._settings.batch_size, timeout=self._settings.batch_timeout_s
                 )
-                if messages:
-                    self._process(consumer, [Source.of(m) for m in messages if self._ok(m)])
-                if time.monotonic() - last_report > 30:
+                sources = [Source.of(m) for m in messages if self._ok(m)]
+                if sources or (self._has_work is not None and self._has_work()):
+                    self._run_batch(consumer, sources)
+                self._report_health()
+                if time.monotonic() - last_report > REPORT_EVERY_S:
                     last_report = time.monotonic()
                     log.info(
                         "service=%s processed=%d dead_lettered=%d",
@@ -94,10 +183,12 @@ class BatchConsumer:
                         self.dead_lettered,
                     )
         finally:
-            self._publisher.flush()
-            consumer.close()
-            if self._ready_file is not None:
-                self._ready_file.unlink(missing_ok=True)
+            self._not_ready()
+            try:
+                consumer.close()
+            finally:
+                if not self._transactional:
+                    self._publisher.producer.flush(10)
             log.info("service=%s stopped processed=%d", self._service, self.processed)
 
     def process(self, sources: list[Source]) -> list[Outgoing]:
@@ -108,30 +199,122 @@ class BatchConsumer:
             try:
                 valid.append(parse(self._specs[source.topic], source, self._max_bytes))
             except InvalidEventError as exc:
-                out.append(self._reject(source, str(exc)))
-        handled = handle_isolating_failures(self._handler, valid, self._service)
-        self.dead_lettered += sum(o.spec is DEAD_LETTERS for o in handled)
-        out.extend(handled)
-        self.processed += len(sources)
+                out.append(dead_letter(source, str(exc), self._service))
+        if valid:
+            out.extend(handle_isolating_failures(self._handler, valid, self._service))
+        elif self._has_work is not None:
+            try:
+                out.extend(self._handler([]))
+            except Exception:
+                log.exception("service=%s work without input failed", self._service)
         return out
 
     @property
     def _max_bytes(self) -> int:
         return self._settings.max_message_bytes
 
-    def _process(self, consumer: Consumer, sources: list[Source]) -> None:
-        if sources:
-            self._publisher.publish_all(self.process(sources))
-        self._publisher.flush()
-        try:
-            consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            # e.g. a rebalance took the partitions away; the new owner re-reads the batch.
-            log.warning("service=%s commit failed error=%s", self._service, exc)
+    def _run_batch(self, consumer: Consumer, sources: list[Source]) -> None:
+        """Process and commit one batch, retrying the whole of it until it commits."""
+        started = time.monotonic()
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                out = [o for o in self.process(sources) if not self._is_unpublishable(o)]
+                self._commit(consumer, sources, out)
+                break
+            except (DeliveryError, KafkaException) as exc:
+                self._after_failure(exc)
+                if time.monotonic() - started > self._settings.batch_retry_s:
+                    log.error(
+                        "service=%s batch failed for %.0fs, giving up: %s",
+                        self._service,
+                        time.monotonic() - started,
+                        exc,
+                    )
+                    raise
+                log.warning(
+                    "service=%s batch failed, retrying in %.1fs: %s %s",
+                    self._service,
+                    delay,
+                    exc,
+                    _span(sources),
+                )
+                if self._stop.wait(delay):
+                    raise
+                delay = min(delay * 2, RETRY_MAX_S)
+        self.processed += len(sources)
+        self.dead_lettered += sum(o.spec is DEAD_LETTERS for o in out)
 
-    def _reject(self, source: Source, reason: str) -> Outgoing:
-        self.dead_lettered += 1
-        return dead_letter(source, reason, self._service)
+    def _commit(self, consumer: Consumer, sources: list[Source], out: list[Outgoing]) -> None:
+        offsets = _next_offsets(sources)
+        producer = self._publisher.producer
+        if self._transactional:
+            producer.begin_transaction()
+        self._publisher.publish_all(out)
+        if self._table is not None:
+            for key, value, partition in self._table.staged():
+                self._publisher.produce(self._table.topic, key, value, partition)
+        if self._transactional:
+            producer.flush(30)
+            self._publisher.raise_failures()
+            if offsets:
+                producer.send_offsets_to_transaction(
+                    offsets, consumer.consumer_group_metadata(), 30
+                )
+            producer.commit_transaction(30)
+        else:
+            self._publisher.flush()
+            if offsets:
+                try:
+                    consumer.commit(offsets=offsets, asynchronous=False)
+                except KafkaException as exc:
+                    # e.g. a rebalance took the partitions away: the outputs are out and
+                    # the new owner re-reads the batch (the handlers are idempotent).
+                    log.warning("service=%s commit failed error=%s", self._service, exc)
+        if self._table is not None:
+            self._table.apply()
+        if self._after_commit is not None:
+            self._after_commit()
+
+    def _after_failure(self, exc: Exception) -> None:
+        """Undo what a failed batch staged; remember its dead letters refused for good."""
+        if self._table is not None:
+            self._table.discard()
+        failures = list(exc.failures) if isinstance(exc, DeliveryError) else []
+        if self._transactional:
+            error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+            if isinstance(error, KafkaError) and error.fatal():
+                raise exc
+            try:
+                self._publisher.producer.abort_transaction(30)
+            except KafkaException as abort_exc:
+                log.warning("service=%s abort failed: %s", self._service, abort_exc)
+            try:
+                self._publisher.raise_failures()  # the aborted messages' reports
+            except DeliveryError as purged:
+                failures += purged.failures
+        for failure in failures:
+            letter = None if failure.outgoing is None else failure.outgoing.event
+            if not isinstance(letter, DeadLetter) or failure.error.code() not in REFUSED_FOR_GOOD:
+                continue
+            log.error(
+                "service=%s dead letter unpublishable, skipped: topic=%s partition=%s "
+                "offset=%s error=%s reason=%s",
+                self._service,
+                letter.source_topic,
+                letter.partition,
+                letter.offset,
+                failure.error,
+                letter.error[:200],
+            )
+            self._unpublishable.add((letter.source_topic, letter.partition, letter.offset))
+
+    def _is_unpublishable(self, outgoing: Outgoing) -> bool:
+        letter = outgoing.event
+        return (
+            isinstance(letter, DeadLetter)
+            and (letter.source_topic, letter.partition, letter.offset) in self._unpublishable
+        )
 
     def _ok(self, message: Message) -> bool:
         err = message.error()
@@ -144,12 +327,70 @@ class BatchConsumer:
         log.warning("service=%s consumer error=%s", self._service, err)
         return False
 
+    # --- group membership --------------------------------------------------------
+    def _membership(self) -> dict[str, object]:
+        config: dict[str, object] = {
+            "session.timeout.ms": self._settings.session_timeout_ms,
+            "heartbeat.interval.ms": max(500, self._settings.session_timeout_ms // 5),
+        }
+        if self._settings.instance_id is not None:
+            config["group.instance.id"] = f"{self._service}-{self._settings.instance_id}"
+        return config
+
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info(
-            "service=%s consuming partitions=%s",
+            "service=%s assigned partitions=%s",
             self._service,
             ",".join(f"{p.topic}[{p.partition}]" for p in partitions),
         )
-        if self._ready_file is not None:
+        if self._table is not None:
+            self._table.restore({p.partition for p in partitions})
+        self._assigned |= {(p.topic, p.partition) for p in partitions}
+        self._report_health(force=True)
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info(
+            "service=%s revoked partitions=%s",
+            self._service,
+            ",".join(f"{p.topic}[{p.partition}]" for p in partitions),
+        )
+        self._assigned -= {(p.topic, p.partition) for p in partitions}
+        if self._table is not None:
+            self._table.drop({p.partition for p in partitions})
+
+    # --- readiness ---------------------------------------------------------------
+    def _report_health(self, *, force: bool = False) -> None:
+        if self._ready_file is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_ready < READY_EVERY_S:
+            return
+        self._last_ready = now
+        if self._assigned and (self._healthy is None or self._healthy()):
             self._ready_file.parent.mkdir(parents=True, exist_ok=True)
             self._ready_file.write_text(str(time.time()))
+        else:
+            self._not_ready()
+
+    def _not_ready(self) -> None:
+        if self._ready_file is not None:
+            self._ready_file.unlink(missing_ok=True)
+
+
+def _next_offsets(sources: Sequence[Source]) -> list[TopicPartition]:
+    """The offsets to commit after ``sources``: the last offset + 1 of each partition."""
+    last: dict[Position, int] = {}
+    for s in sources:
+        if s.partition is not None and s.offset is not None and s.offset >= 0:
+            key = (s.topic, s.partition)
+            last[key] = max(last.get(key, -1), s.offset)
+    return [TopicPartition(t, p, o + 1) for (t, p), o in sorted(last.items())]
+
+
+def _span(sources: Sequence[Source]) -> str:
+    """``topic[partition]@first-last`` of a batch, for logs."""
+    spans: dict[Position, list[int]] = {}
+    for s in sources:
+        if s.partition is not None and s.offset is not None:
+            spans.setdefault((s.topic, s.partition), []).append(s.offset)
+    return " ".join(f"{t}[{p}]@{min(o)}-{max(o)}" for (t, p), o in sorted(spans.items()))

@@ -3,15 +3,26 @@
 Every instance of a service needs the whole item catalogue, whatever partitions its
 consumer group gave it, so item vectors are hydrated by assigning all partitions of
 ``item-embeddings`` without a group commit, and followed live afterwards.
+
+A reader survives broker outages: any error closes its client, and after a back-off a
+new client goes on from the positions already read. ``healthy()`` turns false when it
+has been failing for ``UNHEALTHY_AFTER_S`` seconds, so the worker stops reporting ready.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from shared.config import Settings
 from shared.events import Event, TopicSpec
@@ -20,6 +31,13 @@ from shared.kafka.client import make_consumer
 from shared.kafka.message import Incoming, Source, parse
 
 log = logging.getLogger(__name__)
+
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 5.0
+"""Back-off between reconnections: doubles from the first to the max."""
+
+UNHEALTHY_AFTER_S = 10.0
+"""A reader failing for this long (seconds) is reported unhealthy."""
 
 
 class TopicReader:
@@ -55,6 +73,8 @@ class TopicReader:
         self._follow_interval_s = follow_interval_s
         self._stop = threading.Event()
         self._caught_up = threading.Event()
+        self._failing_since: float | None = None
+        self._positions: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name=f"reader-{name}", daemon=True)
 
     def start(self) -> TopicReader:
@@ -69,36 +89,64 @@ class TopicReader:
         """False once the reader thread has stopped (asked to, or crashed: see the log)."""
         return self._thread.is_alive()
 
+    def healthy(self) -> bool:
+        """True while the thread runs and has not been failing for ``UNHEALTHY_AFTER_S``."""
+        since = self._failing_since
+        return self.is_alive() and (since is None or time.monotonic() - since < UNHEALTHY_AFTER_S)
+
     def wait_caught_up(self, timeout_s: float | None = None) -> bool:
         """Block until everything that was in the topic at start has been read."""
         return self._caught_up.wait(timeout_s)
 
     def _run(self) -> None:
+        delay = RETRY_FIRST_S
+        while not self._stop.is_set():
+            try:
+                self._follow()
+            except Exception as exc:
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                log.warning(
+                    "reader=%s failed, reconnecting in %.1fs: %s: %s",
+                    self._name,
+                    delay,
+                    type(exc).__name__,
+                    exc,
+                )
+                self._stop.wait(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            else:
+                delay = RETRY_FIRST_S
+
+    def _follow(self) -> None:
+        """Follow the topic with a new client until asked to stop (or an error)."""
         consumer = make_consumer(
             self._settings,
             self._settings.group(f"{self._name}-reader"),
             **{"enable.partition.eof": True},
         )
         try:
-            metadata = consumer.list_topics(self._topic, timeout=30)
+            metadata = consumer.list_topics(self._topic, timeout=10)
             topic_meta = metadata.topics.get(self._topic)
             if topic_meta is None or topic_meta.error is not None:
                 raise RuntimeError(f"topic {self._topic} is not available")
-            positions = {p: OFFSET_BEGINNING for p in sorted(topic_meta.partitions)}
+            positions = self._positions
+            for partition in sorted(topic_meta.partitions):
+                positions.setdefault(partition, OFFSET_BEGINNING)
             log.info("reader=%s topic=%s partitions=%d", self._name, self._topic, len(positions))
             while not self._stop.is_set():
                 behind = [p for p, at in positions.items() if self._has_news(consumer, p, at)]
                 if behind:
                     self._read_to_end(consumer, behind, positions)
+                if self._failing_since is not None:
+                    log.info("reader=%s following again", self._name)
+                    self._failing_since = None
                 if not self._caught_up.is_set() and not self._stop.is_set():
                     log.info("reader=%s caught up", self._name)
                     self._caught_up.set()
                     if self._on_caught_up is not None:
                         self._on_caught_up()
                 self._stop.wait(self._follow_interval_s)
-        except Exception:
-            log.exception("reader=%s crashed", self._name)
-            raise
         finally:
             consumer.close()
 
@@ -120,27 +168,44 @@ class TopicReader:
         try:
             while pending and not self._stop.is_set():
                 batch: list[Incoming[Event]] = []
+                read: dict[int, int] = {}
                 for message in consumer.consume(2000, timeout=0.1):
                     err = message.error()
                     partition = message.partition()
                     if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF or partition is None:
+                            raise KafkaException(err)
+                        pending.discard(partition)
                         end = message.offset()
-                        if err.code() == KafkaError._PARTITION_EOF and partition is not None:
-                            pending.discard(partition)
-                            if end is not None:
-                                positions[partition] = end
-                        else:
-                            log.warning("reader=%s error=%s", self._name, err)
+                        if end is not None:
+                            read[partition] = end
                         continue
                     offset = message.offset()
                     if partition is not None and offset is not None:
-                        positions[partition] = offset + 1
+                        read[partition] = offset + 1
                     source = Source.of(message)
                     try:
                         batch.append(parse(self._spec, source, self._settings.max_message_bytes))
                     except InvalidEventError as exc:
                         self._on_invalid(source, str(exc))
                 if batch:
-                    self._on_events(batch)
+                    self._hand_over(batch)
+                positions.update(read)
         finally:
             consumer.unassign()
+
+    def _hand_over(self, batch: list[Incoming[Event]]) -> None:
+        try:
+            self._on_events(batch)
+        except Exception:
+            # A bug of the callback's: retrying the same batch would fail the same way.
+            first, last = batch[0].source, batch[-1].source
+            log.exception(
+                "reader=%s callback failed, events skipped topic=%s from=%s@%s to=%s@%s",
+                self._name,
+                self._topic,
+                first.partition,
+                first.offset,
+                last.partition,
+                last.offset,
+            )

@@ -5,7 +5,7 @@ Every user model follows the same tiny API (after ``river``'s ``learn_one``):
 only knows this ``UserUpdater`` protocol, so the rating-weighted mean below and the
 trained residual network (a later issue) are interchangeable.
 
-A ``UserState`` lives in a faust table and its changelog topic (one record per user per
+A ``UserState`` lives in the user-profile table and its changelog topic (one record per user per
 update), so its byte form is compact: short JSON keys, the vector as base64 float32.
 """
 

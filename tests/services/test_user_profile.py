@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -20,8 +19,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from services.user_profile import naming
-from services.user_profile.app import broker_url
-from services.user_profile.handler import Rating, handle_ratings, pulled
+from services.user_profile.handler import Rating, UserRecord, handle_ratings, pulled
 from services.user_profile.item_vectors import ItemVectors
 from shared.config import Settings
 from shared.events import (
@@ -39,7 +37,7 @@ from shared.events import (
 )
 from shared.kafka.client import make_admin, make_consumer, make_producer
 from shared.kafka.message import Incoming, Source, parse
-from shared.models.updater import RatingWeightedMean, UserState
+from shared.models.updater import RatingWeightedMean
 from shared.types import MovieId, UserId, Vector
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import produce_raw, read_topic
@@ -96,7 +94,7 @@ def letters_of(out: list) -> list[DeadLetter]:
     return [o.event for o in out if isinstance(o.event, DeadLetter)]
 
 
-def stored(updated: dict[UserId, UserState]) -> dict[UserId, bytes]:
+def stored(updated: dict[UserId, UserRecord]) -> dict[UserId, bytes]:
     return {u: s.to_bytes() for u, s in updated.items()}
 
 
@@ -123,12 +121,12 @@ def test_one_profile_per_user_per_batch_from_all_its_ratings() -> None:
     )
     assert u1.updated_at == NOW
     assert u1.model_version == f"{UPDATER.model_version}+enc-1"
-    assert u1.mean_rating == pytest.approx(UPDATER.mean_rating(updated["u1"]))
+    assert u1.mean_rating == pytest.approx(UPDATER.mean_rating(updated["u1"].state))
     np.testing.assert_allclose(
         u1.vector, by_hand(vectors, [("m0", 5.0), ("m2", 1.5), ("m3", 4.0)]), atol=1e-6
     )
     assert profiles["u2"].n_ratings == 2
-    assert updated["u1"].last_offset == 3 and updated["u2"].last_offset == 4
+    assert updated["u1"].state.last_offset == 3 and updated["u2"].state.last_offset == 4
 
 
 def test_batches_continue_from_the_stored_state() -> None:
@@ -154,8 +152,8 @@ def test_a_state_written_by_another_model_restarts_its_vector() -> None:
     _, updated = handle_ratings(
         [incoming(rating_event("u", "m0", 4.0), 0)], {}, vectors, UPDATER, NOW
     )
-    assert updated["u"].model == UPDATER.model_version
-    foreign = {"u": replace(updated["u"], model="some-other-model-v9").to_bytes()}
+    assert updated["u"].state.model == UPDATER.model_version
+    foreign = {"u": replace(updated["u"].state, model="some-other-model-v9").to_bytes()}
 
     out, after = handle_ratings(
         [incoming(rating_event("u", "m1", 2.0), 1)], foreign, vectors, UPDATER, NOW
@@ -164,7 +162,7 @@ def test_a_state_written_by_another_model_restarts_its_vector() -> None:
     profile = profiles_of(out)["u"]
     assert profile.n_ratings == 2 and profile.rated == ["m0", "m1"]
     np.testing.assert_allclose(profile.vector, by_hand(vectors, [("m1", 2.0)]), atol=1e-6)
-    assert after["u"].model == UPDATER.model_version
+    assert after["u"].state.model == UPDATER.model_version
 
 
 def test_a_redelivered_batch_is_not_applied_twice() -> None:
@@ -179,7 +177,7 @@ def test_a_redelivered_batch_is_not_applied_twice() -> None:
     profile = profiles_of(out)["u"]
     assert profile.n_ratings == 5
     assert profile.cause_event_id == batch[4].event.event_id
-    assert updated["u"].n_ratings == 5 and updated["u"].last_offset == 14
+    assert updated["u"].state.n_ratings == 5 and updated["u"].state.last_offset == 14
 
     # Delivered yet again: nothing changes, the last profile is published again.
     again, unchanged = handle_ratings(batch, stored(updated), vectors, UPDATER, NOW)
@@ -241,7 +239,7 @@ def test_numerical_faults_are_dead_lettered_per_rating() -> None:
     assert "dimension" in letters[1].error
     assert profiles_of(out)["a"].n_ratings == 2
     assert profiles_of(out)["b"].n_ratings == 1
-    assert updated["a"].rated == ("m0", "m2")
+    assert updated["a"].state.rated == ("m0", "m2")
 
 
 def test_an_unreadable_stored_state_dead_letters_instead_of_resetting() -> None:
@@ -442,35 +440,13 @@ def item_batch(events: list[ItemEmbedded]) -> list[Incoming[Event]]:
     ]
 
 
-def test_waiters_wake_when_their_vectors_arrive_from_another_thread() -> None:
+def test_item_vectors_keep_valid_embeddings_and_refuse_the_rest() -> None:
     vectors = catalogue(3)
     refused: list[str] = []
     # Never started: fed by hand here, by its TopicReader in the service.
     items = ItemVectors(Settings(), on_invalid=lambda _s, reason: refused.append(reason))
-    items.add(item_batch([embedded("m0", vectors["m0"])]))
+    items.add(item_batch([embedded(m, vectors[m]) for m in ("m0", "m1", "m2")]))
 
-    async def scenario() -> tuple[set[MovieId], set[MovieId], float]:
-        loop = asyncio.get_running_loop()
-        # Arrives from a thread, as from the TopicReader, while the loop is waiting.
-        loop.call_later(
-            0.2,
-            lambda: loop.run_in_executor(
-                None,
-                items.add,
-                item_batch([embedded("m1", vectors["m1"]), embedded("m2", vectors["m2"])]),
-            ),
-        )
-        started = time.monotonic()
-        arrived = await items.wait_for({"m0", "m1", "m2"}, timeout_s=30)
-        waited = time.monotonic() - started
-        never = await items.wait_for({"m1", "never"}, timeout_s=0.1)
-        return arrived, never, waited
-
-    arrived, never, waited = asyncio.run(scenario())
-
-    assert arrived == set()
-    assert waited < 30  # woken by the arrival, not by the timeout
-    assert never == {"never"}
     assert set(items) == {"m0", "m1", "m2"}
     assert items.model_version == "enc-1"
     np.testing.assert_array_equal(items.get_many(["m1", "x"])["m1"], vectors["m1"])
@@ -480,11 +456,98 @@ def test_waiters_wake_when_their_vectors_arrive_from_another_thread() -> None:
     assert refused and "not L2-normalised" in refused[0]
 
 
+# --- parked ratings ------------------------------------------------------------------
+
+PUBLISHED = T0  # the broker timestamp of ``incoming(..., offset=0)``
+WAIT_S = 60.0
+
+
+def test_a_rating_of_a_movie_without_vector_parks_and_holds_back_only_its_user() -> None:
+    vectors = catalogue(4)
+    batch = [
+        incoming(rating_event("u", "m0", 4.0, 0), 0),
+        incoming(rating_event("u", "late", 5.0, 1), 1),
+        incoming(rating_event("u", "m1", 2.0, 2), 2),
+        incoming(rating_event("v", "m2", 3.0, 3), 3),
+    ]
+    soon = PUBLISHED + timedelta(seconds=5)
+
+    out, updated = handle_ratings(batch, {}, vectors, UPDATER, soon, wait_s=WAIT_S)
+
+    assert not letters_of(out)
+    assert profiles_of(out)["u"].n_ratings == 1 and profiles_of(out)["v"].n_ratings == 1
+    # "m1" has a vector but waits behind "late": a user's ratings apply in order.
+    assert [r.event.movie_id for r in updated["u"].parked] == ["late", "m1"]
+    assert updated["v"].parked == ()
+
+    # The vector arrives: the parked ratings apply, in order, with no new rating.
+    vectors["late"] = catalogue(5, seed=9)["m4"]
+    later = PUBLISHED + timedelta(seconds=20)
+    out, after = handle_ratings(
+        [], stored(updated), vectors, UPDATER, later, revisit={"u"}, wait_s=WAIT_S
+    )
+
+    profile = profiles_of(out)["u"]
+    assert profile.n_ratings == 3 and profile.cause_event_id == batch[2].event.event_id
+    expected = by_hand(vectors, [("m0", 4.0), ("late", 5.0), ("m1", 2.0)])
+    np.testing.assert_allclose(profile.vector, expected, atol=1e-6)
+    assert after["u"].parked == () and after["u"].state.last_offset == 2
+
+
+def test_a_parked_rating_is_dead_lettered_when_its_wait_runs_out() -> None:
+    vectors = catalogue(3)
+    batch = [
+        incoming(rating_event("u", "never", 5.0, 0), 0),
+        incoming(rating_event("u", "m1", 2.0, 1), 1),
+    ]
+    _, parked = handle_ratings(batch, {}, vectors, UPDATER, PUBLISHED, wait_s=WAIT_S)
+    assert len(parked["u"].parked) == 2
+
+    too_late = PUBLISHED + timedelta(seconds=WAIT_S + 1)
+    out, after = handle_ratings(
+        [], stored(parked), vectors, UPDATER, too_late, revisit={"u"}, wait_s=WAIT_S
+    )
+
+    letters = letters_of(out)
+    assert [d.offset for d in letters] == [0]
+    assert "'never' has no item vector" in letters[0].error and "60 s" in letters[0].error
+    assert letters[0].payload == batch[0].source.value.decode()  # type: ignore[union-attr]
+    assert profiles_of(out)["u"].n_ratings == 1 and after["u"].parked == ()
+
+
+def test_a_redelivered_parked_rating_is_not_parked_twice() -> None:
+    vectors = catalogue(2)
+    batch = [incoming(rating_event("u", "late", 5.0), 7)]
+    _, parked = handle_ratings(batch, {}, vectors, UPDATER, PUBLISHED, wait_s=WAIT_S)
+
+    out, unchanged = handle_ratings(
+        batch, stored(parked), vectors, UPDATER, PUBLISHED, wait_s=WAIT_S
+    )
+
+    assert out == [] and unchanged == {}
+
+
+def test_a_user_record_reads_back_what_it_wrote() -> None:
+    vectors = catalogue(2)
+    batch = [
+        incoming(rating_event("u", "m0", 4.0), 3),
+        incoming(rating_event("u", "late", 5.0), 4),
+    ]
+    _, updated = handle_ratings(batch, {}, vectors, UPDATER, PUBLISHED, wait_s=WAIT_S)
+    record = updated["u"]
+
+    again = UserRecord.from_bytes(record.to_bytes())
+
+    assert again.parked == record.parked and again.seen_offset == 4
+    assert again.state.last_offset == 3 and again.state.rated == ("m0",)
+    np.testing.assert_array_equal(again.state.vector, record.state.vector)
+    # A record with nothing parked is the state's own bytes, as written before parking.
+    bare = UserRecord(record.state)
+    assert bare.to_bytes() == record.state.to_bytes()
+    assert UserRecord.from_bytes(bare.to_bytes()).state.rated == ("m0",)
+
+
 # --- the real worker -----------------------------------------------------------------
-
-
-def test_broker_url_lists_every_host() -> None:
-    assert broker_url("a:1, b:2") == "kafka://a:1;kafka://b:2"
 
 
 @contextmanager
