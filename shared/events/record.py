@@ -203,7 +203,9 @@ class MoviePublished(Event):
     overview: str = Field("", max_length=20_000)
     people: People = Field(default_factory=People)
     poster: str | None = None
-    """A local path, an http(s) URL or a ``data:image/...;base64,`` URI."""
+    """A file in the item-embedding service's ``REELSTREAM_POSTER_DIR`` (a path, absolute
+    or relative to it), an http(s) URL on a public address, or a ``data:image/...;base64,``
+    URI. A poster that is refused or unreadable only leaves the image modality out."""
     metadata: dict[str, MetadataValue] = Field(default_factory=dict, max_length=100)
 
 

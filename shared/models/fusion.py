@@ -272,7 +272,8 @@ def content_inputs(
     if image_dim > 0:
         image_rows = np.zeros((len(movies), image_dim), dtype=np.float32)
         if image_encoder is not None:
-            loaded = [(i, img) for i, img in enumerate(load_posters(movies)) if img is not None]
+            posters = load_posters(movies, image_encoder.poster_dir)
+            loaded = [(i, img) for i, img in enumerate(posters) if img is not None]
             if loaded:
                 rows = [i for i, _ in loaded]
                 image_rows[rows] = image_encoder.encode([img for _, img in loaded])

@@ -4,20 +4,29 @@ The modality is optional. Without ``CLIP_WEIGHTS`` it is off and movies are embe
 from text and metadata only. With it, the weights are read from that local file only
 (nothing is ever downloaded). A poster that cannot be loaded never fails its movie: the
 caller masks the image modality for that movie and logs why.
+
+Posters come from the wire, so they are read defensively: a local file only inside
+``REELSTREAM_POSTER_DIR`` (none when it is unset), a URL only over http(s) from public
+addresses (each redirect checked again, the address connected to being the one
+checked), and ``data:`` URIs; all within a size and a time limit.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
+import http.client
 import io
+import ipaddress
 import json
 import logging
+import socket
+import ssl
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +45,11 @@ from shared.types import Matrix
 log = logging.getLogger(__name__)
 
 POSTER_TIMEOUT_S = 5.0
-"""Longest time (seconds) spent fetching one poster over HTTP."""
+"""Longest time (seconds) spent fetching one poster over HTTP, redirects included (the
+host name lookups excepted: the system resolver bounds those)."""
+
+MAX_POSTER_REDIRECTS = 3
+"""Most HTTP redirects followed for one poster."""
 
 MAX_POSTER_BYTES = 10 * 1024 * 1024
 """Largest poster file accepted (bytes), whatever its source."""
@@ -50,6 +63,8 @@ POSTER_MAX_SIDE = 512
 and a batch of full-size posters would hold gigabytes."""
 
 _READ_CHUNK = 64 * 1024
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
 
@@ -59,25 +74,73 @@ class PosterError(ReelstreamError):
 
 # --- posters -------------------------------------------------------------------------
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+Resolver = Callable[[str, int], Sequence[str]]
+"""``(host, port) -> IP addresses`` (text) to connect to, e.g. ``resolve_host``."""
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses ``getaddrinfo`` gives for a TCP connection to ``host:port``, in its
+    order, without repeats."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def is_public_address(address: str | IPAddress) -> bool:
+    """Whether an IP address is on the public internet: not loopback, private, shared
+    (CGNAT), link-local, site-local, multicast, reserved, unspecified or documentation,
+    in IPv4 or IPv6. IPv4 addresses inside IPv6 ones (IPv4-mapped, 6to4, NAT64) are judged as the
+    IPv4 address they reach."""
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local:  # fec0::/10, deprecated but still routed inside some sites
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public_address(embedded)
+    return ip.is_global and not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
 
 def load_poster(
     ref: str,
     *,
+    poster_dir: Path | None = None,
     timeout_s: float = POSTER_TIMEOUT_S,
     max_bytes: int = MAX_POSTER_BYTES,
     max_side: int = POSTER_MAX_SIDE,
+    resolve: Resolver = resolve_host,
+    trusted_networks: Sequence[IPNetwork] = (),
 ) -> Image.Image:
     """Load a poster as an RGB image no larger than ``max_side`` on either side.
 
     Args:
-        ref: A local file path (or ``file://`` URI), a ``data:image/...;base64,...`` URI
-            or an ``http(s)://`` URL.
-        timeout_s: Deadline for an HTTP download, seconds (default 5).
+        ref: A local file path (or ``file://`` URI) inside ``poster_dir`` (a relative
+            path is relative to it), a ``data:image/...;base64,...`` URI or an
+            ``http(s)://`` URL on a public address.
+        poster_dir: The folder local posters must be in, once symlinks and ``..`` are
+            resolved (``REELSTREAM_POSTER_DIR``); None refuses every local file.
+        timeout_s: Deadline for an HTTP download, redirects included, seconds (default 5).
         max_bytes: Largest accepted encoded image, bytes (default 10 MiB).
         max_side: Larger images are downscaled (aspect kept) to fit (default 512 px).
+        resolve: Looks up a URL's host once per request; the connection goes to an
+            address it returned, after the check, never to a second lookup's answer.
+        trusted_networks: Non-public networks posters may nevertheless be fetched from
+            (none by default; tests serve posters on 127.0.0.1).
 
     Raises:
-        PosterError: unreadable, too big, too slow, or not an image; the message says which.
+        PosterError: refused, unreadable, too big, too slow, or not an image; the message
+            says which.
     """
     ref = ref.strip()
     if not ref:
@@ -86,14 +149,15 @@ def load_poster(
     if scheme == "data":
         raw = _read_data_uri(ref, max_bytes)
     elif scheme in ("http", "https"):
-        raw = _read_url(ref, timeout_s, max_bytes)
+        raw = _read_url(ref, timeout_s, max_bytes, resolve, trusted_networks)
     elif scheme == "file":
-        raw = _read_file(Path(urllib.parse.unquote(urllib.parse.urlsplit(ref).path)), max_bytes)
+        path = urllib.parse.unquote(urllib.parse.urlsplit(ref).path)
+        raw = _read_file(path, poster_dir, max_bytes)
     elif len(scheme) > 1:
         # One letter is a Windows drive ("C:\..."), anything longer a scheme we do not fetch.
         raise PosterError(f"unsupported poster scheme {scheme!r} (use a path, data: or http(s):)")
     else:
-        raw = _read_file(Path(ref).expanduser(), max_bytes)
+        raw = _read_file(ref, poster_dir, max_bytes)
     return _decode_image(raw, max_side)
 
 
@@ -113,43 +177,178 @@ def _read_data_uri(ref: str, max_bytes: int) -> bytes:
         raise PosterError(f"data URI is not valid base64: {exc}") from exc
 
 
-def _read_url(url: str, timeout_s: float, max_bytes: int) -> bytes:
+def _read_url(
+    url: str,
+    timeout_s: float,
+    max_bytes: int,
+    resolve: Resolver,
+    trusted: Sequence[IPNetwork],
+) -> bytes:
     deadline = time.monotonic() + timeout_s
-    request = urllib.request.Request(url, headers={"User-Agent": "reelstream/0.1"})
+    for _ in range(MAX_POSTER_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise PosterError(f"poster redirected to unsupported scheme {scheme!r}")
+        host = parts.hostname
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError as exc:
+            raise PosterError(f"poster URL has an invalid port: {exc}") from exc
+        if not host:
+            raise PosterError("poster URL has no host")
+        addresses = _checked_addresses(host, port, resolve, trusted)
+        target = urllib.parse.quote(parts.path or "/", safe="/%!$&'()*+,;=:@~")
+        if parts.query:
+            target += "?" + urllib.parse.quote(parts.query, safe="/%!$&'()*+,;=:@~?")
+        status, location, body = _get(scheme, host, port, addresses, target, deadline, max_bytes)
+        if status in _REDIRECTS:
+            if not location:
+                raise PosterError(f"HTTP {status} fetching poster, with no Location")
+            url = urllib.parse.urljoin(url, location)
+            continue
+        if status != 200:
+            raise PosterError(f"HTTP {status} fetching poster")
+        return body
+    raise PosterError(f"poster URL redirected more than {MAX_POSTER_REDIRECTS} times")
+
+
+def _checked_addresses(
+    host: str, port: int, resolve: Resolver, trusted: Sequence[IPNetwork]
+) -> list[str]:
+    """The addresses ``host`` resolves to, all of them public (or trusted)."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise PosterError(f"poster of {length} bytes exceeds {max_bytes} bytes")
-            chunks: list[bytes] = []
-            size = 0
-            while chunk := response.read(_READ_CHUNK):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PosterError(f"poster exceeds {max_bytes} bytes")
-                # The socket timeout applies per read; a server dripping bytes would
-                # otherwise hold the consumer thread far beyond ``timeout_s``.
-                if time.monotonic() > deadline:
-                    raise PosterError(f"poster download took longer than {timeout_s}s")
-                chunks.append(chunk)
-    except urllib.error.HTTPError as exc:
-        raise PosterError(f"HTTP {exc.code} fetching poster") from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise PosterError(f"cannot fetch poster: {reason}") from exc
-    return b"".join(chunks)
+        addresses = list(resolve(host, port))
+    except (OSError, UnicodeError) as exc:
+        raise PosterError(f"cannot resolve poster host {host!r}: {exc}") from exc
+    if not addresses:
+        raise PosterError(f"poster host {host!r} has no address")
+    for address in addresses:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError as exc:
+            raise PosterError(f"poster host {host!r} resolves to {address!r}: {exc}") from exc
+        if not is_public_address(ip) and not any(ip in network for network in trusted):
+            # One non-public address is enough: a name that mixes them is suspect.
+            raise PosterError(f"poster host {host!r} is not public: it resolves to {ip}")
+    return addresses
 
 
-def _read_file(path: Path, max_bytes: int) -> bytes:
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to addresses checked beforehand, not to a fresh lookup of ``host``
+    (which a DNS rebinding could point elsewhere); ``host`` names the Host header."""
+
+    def __init__(self, host: str, port: int, addresses: Sequence[str], timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._addresses = addresses
+
+    def _open(self) -> socket.socket:
+        error: OSError | None = None
+        for address in self._addresses:
+            try:
+                return socket.create_connection((address, self.port), self.timeout)
+            except OSError as exc:
+                error = exc
+        raise error or OSError("no address to connect to")
+
+    def connect(self) -> None:
+        self.sock = self._open()
+
+
+class _PinnedHTTPSConnection(_PinnedHTTPConnection):
+    """The same over TLS, the certificate checked against ``host``."""
+
+    default_port = http.client.HTTPS_PORT
+
+    def connect(self) -> None:
+        raw = self._open()
+        try:
+            self.sock = ssl.create_default_context().wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+
+def _get(
+    scheme: str,
+    host: str,
+    port: int,
+    addresses: Sequence[str],
+    target: str,
+    deadline: float,
+    max_bytes: int,
+) -> tuple[int, str | None, bytes]:
+    """One GET: the status, the Location header and the body (empty for a redirect)."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise PosterError("poster download took longer than its time limit")
+    kind = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+    connection = kind(host, port, addresses, timeout=remaining)
+    # The socket timeout bounds each read, not their sum: at the deadline the socket is
+    # shut, so a server dripping bytes (headers included) cannot hold this thread.
+    watchdog = threading.Timer(remaining, _shut, args=(connection,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        connection.request("GET", target, headers={"User-Agent": "reelstream/0.1"})
+        response = connection.getresponse()
+        if response.status != 200:
+            return response.status, response.getheader("Location"), b""
+        length = response.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise PosterError(f"poster of {length} bytes exceeds {max_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := response.read(_READ_CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise PosterError(f"poster exceeds {max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise PosterError("poster download took longer than its time limit")
+            chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise PosterError("poster download took longer than its time limit")
+        return response.status, None, b"".join(chunks)
+    except PosterError:
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if time.monotonic() >= deadline:
+            raise PosterError("poster download took longer than its time limit") from exc
+        raise PosterError(f"cannot fetch poster: {exc!r}") from exc
+    finally:
+        watchdog.cancel()
+        connection.close()
+
+
+def _shut(connection: http.client.HTTPConnection) -> None:
+    sock = connection.sock
+    if sock is not None:
+        # The plain socket's shutdown, also under TLS: it wakes a blocked read.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _read_file(ref: str, poster_dir: Path | None, max_bytes: int) -> bytes:
+    if poster_dir is None:
+        raise PosterError("local poster files are refused: REELSTREAM_POSTER_DIR is not set")
+    try:
+        root = poster_dir.expanduser().resolve()
+        # Symlinks and ".." resolved first, so neither can lead out of the folder.
+        path = (root / ref).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise PosterError(f"cannot resolve poster file {ref[:200]!r}: {exc}") from exc
+    if not path.is_relative_to(root):
+        raise PosterError(f"poster file {ref[:200]!r} is outside REELSTREAM_POSTER_DIR")
     try:
         if not path.is_file():
-            raise PosterError(f"poster file {str(path)!r} does not exist")
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise PosterError(f"poster file of {size} bytes exceeds {max_bytes} bytes")
-        return path.read_bytes()
+            raise PosterError(f"poster file {ref[:200]!r} does not exist")
+        with path.open("rb") as file:
+            raw = file.read(max_bytes + 1)
     except OSError as exc:
-        raise PosterError(f"cannot read poster file {str(path)!r}: {exc}") from exc
+        raise PosterError(f"cannot read poster file {ref[:200]!r}: {exc}") from exc
+    if len(raw) > max_bytes:
+        raise PosterError(f"poster file exceeds {max_bytes} bytes")
+    return raw
 
 
 def _decode_image(raw: bytes, max_side: int) -> Image.Image:
@@ -192,7 +391,11 @@ class ImageEncoder:
         preprocess: Callable[[Image.Image], torch.Tensor],
         name: str,
         device: torch.device,
+        poster_dir: Path | None = None,
     ) -> None:
+        self.poster_dir = poster_dir
+        """The folder local poster files must be in (``REELSTREAM_POSTER_DIR``); None
+        refuses them. ``load_posters`` of this encoder's movies takes it from here."""
         self._model = model.eval()
         self._tower = cast(_ImageTower, model)
         self._preprocess = preprocess
@@ -283,13 +486,16 @@ def load_image_encoder(settings: Settings) -> ImageEncoder | None:
             f"CLIP_WEIGHTS={str(weights)!r} cannot be loaded as CLIP_MODEL={name!r}: {reason[:600]}"
         ) from exc
     # The digest tells two checkpoints of one architecture apart in model versions.
-    encoder = ImageEncoder(model, preprocess, f"{name}@{_digest(weights)}", device)
+    encoder = ImageEncoder(
+        model, preprocess, f"{name}@{_digest(weights)}", device, poster_dir=settings.poster_dir
+    )
     log.info(
-        "image modality on: model=%s weights=%s dim=%d device=%s",
+        "image modality on: model=%s weights=%s dim=%d device=%s poster_dir=%s",
         name,
         weights,
         encoder.dim,
         device,
+        settings.poster_dir or "unset (local poster files refused)",
     )
     return encoder
 
@@ -325,9 +531,13 @@ POSTER_WORKERS = 8
 """Posters fetched or decoded in parallel per batch (I/O bound: URLs, files)."""
 
 
-def load_posters(movies: Sequence[MoviePublished]) -> list[Image.Image | None]:
-    """Each movie's poster image, or None when it has none or it cannot be loaded (the
-    image modality is then masked for that movie, and the reason logged)."""
+def load_posters(
+    movies: Sequence[MoviePublished], poster_dir: Path | None = None
+) -> list[Image.Image | None]:
+    """Each movie's poster image, or None when it has none or it cannot be loaded or is
+    refused (the image modality is then masked for that movie, and the reason logged).
+    ``poster_dir``: the folder local poster files must be in (``ImageEncoder.poster_dir``);
+    None refuses them."""
     wanted = [(i, m) for i, m in enumerate(movies) if m.poster]
     images: list[Image.Image | None] = [None] * len(movies)
     if not wanted:
@@ -335,7 +545,9 @@ def load_posters(movies: Sequence[MoviePublished]) -> list[Image.Image | None]:
     with ThreadPoolExecutor(
         max_workers=min(POSTER_WORKERS, len(wanted)), thread_name_prefix="poster"
     ) as pool:
-        futures = {i: pool.submit(load_poster, m.poster or "") for i, m in wanted}
+        futures = {
+            i: pool.submit(load_poster, m.poster or "", poster_dir=poster_dir) for i, m in wanted
+        }
         for i, movie in wanted:
             try:
                 images[i] = futures[i].result()

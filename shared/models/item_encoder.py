@@ -219,7 +219,7 @@ class ConcatItemEncoder:
                 chunk = movies[offset : offset + POSTER_CHUNK]
                 loaded = [
                     (offset + i, img)
-                    for i, img in enumerate(load_posters(chunk))
+                    for i, img in enumerate(load_posters(chunk, self._image.poster_dir))
                     if img is not None
                 ]
                 if loaded:

@@ -122,8 +122,10 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def image(clip_dir: Path) -> ImageEncoder:
-    loaded = load_image_encoder(tiny_clip_settings(clip_dir))
+def image(clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ImageEncoder:
+    # Local posters must be in REELSTREAM_POSTER_DIR: the tests' temporary folders.
+    settings = tiny_clip_settings(clip_dir, poster_dir=tmp_path_factory.getbasetemp())
+    loaded = load_image_encoder(settings)
     assert loaded is not None
     return loaded
 

@@ -32,7 +32,11 @@ def text() -> TextEncoder:
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> ImageEncoder:
-    loaded = load_image_encoder(tiny_clip_settings(tmp_path_factory.mktemp("clip")))
+    # Local posters must be in REELSTREAM_POSTER_DIR: the tests' temporary folders.
+    settings = tiny_clip_settings(
+        tmp_path_factory.mktemp("clip"), poster_dir=tmp_path_factory.getbasetemp()
+    )
+    loaded = load_image_encoder(settings)
     assert loaded is not None
     return loaded
 
@@ -216,6 +220,8 @@ def test_an_unusable_poster_masks_the_image_and_warns(
     broken = [
         movie("7", "Broken", poster=str(not_an_image)),
         movie("8", "Gone", poster=str(tmp_path / "missing.png")),
+        movie("9", "Internal", poster="http://169.254.169.254/latest/meta-data/"),
+        movie("10", "Outside", poster="/etc/passwd"),
     ]
     with caplog.at_level(logging.WARNING, logger="shared.models.item_encoder"):
         items = encoder.encode(broken)
@@ -224,6 +230,8 @@ def test_an_unusable_poster_masks_the_image_and_warns(
         assert not block(encoder, item.vector, "image").any()
     assert "movie_id=7" in caplog.text and "not a readable image" in caplog.text
     assert "movie_id=8" in caplog.text and "does not exist" in caplog.text
+    assert "movie_id=9 reason=poster host '169.254.169.254' is not public" in caplog.text
+    assert "movie_id=10 reason=poster file '/etc/passwd' is outside" in caplog.text
 
 
 # --- building from settings ---------------------------------------------------------
