@@ -1,40 +1,53 @@
-"""The local stack: a Kafka-protocol broker and the four services as background processes.
+"""The local stack: a Kafka-protocol broker and the four services under supervisord.
 
-    python -m infra.stack up       # broker (unless one answers), topics, services; waits
-    python -m infra.stack status   # broker, services, readiness and consumer lag
-    python -m infra.stack down     # stops the services, and the broker if `up` started it
+    python -m infra.stack up       # supervisord, broker (unless one answers), topics, services
+    python -m infra.stack status   # programs' states, readiness, consumer lag
+    python -m infra.stack down     # stops the services, the broker if ours, supervisord
     python -m infra.stack tail     # prints recommendation lists as they are published
 
+``up`` writes a supervisord config and starts supervisord (from the ``supervisor``
+package, pinned in pyproject.toml), which runs the broker (only when ``up`` starts one:
+nothing answers at a single local bootstrap address) and every service, and restarts
+any of them that dies (see :data:`SERVICE_STARTSECS` for the back-off). The launcher
+talks to supervisord over its unix socket with supervisord's XML-RPC interface, the
+one ``supervisorctl -c var/run/supervisord.conf`` uses.
+
 Everything the stack keeps lives under ``Settings.var_dir`` (default ``var/``):
-``broker/`` (data of a broker started here), ``log/<service>.log``,
-``run/<service>.pid``, ``run/<service>.ready`` (written by the service itself) and
-``run/broker.json`` (present only when ``up`` started the broker, so that ``down``
-stops only what ``up`` started).
+``broker/`` (data of the broker started here), ``log/<program>.log`` (each program's
+output, rotated by supervisord), ``run/supervisord.{conf,log,pid}``,
+``run/supervisor.sock`` and ``run/<service>.ready`` (written by the service itself).
 
 The services get the launcher's settings through their environment (see
-:func:`child_env`), so ``up(settings)`` with overridden settings starts a stack that
-agrees with them.
+:func:`child_env`: supervisord is started with it, and its programs inherit it), so
+``up(settings)`` with overridden settings starts a stack that agrees with them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import http.client
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+import xmlrpc.client
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -46,6 +59,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr, ValidationError
+from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from infra import broker
 from infra.topics import ensure_topics, plan
@@ -65,9 +79,49 @@ START_TIMEOUT_S = 240.0
 2-core machine four processes import torch at once and one loads a text model."""
 
 STOP_TIMEOUT_S = 30.0
-"""Default wait (seconds) after SIGTERM before a service is killed."""
+"""supervisord's ``stopwaitsecs``: seconds after SIGTERM before a program's process
+group is killed."""
+
+BROKER_START_TIMEOUT_S = 30.0
+"""Wait (seconds) for the supervised broker to answer."""
+
+READY_MAX_AGE_S = 20.0
+"""A ready file older than this (seconds) no longer means "ready": a healthy service
+rewrites it at least every 5 s and deletes it when unhealthy (see :func:`is_ready`)."""
+
+SERVICE_STARTSECS = 10
+"""supervisord's ``startsecs`` for the services (:data:`BROKER_STARTSECS` for the
+broker): how long a program must stay up to count as started. What supervisord does
+when a program exits (``autorestart=true``, any exit, ``kill -9`` included):
+
+* it had run longer than ``startsecs`` (state RUNNING): it is spawned again at once
+  (EXITED, then STARTING on supervisord's next tick, within a second). No back-off:
+  a killed consumer is back to work after its own start-up (imports, models, joining
+  its group), about 10-30 s on two cores.
+* it exited within ``startsecs`` of its start: BACKOFF. The n-th such exit in a row
+  waits n seconds before the next try (1 s, 2 s, 3 s, ...), so the first retry still
+  comes 1 s after the exit; after :data:`START_RETRIES` of them in a row (about 85
+  minutes of waits) it gives up (FATAL; ``make up`` or :func:`start_program` tries
+  again). Staying up ``startsecs`` resets the count.
+
+10 s catches the failures of a start (bad settings, a port taken, no broker) without
+keeping a service that has been consuming for a while from restarting at once."""
+
+BROKER_STARTSECS = 3
+"""``startsecs`` of the broker, which answers within a second of its start."""
+
+START_RETRIES = 100
+"""supervisord's ``startretries``: early exits in a row before it gives up (FATAL)."""
+
+START_EXITS = 3
+"""``up`` gives up on a service that exited this many times while it waited for it
+(supervisord goes on restarting it until ``make down``)."""
 
 LOG_TAIL_LINES = 40
+
+LOG_MAX_BYTES = "20MB"
+LOG_BACKUPS = 3
+"""Each program's log is rotated at :data:`LOG_MAX_BYTES`, keeping this many old ones."""
 
 # Extra environment of every service. Models are installed packages or local files;
 # nothing may be downloaded at run time. Tokenizers' own thread pool fights torch's
@@ -75,6 +129,34 @@ LOG_TAIL_LINES = 40
 SERVICE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
+
+INSTANCE_ID = "0"
+"""``Settings.instance_id`` of every supervised service when the settings name none:
+supervisord runs one instance of each, so its consumer's static membership
+(``group.instance.id``) lets a restarted one take its partitions back at once. With
+dynamic membership the group waits for the killed member's session to expire first
+(the local noida-db broker had not reassigned them after 90 s)."""
+
+BROKER = "broker"
+"""supervisord's name for the local broker (a program only when ``up`` started it)."""
+
+STACK_ENV = "REELSTREAM_STACK"
+"""Set to the supervisord config's path in supervisord's environment, so in that of
+every program it runs and of their children: how :func:`stack_processes` finds a
+process of the stack that outlived its supervisord."""
+
+ACTIVE_STATES = frozenset({"STARTING", "RUNNING", "BACKOFF"})
+"""supervisord states of a program that runs or is being retried: ``up`` leaves it be."""
+
+CRASHED_STATES = frozenset({"BACKOFF", "EXITED", "FATAL"})
+"""States of a program that died without being stopped."""
+
+SOCKET_PATH_MAX = 100
+"""A unix socket's path must fit in ``sun_path`` (108 bytes on Linux, 104 on macOS)."""
+
+ProgramInfo = dict[str, Any]
+"""supervisord's ``getProcessInfo`` of a program: ``name``, ``statename``, ``pid``
+(0 when not running), ``start``/``stop``/``now`` (epoch seconds), ``exitstatus``..."""
 
 
 class StackError(ReelstreamError):
@@ -137,15 +219,40 @@ class StackPaths:
         return self.var_dir / "broker"
 
     @property
+    def supervisor_conf(self) -> Path:
+        """supervisord's config, rewritten by every ``up``."""
+        return self.run_dir / "supervisord.conf"
+
+    @property
+    def supervisor_log(self) -> Path:
+        """supervisord's own log: what it started, what exited, what it restarted."""
+        return self.run_dir / "supervisord.log"
+
+    @property
+    def supervisor_pid(self) -> Path:
+        return self.run_dir / "supervisord.pid"
+
+    @property
+    def supervisor_socket(self) -> Path:
+        """supervisord's unix socket: ``run/supervisor.sock``, or a file named after
+        ``run_dir`` in the temporary directory when that path is too long for a socket."""
+        path = self.run_dir / "supervisor.sock"
+        if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
+            return path
+        digest = hashlib.sha256(os.fsencode(self.run_dir)).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"reelstream-{digest}.sock"
+
+    @property
     def broker_state(self) -> Path:
-        """Present only while a broker started by ``up`` is ours to stop."""
+        """Written by the launcher before supervisord (a detached broker to stop)."""
         return self.run_dir / "broker.json"
 
     def pid_file(self, service: str) -> Path:
+        """Written by the launcher before supervisord (a detached service to stop)."""
         return self.run_dir / f"{service}.pid"
 
-    def log_file(self, service: str) -> Path:
-        return self.log_dir / f"{service}.log"
+    def log_file(self, program: str) -> Path:
+        return self.log_dir / f"{program}.log"
 
 
 def absolute(settings: Settings) -> Settings:
@@ -192,65 +299,44 @@ def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict
     return env
 
 
-# --- Processes ---------------------------------------------------------------------
-
-# Services started by this process, by pid. When the launcher stays alive (tests, a
-# Python session) it is their parent and must reap them, or they linger as zombies.
-_children: dict[int, subprocess.Popen[bytes]] = {}
+# --- Readiness ---------------------------------------------------------------------
 
 
-def process_alive(pid: int) -> bool:
-    """True when ``pid`` is a running process (a zombie is not running)."""
-    child = _children.get(pid)
-    if child is not None:
-        return child.poll() is None
-    return broker.process_alive(pid)
+def is_ready(
+    settings: Settings, name: str, *, since: float | None = None, now: float | None = None
+) -> bool:
+    """Whether service ``name`` is ready: its ready file (``settings.ready_file``) is
+    there, was written or touched within :data:`READY_MAX_AGE_S` seconds of ``now``
+    (default: the current time), and not before ``since`` (the start of the service's
+    current process, so that a file left by a killed one does not count).
 
-
-def _runs_module(pid: int, module: str) -> bool:
-    # A pid file can outlive its process and the pid be reused by another program;
-    # the command line tells them apart. Without /proc (not Linux) trust the pid.
+    The one readiness rule of ``up`` (:func:`wait_ready`) and ``status``. A healthy
+    service rewrites its file every few seconds and deletes it when unhealthy; one that
+    is killed cannot delete it, hence the age bound.
+    """
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()
+        mtime = settings.ready_file(name).stat().st_mtime
     except OSError:
-        return True
-    return module.encode() in argv
+        return False
+    now = time.time() if now is None else now
+    return now - mtime <= READY_MAX_AGE_S and (since is None or mtime >= since)
 
 
-def running_pid(settings: Settings, spec: ServiceSpec) -> int | None:
-    """The pid of the service's running process, from its pid file, if it runs."""
-    try:
-        pid = int(StackPaths(settings.var_dir).pid_file(spec.name).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if process_alive(pid) and _runs_module(pid, spec.module) else None
-
-
-def start_service(settings: Settings, spec: ServiceSpec, env: Mapping[str, str]) -> int:
-    """Start one service detached (its own session, so it outlives the launcher and a
-    terminal's Ctrl-C); returns its pid. The previous log is kept as ``<log>.1``."""
-    paths = StackPaths(settings.var_dir)
-    log_file = paths.log_file(spec.name)
-    if log_file.exists():
-        log_file.replace(log_file.with_name(log_file.name + ".1"))
-    # A ready file left by a process that was killed would read as "ready" at once.
-    settings.ready_file(spec.name).unlink(missing_ok=True)
-    with open(log_file, "wb") as sink:
-        proc = subprocess.Popen(
-            spec.argv(),
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=dict(env),
-            start_new_session=True,
-            close_fds=True,
-        )
-    _children[proc.pid] = proc
-    paths.pid_file(spec.name).write_text(f"{proc.pid}\n")
-    log.info("service=%s pid=%s started log=%s", spec.name, proc.pid, log_file)
-    return proc.pid
+def started_at(info: ProgramInfo) -> float | None:
+    """When the program's current process started (epoch seconds): from ``/proc`` to
+    the clock tick where there is one, else supervisord's ``start`` (whole seconds,
+    rounded down, which a ready file left by the killed process may still pass)."""
+    pid = int(info.get("pid") or 0)
+    if pid:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime
+            uptime = float(Path("/proc/uptime").read_text().split()[0])
+            return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
+    start = info.get("start")
+    return float(start) if start else None
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -265,93 +351,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _exit_code(pid: int) -> int | None:
-    child = _children.get(pid)
-    return None if child is None else child.poll()
-
-
-def wait_ready(
-    settings: Settings,
-    pids: Mapping[str, int],
-    *,
-    timeout_s: float = START_TIMEOUT_S,
-    out: Output = print,
-) -> None:
-    """Wait until every service in ``pids`` (name → pid) has written its ready file.
-
-    Raises:
-        StackError: a service exited (the tail of its log is shown first) or was not
-            ready within ``timeout_s`` seconds.
-    """
-    paths = StackPaths(settings.var_dir)
-    start = time.monotonic()
-    last_report = start
-    pending = list(pids)
-    while pending:
-        elapsed = time.monotonic() - start
-        for name in list(pending):
-            pid = pids[name]
-            if not process_alive(pid):
-                code = _exit_code(pid)
-                how = "exited" if code is None else f"exited with code {code}"
-                log_file = paths.log_file(name)
-                out(f"{name} {how} while starting; last lines of {log_file}:")
-                out(log_tail(log_file) or "(empty log)")
-                raise StackError(
-                    f"{name} {how} while starting (log: {log_file}); "
-                    "`make down` stops the services still running"
-                )
-            if settings.ready_file(name).exists():
-                pending.remove(name)
-                out(f"  ready     {name} ({elapsed:.0f} s)")
-        if not pending:
-            return
-        if elapsed > timeout_s:
-            raise StackError(
-                f"not ready after {timeout_s:.0f} s: {', '.join(pending)} "
-                f"(logs in {paths.log_dir}); `make down` stops the stack"
-            )
-        if time.monotonic() - last_report >= 15:
-            last_report = time.monotonic()
-            out(f"  starting  {', '.join(pending)} ({elapsed:.0f} s)")
-        time.sleep(0.5)
-
-
-def stop_processes(
-    pids: Mapping[str, int], *, timeout_s: float = STOP_TIMEOUT_S, out: Output = print
-) -> None:
-    """SIGTERM every process (name → pid), wait up to ``timeout_s`` seconds for all of
-    them, then SIGKILL the process groups of those still running."""
-    for name, pid in pids.items():
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        out(f"  stopping  {name} (pid {pid})")
-    deadline = time.monotonic() + timeout_s
-    remaining = dict(pids)
-    while remaining:
-        remaining = {name: pid for name, pid in remaining.items() if process_alive(pid)}
-        if not remaining or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    for name, pid in remaining.items():
-        out(f"  killing   {name} (pid {pid}): still running after {timeout_s:.0f} s")
-        # Each service leads its own session, so its group holds any helpers it forked.
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    for pid in pids.values():
-        child = _children.pop(pid, None)
-        if child is not None:
-            child.wait()
-    if len(remaining) < len(pids):
-        out(f"  stopped   {', '.join(name for name in pids if name not in remaining)}")
-
-
-# --- Broker ------------------------------------------------------------------------
+# --- Broker address ----------------------------------------------------------------
 
 
 def _addresses(bootstrap: str) -> list[tuple[str, int]]:
@@ -389,58 +389,457 @@ def broker_answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
     return broker.is_reachable(bootstrap, timeout_s=timeout_s)
 
 
-def our_broker_pid(settings: Settings) -> int | None:
-    """The pid of the broker ``up`` started, if it is still running."""
+# --- supervisord -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Program:
+    """A program of the supervisord config."""
+
+    name: str
+    argv: tuple[str, ...]
+    startsecs: int
+
+
+def programs_for(
+    settings: Settings, services: Sequence[ServiceSpec], *, with_broker: bool
+) -> list[Program]:
+    """The programs of the stack's config: the broker when ``with_broker``, every
+    service of :data:`SERVICES`, and those of ``services`` that are not among them."""
     paths = StackPaths(settings.var_dir)
+    programs = []
+    if with_broker:
+        port = local_port(settings.kafka_bootstrap_servers)
+        if port is None:
+            raise StackError(
+                f"no broker answers at {settings.kafka_bootstrap_servers}, and only a single "
+                "local address (127.0.0.1:PORT or localhost:PORT) can be started here; start "
+                "that broker or set KAFKA_BOOTSTRAP_SERVERS"
+            )
+        argv = broker.foreground_argv(port, paths.broker_dir)
+        programs.append(Program(BROKER, tuple(argv), BROKER_STARTSECS))
+    specs = list(SERVICES) + [s for s in services if s not in SERVICES]
+    programs += [Program(s.name, tuple(s.argv()), SERVICE_STARTSECS) for s in specs]
+    return programs
+
+
+def settings_digest(settings: Settings) -> str:
+    """A digest of the environment the settings give the services (not of the rest of
+    the launcher's environment): a running supervisord with another one runs a stack of
+    other settings."""
+    env = child_env(settings, base={})
+    return hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _conf_value(value: str) -> str:
+    # supervisord expands %(name)s in its values; a newline would end the value.
+    if "%" in value or "\n" in value:
+        raise StackError(f"{value!r}: a path or argument of the stack may hold no '%' or newline")
+    return value
+
+
+def render_config(settings: Settings, programs: Sequence[Program]) -> str:
+    """The supervisord config of the stack (``settings`` with absolute paths).
+
+    supervisord daemonizes, and listens on a unix socket only (mode 0700: only this
+    user can control the stack). The programs are not started with supervisord
+    (``autostart=false``): ``up`` starts the broker first, creates the topics, then
+    starts the services. Each restarts whenever it exits (``autorestart=true``; the
+    back-off is explained at :data:`SERVICE_STARTSECS`); ``stop`` sends SIGTERM to its
+    process group, and SIGKILL after :data:`STOP_TIMEOUT_S` seconds.
+    """
+    paths = StackPaths(settings.var_dir)
+    cwd = _conf_value(str(Path.cwd()))
+    lines = [
+        f"; reelstream stack, written by `python -m infra.stack up`; settings "
+        f"{settings_digest(settings)}",
+        "[unix_http_server]",
+        f"file={_conf_value(str(paths.supervisor_socket))}",
+        "chmod=0700",
+        "",
+        "[supervisord]",
+        f"logfile={_conf_value(str(paths.supervisor_log))}",
+        "logfile_maxbytes=5MB",
+        "logfile_backups=2",
+        "loglevel=info",
+        f"pidfile={_conf_value(str(paths.supervisor_pid))}",
+        f"childlogdir={_conf_value(str(paths.log_dir))}",
+        f"directory={cwd}",
+        "nodaemon=false",
+        "identifier=reelstream",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{_conf_value(str(paths.supervisor_socket))}",
+    ]
+    for program in programs:
+        lines += [
+            "",
+            f"[program:{program.name}]",
+            f"command={_conf_value(shlex.join(program.argv))}",
+            f"directory={cwd}",
+            "autostart=false",
+            "autorestart=true",
+            f"startsecs={program.startsecs}",
+            f"startretries={START_RETRIES}",
+            "stopsignal=TERM",
+            f"stopwaitsecs={STOP_TIMEOUT_S:.0f}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            f"stdout_logfile={_conf_value(str(paths.log_file(program.name)))}",
+            f"stdout_logfile_maxbytes={LOG_MAX_BYTES}",
+            f"stdout_logfile_backups={LOG_BACKUPS}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _digest_of(config: str) -> str:
+    first = config.partition("\n")[0]
+    return first.rpartition(" ")[2] if "settings" in first else ""
+
+
+def _rpc(paths: StackPaths) -> Any:
+    """supervisord's XML-RPC interface (``.supervisor``) over its unix socket."""
+    transport = SupervisorTransport(None, None, f"unix://{paths.supervisor_socket}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+
+_RPC_ERRORS = (OSError, xmlrpc.client.Error, http.client.HTTPException)
+
+
+def supervisord_pid(settings: Settings) -> int | None:
+    """The pid of the stack's supervisord when it runs and answers, else None."""
     try:
-        state = json.loads(paths.broker_state.read_text())
-        data_dir = Path(state["data_dir"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(_rpc(StackPaths(absolute(settings).var_dir)).getPID())
+    except _RPC_ERRORS:
         return None
-    return broker.pid(data_dir)
 
 
-def ensure_broker(settings: Settings, out: Output = print) -> str:
-    """Use the broker at ``settings.kafka_bootstrap_servers`` or, when none answers and
-    the address is a single local one, start noida-db there. Returns the address."""
-    address = settings.kafka_bootstrap_servers
-    if broker_answers(address):
-        ours = our_broker_pid(settings)
-        note = f"started earlier by `make up`, pid {ours}" if ours else "already running"
-        out(f"broker      {address} ({note})")
-        return address
-    port = local_port(address)
-    if port is None:
-        raise StackError(
-            f"no broker answers at {address}, and only a single local address "
-            "(127.0.0.1:PORT or localhost:PORT) can be started here; start that broker "
-            "or set KAFKA_BOOTSTRAP_SERVERS"
-        )
-    paths = StackPaths(settings.var_dir)
-    if broker.pid(paths.broker_dir) is not None:
-        raise StackError(
-            f"a broker serving {paths.broker_dir} runs but does not answer at {address}; "
-            "`make down` stops it"
-        )
-    out(f"broker      starting noida-db on {address} (data in {paths.broker_dir})")
+def program_infos(settings: Settings) -> dict[str, ProgramInfo]:
+    """supervisord's view of every program, by name ({} when supervisord does not run)."""
     try:
-        started = broker.start(port, paths.broker_dir)
-    except broker.BrokerError as exc:
-        raise StackError(f"could not start the local broker: {exc}") from exc
-    paths.broker_state.write_text(
-        json.dumps(
-            {
-                "bootstrap": started,
-                "data_dir": str(paths.broker_dir),
-                "pid": broker.pid(paths.broker_dir),
-                "started_at": datetime.now(UTC).isoformat(),
-            }
-        )
+        infos = _rpc(StackPaths(absolute(settings).var_dir)).getAllProcessInfo()
+    except _RPC_ERRORS:
+        return {}
+    return {info["name"]: info for info in infos}
+
+
+def _call(paths: StackPaths, method: str, *args: Any, ok: Iterable[int] = ()) -> Any:
+    """Call supervisord; a fault whose code is in ``ok`` returns None, others raise."""
+    try:
+        return getattr(_rpc(paths), method)(*args)
+    except xmlrpc.client.Fault as exc:
+        if exc.faultCode in set(ok):
+            return None
+        raise StackError(f"supervisord {method}{args}: {exc.faultString}") from exc
+    except _RPC_ERRORS as exc:
+        raise StackError(
+            f"supervisord does not answer on {paths.supervisor_socket} ({exc}): "
+            "is the stack up? (`make up`)"
+        ) from exc
+
+
+def program_pid(settings: Settings, name: str) -> int | None:
+    """The pid of program ``name`` (``"broker"`` or a service name) under supervisord;
+    None when it does not run, or supervisord does not.
+
+    For the broker it is the pid of the noida-db server itself: the program supervisord
+    starts (``.venv/bin/noida-db``) is a Python launcher that runs the server binary as
+    its child, so killing the launcher alone would leave the server serving, while
+    killing the server makes the launcher exit and supervisord restart both.
+    """
+    settings = absolute(settings)
+    info = program_infos(settings).get(name)
+    if info is None or not info["pid"]:
+        return None
+    pid = int(info["pid"])
+    if name == BROKER:
+        server = broker.pid(StackPaths(settings.var_dir).broker_dir)
+        with contextlib.suppress(OSError):
+            if server is not None and os.getpgid(server) == pid:
+                return server
+    return pid
+
+
+def stop_program(settings: Settings, name: str, *, wait: bool = True) -> None:
+    """Stop program ``name`` through supervisord (SIGTERM to its process group, SIGKILL
+    after :data:`STOP_TIMEOUT_S` s); it stays stopped (no restart) until
+    :func:`start_program` or ``make up``. A program already stopped is left alone.
+
+    With ``wait``, returns once it has exited (for the broker: once the server has
+    written its data and exited too).
+
+    Raises:
+        StackError: supervisord does not run, or knows no such program.
+    """
+    paths = StackPaths(absolute(settings).var_dir)
+    _call(paths, "stopProcess", name, wait, ok=[Faults.NOT_RUNNING])
+    if wait and name == BROKER:
+        _wait_broker_exit(paths)
+
+
+def start_program(settings: Settings, name: str, *, wait: bool = True) -> None:
+    """Start program ``name`` through supervisord; one that runs (or is being retried)
+    is left alone. With ``wait``, returns once it has stayed up ``startsecs`` (3 s for
+    the broker, 10 s for a service); a service's readiness is :func:`is_ready`.
+
+    Raises:
+        StackError: supervisord does not run, knows no such program, or the program
+            exited at once (with ``wait``).
+    """
+    paths = StackPaths(absolute(settings).var_dir)
+    _call(paths, "startProcess", name, wait, ok=[Faults.ALREADY_STARTED])
+
+
+def _wait_broker_exit(paths: StackPaths, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    # The launcher dies at SIGTERM at once; the server first writes its data.
+    deadline = time.monotonic() + timeout_s
+    while (server := broker.pid(paths.broker_dir)) is not None:
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signal.SIGKILL)
+            return
+        time.sleep(0.1)
+
+
+def start_supervisord(settings: Settings, config: str, out: Output = print) -> None:
+    """Write ``config`` and start supervisord with it, in the services' environment
+    (:func:`child_env`, plus :data:`STACK_ENV`); returns once it answers."""
+    paths = StackPaths(settings.var_dir)
+    paths.supervisor_conf.write_text(config)
+    env = child_env(settings)
+    env[STACK_ENV] = str(paths.supervisor_conf)
+    command = [sys.executable, "-m", "supervisor.supervisord", "-c", str(paths.supervisor_conf)]
+    # supervisord forks into the background once its socket listens; the parent exits.
+    result = subprocess.run(
+        command,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
-    return address
+    if result.returncode != 0:
+        raise StackError(
+            f"supervisord did not start: {(result.stdout + result.stderr).strip()} "
+            f"(its log: {paths.supervisor_log})"
+        )
+    deadline = time.monotonic() + 15
+    while (pid := supervisord_pid(settings)) is None:
+        if time.monotonic() > deadline:
+            raise StackError(f"supervisord does not answer; see {paths.supervisor_log}")
+        time.sleep(0.1)
+    out(f"supervisord started (pid {pid}, config {_shown(paths.supervisor_conf)})")
+
+
+def update_config(settings: Settings, config: str, out: Output = print) -> None:
+    """Give a running supervisord ``config`` (as ``supervisorctl update``): programs
+    added are added; one changed or removed is replaced or removed unless it runs (it
+    then keeps its earlier config until ``make down``).
+
+    Raises:
+        StackError: supervisord runs a stack of other settings (``make down`` first).
+    """
+    paths = StackPaths(settings.var_dir)
+    try:
+        current = paths.supervisor_conf.read_text()
+    except OSError:
+        current = ""
+    if current == config:
+        return
+    if _digest_of(current) != _digest_of(config):
+        raise StackError(
+            f"the stack that runs (config {paths.supervisor_conf}) has other settings than "
+            "these: `make down` first"
+        )
+    paths.supervisor_conf.write_text(config)
+    added, changed, removed = _call(paths, "reloadConfig")[0]
+    infos = program_infos(settings)
+    for name in [*changed, *removed]:
+        if infos.get(name, {}).get("statename") in ACTIVE_STATES:
+            out(f"  kept      {name}: runs with its earlier config until `make down`")
+            continue
+        _call(paths, "removeProcessGroup", name, ok=[Faults.BAD_NAME])
+        if name in changed:
+            added.append(name)
+    for name in added:
+        _call(paths, "addProcessGroup", name, ok=[Faults.ALREADY_ADDED])
+
+
+def _log_since(paths: StackPaths, offset: int = 0) -> str:
+    try:
+        with open(paths.supervisor_log, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _log_size(paths: StackPaths) -> int:
+    try:
+        return paths.supervisor_log.stat().st_size
+    except OSError:
+        return 0
+
+
+def restart_counts(settings: Settings) -> dict[str, int]:
+    """How many times supervisord started each program again since it started itself
+    (after a crash, or a stop and start), read from supervisord's log."""
+    text = _log_since(StackPaths(absolute(settings).var_dir))
+    text = text[max(0, text.rfind("supervisord started with pid")) :]
+    spawns = Counter(re.findall(r"spawned: '([^']+)' with pid", text))
+    return {name: max(0, n - 1) for name, n in spawns.items()}
+
+
+# --- Processes ---------------------------------------------------------------------
+
+
+def process_alive(pid: int) -> bool:
+    """True when ``pid`` is a running process (a zombie is not running)."""
+    return broker.process_alive(pid)
+
+
+def stack_processes(settings: Settings) -> list[int]:
+    """Pids of every running process of the stack: supervisord, its programs and their
+    children, found by :data:`STACK_ENV` in their environment (Linux's ``/proc``; []
+    elsewhere). Finds those that outlive a supervisord killed with ``kill -9``."""
+    paths = StackPaths(absolute(settings).var_dir)
+    marker = f"{STACK_ENV}={paths.supervisor_conf}".encode()
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if marker in environ.split(b"\0") and process_alive(int(entry.name)):
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def terminate(pids: Mapping[str, int], *, timeout_s: float = 10.0, out: Output = print) -> None:
+    """SIGTERM every process (name → pid), wait up to ``timeout_s`` seconds, SIGKILL
+    those still running."""
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while any(process_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for name, pid in pids.items():
+        if process_alive(pid):
+            out(f"  killing   {name} (pid {pid}): still running after {timeout_s:.0f} s")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _runs_module(pid: int, module: str) -> bool:
+    # A pid file can outlive its process and the pid be reused by another program.
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return True
+    return module.encode() in argv
+
+
+def _stop_unsupervised(paths: StackPaths, out: Output) -> None:
+    """Stop what a launcher from before supervisord started: services detached with a
+    ``run/<service>.pid`` file, a broker recorded in ``run/broker.json``."""
+    pids = {}
+    for spec in SERVICES:
+        try:
+            pid = int(paths.pid_file(spec.name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        paths.pid_file(spec.name).unlink(missing_ok=True)
+        if process_alive(pid) and _runs_module(pid, spec.module):
+            pids[spec.name] = pid
+    if pids:
+        out(f"  stopping  {', '.join(pids)} (started without supervisord)")
+        terminate(pids, timeout_s=STOP_TIMEOUT_S, out=out)
+    if paths.broker_state.exists():
+        try:
+            data_dir = Path(json.loads(paths.broker_state.read_text())["data_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            data_dir = paths.broker_dir
+        if broker.pid(data_dir) is not None:
+            out(f"broker      stopping (started without supervisord; data kept in {data_dir})")
+            broker.stop(data_dir)
+        paths.broker_state.unlink(missing_ok=True)
 
 
 # --- Commands ----------------------------------------------------------------------
+
+
+def wait_ready(
+    settings: Settings,
+    names: Sequence[str],
+    *,
+    timeout_s: float = START_TIMEOUT_S,
+    out: Output = print,
+) -> dict[str, int]:
+    """Wait until every service in ``names`` runs under supervisord and is ready
+    (:func:`is_ready`); returns name → pid.
+
+    A service may exit and be restarted by supervisord meanwhile; after
+    :data:`START_EXITS` exits (or when supervisord gives up on it) this fails.
+
+    Raises:
+        StackError: a service exited :data:`START_EXITS` times, or is FATAL or
+            stopped (the tail of its log is shown first), or not every service was
+            ready within ``timeout_s`` seconds, or supervisord does not run.
+    """
+    settings = absolute(settings)
+    paths = StackPaths(settings.var_dir)
+    offset = _log_size(paths)
+    start = time.monotonic()
+    last_report = start
+    pending = list(names)
+    pids: dict[str, int] = {}
+    while pending:
+        elapsed = time.monotonic() - start
+        infos = _call(paths, "getAllProcessInfo")
+        by_name = {info["name"]: info for info in infos}
+        log_text = _log_since(paths, offset)
+        for name in list(pending):
+            info = by_name.get(name, {})
+            state = info.get("statename", "UNKNOWN")
+            exits = log_text.count(f"exited: {name} (")
+            if state in ("FATAL", "STOPPED", "UNKNOWN") or exits >= START_EXITS:
+                log_file = paths.log_file(name)
+                how = f"exited {exits} times" if exits else f"is {state}"
+                out(f"{name} {how} while starting; last lines of {log_file}:")
+                out(log_tail(log_file) or "(empty log)")
+                raise StackError(
+                    f"{name} exited while starting ({how}; supervisord state {state}; log: "
+                    f"{log_file}); supervisord retries it with back-off until `make down`"
+                )
+            if state in ("STARTING", "RUNNING") and is_ready(
+                settings, name, since=started_at(info)
+            ):
+                pending.remove(name)
+                pids[name] = int(info["pid"])
+                out(f"  ready     {name} ({elapsed:.0f} s)")
+        if not pending:
+            break
+        if elapsed > timeout_s:
+            raise StackError(
+                f"not ready after {timeout_s:.0f} s: {', '.join(pending)} "
+                f"(logs in {paths.log_dir}); `make down` stops the stack"
+            )
+        if time.monotonic() - last_report >= 15:
+            last_report = time.monotonic()
+            out(f"  starting  {', '.join(pending)} ({elapsed:.0f} s)")
+        time.sleep(0.5)
+    return pids
 
 
 def up(
@@ -450,37 +849,90 @@ def up(
     timeout_s: float = START_TIMEOUT_S,
     out: Output = print,
 ) -> dict[str, int]:
-    """Start the stack and wait until every service is ready; returns name → pid.
+    """Start the stack under supervisord and wait until every service is ready; returns
+    name → pid.
 
-    A service whose process already runs is not started again. The services start
-    together: most of their start-up is importing torch and loading models, and two
-    cores are kept busy either way.
+    Starts supervisord unless it runs, the broker under it when none answers at the
+    bootstrap address (a single local one), creates the topics, then starts every
+    service of ``services`` that does not run (with ``instance_id``
+    :data:`INSTANCE_ID` unless the settings name one). The services start together: most of
+    their start-up is importing torch and loading models, and two cores are kept busy
+    either way. Run again, it starts nothing twice.
 
     Raises:
-        StackError: no broker and none can be started, a service exited while
-            starting, or not every service was ready within ``timeout_s`` seconds.
+        StackError: no broker and none can be started, a service kept exiting while
+            starting, not every service was ready within ``timeout_s`` seconds, or a
+            stack of other settings (or the leftovers of one) runs.
     """
     settings = absolute(settings)
+    if settings.instance_id is None:
+        settings = settings.model_copy(update={"instance_id": INSTANCE_ID})
     paths = StackPaths(settings.var_dir)
     for folder in (paths.run_dir, paths.log_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    address = ensure_broker(settings, out)
+    address = settings.kafka_bootstrap_servers
+    running = supervisord_pid(settings) is not None
+    if not running and (leftovers := stack_processes(settings)):
+        raise StackError(
+            f"processes of an earlier stack still run without their supervisord (pids "
+            f"{', '.join(map(str, leftovers))}): `make down` stops them"
+        )
+    infos = program_infos(settings)
+    ours_runs = infos.get(BROKER, {}).get("statename") in ACTIVE_STATES
+    with_broker = ours_runs or not broker_answers(address)
+    if with_broker and not ours_runs and broker.pid(paths.broker_dir) is not None:
+        raise StackError(
+            f"a broker serving {paths.broker_dir} runs but does not answer at {address}; "
+            "`make down` stops it"
+        )
+    config = render_config(settings, programs_for(settings, services, with_broker=with_broker))
+    if running:
+        update_config(settings, config, out)
+    else:
+        start_supervisord(settings, config, out)
+    if with_broker:
+        _start_broker(settings, ours_runs, out)
+    else:
+        out(f"broker      {address} (already running, not supervised here)")
     created = ensure_topics(settings)
     out(f"topics      {len(plan(settings))} ready ({len(created)} created)")
-    env = child_env(settings)
-    pids: dict[str, int] = {}
+    infos = program_infos(settings)
     for spec in services:
-        pid = running_pid(settings, spec)
-        if pid is not None:
-            out(f"  running   {spec.name} (pid {pid})")
-        else:
-            pid = start_service(settings, spec, env)
-            out(f"  started   {spec.name} (pid {pid}, log {paths.log_file(spec.name)})")
-        pids[spec.name] = pid
-    wait_ready(settings, pids, timeout_s=timeout_s, out=out)
+        info = infos.get(spec.name, {})
+        if info.get("statename") in ACTIVE_STATES:
+            out(f"  running   {spec.name} ({info['statename']}, pid {info['pid'] or '-'})")
+            continue
+        _call(paths, "startProcess", spec.name, False, ok=[Faults.ALREADY_STARTED])
+        pid = program_pid(settings, spec.name)
+        out(f"  started   {spec.name} (pid {pid}, log {_shown(paths.log_file(spec.name))})")
+    pids = wait_ready(settings, [spec.name for spec in services], timeout_s=timeout_s, out=out)
     out("")
     out(next_steps(settings, address))
     return pids
+
+
+def _start_broker(settings: Settings, runs: bool, out: Output) -> None:
+    paths = StackPaths(settings.var_dir)
+    address = settings.kafka_bootstrap_servers
+    if runs:
+        note = f"supervised, pid {program_pid(settings, BROKER)}"
+        out(f"broker      {address} ({note})")
+    else:
+        out(f"broker      starting noida-db on {address} (data in {_shown(paths.broker_dir)})")
+        paths.broker_dir.mkdir(parents=True, exist_ok=True)
+        _call(paths, "startProcess", BROKER, False, ok=[Faults.ALREADY_STARTED])
+    deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+    while not broker_answers(address, timeout_s=2):
+        state = program_infos(settings).get(BROKER, {}).get("statename")
+        if time.monotonic() > deadline or state in ("FATAL", "STOPPED"):
+            log_file = paths.log_file(BROKER)
+            out(f"last lines of {log_file}:")
+            out(log_tail(log_file) or "(empty log)")
+            raise StackError(
+                f"the broker does not answer at {address} (supervisord state {state}; "
+                f"log: {log_file}); `make down` stops the stack"
+            )
+        time.sleep(0.2)
 
 
 def _shown(path: Path) -> str:
@@ -509,58 +961,121 @@ def next_steps(settings: Settings, address: str) -> str:
     return f"reelstream is up: broker {address}{prefix}\nnext:\n{indented}"
 
 
-def down(settings: Settings, *, timeout_s: float = STOP_TIMEOUT_S, out: Output = print) -> None:
-    """Stop every service (SIGTERM, SIGKILL after ``timeout_s`` seconds), remove their
-    pid and ready files, and stop the broker only if ``up`` started it."""
+def down(
+    settings: Settings, *, timeout_s: float = STOP_TIMEOUT_S + 15, out: Output = print
+) -> None:
+    """Stop the services, then the broker if it runs under supervisord, through
+    supervisord, and shut supervisord down; then end any process of the stack left
+    behind (:func:`stack_processes`) and remove the ready files. A broker not started by
+    ``up`` is left alone. Never fails for a stack that is half up or already down.
+
+    ``timeout_s``: how long to wait for the programs to stop (supervisord itself kills
+    a program's process group :data:`STOP_TIMEOUT_S` seconds after SIGTERM).
+    """
     settings = absolute(settings)
     paths = StackPaths(settings.var_dir)
-    pids = {spec.name: pid for spec in SERVICES if (pid := running_pid(settings, spec))}
-    if pids:
-        stop_processes(pids, timeout_s=timeout_s, out=out)
+    infos = program_infos(settings)
+    supervisor = supervisord_pid(settings)
+    if supervisor is None:
+        out("services    none running (supervisord is not running)")
     else:
-        out("services    none running")
-    for spec in SERVICES:
-        paths.pid_file(spec.name).unlink(missing_ok=True)
+        services = [name for name in infos if name != BROKER]
+        _stop_programs(settings, services, timeout_s=timeout_s, out=out)
+        if BROKER in infos:
+            _stop_programs(settings, [BROKER], timeout_s=timeout_s, out=out)
+            _wait_broker_exit(paths)
+        out(f"supervisord stopping (pid {supervisor})")
+        with contextlib.suppress(StackError):
+            _call(paths, "shutdown")
+        deadline = time.monotonic() + timeout_s
+        while process_alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    leftovers = stack_processes(settings)
+    if leftovers:
+        out(f"  ending    {len(leftovers)} process(es) of the stack left behind")
+        terminate({f"pid {pid}": pid for pid in leftovers}, out=out)
+    _stop_unsupervised(paths, out)
+    for name in {*(spec.name for spec in SERVICES), *infos}:
         # A killed service cannot remove its own ready file.
-        settings.ready_file(spec.name).unlink(missing_ok=True)
-    if paths.broker_state.exists():
-        try:
-            data_dir = Path(json.loads(paths.broker_state.read_text())["data_dir"])
-        except (OSError, ValueError, KeyError, TypeError):
-            data_dir = paths.broker_dir
-        if broker.pid(data_dir) is not None:
-            out(f"broker      stopping (data kept in {data_dir})")
-            broker.stop(data_dir)
-        paths.broker_state.unlink(missing_ok=True)
-    else:
+        settings.ready_file(name).unlink(missing_ok=True)
+    if BROKER not in infos:
         out(f"broker      {settings.kafka_bootstrap_servers}: not started by `up`, left alone")
+
+
+def _stop_programs(
+    settings: Settings, names: Sequence[str], *, timeout_s: float, out: Output
+) -> None:
+    """Ask supervisord to stop every program of ``names`` at once, and wait for them."""
+    paths = StackPaths(settings.var_dir)
+    stopping = []
+    for name in names:
+        try:
+            if _call(paths, "stopProcess", name, False, ok=[Faults.NOT_RUNNING, Faults.BAD_NAME]):
+                stopping.append(name)
+                out(f"  stopping  {name}")
+        except StackError as exc:  # down goes on: the rest must stop too
+            out(f"  {exc}")
+    deadline = time.monotonic() + timeout_s
+    while stopping:
+        infos = program_infos(settings)
+        left = [n for n in stopping if infos.get(n, {}).get("statename") == "STOPPING"]
+        if not left:
+            break
+        if time.monotonic() > deadline:
+            for name in left:
+                out(f"  killing   {name}: still stopping after {timeout_s:.0f} s")
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(infos[name]["pid"]), signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    if stopping:
+        out(f"  stopped   {', '.join(stopping)}")
 
 
 @dataclass(frozen=True)
 class BrokerStatus:
     address: str
     reachable: bool
+    supervised: bool
+    """True when the broker is a program of the stack's supervisord (``up`` started it)."""
+    state: str | None
+    """supervisord's state of the broker program; None when it is not supervised here."""
     pid: int | None
-    """Pid of the broker ``up`` started; None when it is not ours (or not running)."""
+    """Pid of the supervised broker server (:func:`program_pid`); None otherwise."""
+    uptime_s: int | None = None
+    restarts: int | None = None
 
 
 @dataclass(frozen=True)
 class ServiceStatus:
     name: str
+    state: str
+    """supervisord's state of the program: RUNNING, STARTING, BACKOFF (restarting after
+    an early exit), EXITED, FATAL (given up), STOPPING, STOPPED (also when supervisord
+    does not run)."""
     pid: int | None
     """Pid of the running process; None when it does not run."""
-    crashed: bool
-    """A pid file is there but its process is gone: it died without ``down``."""
     ready: bool
+    """:func:`is_ready`, for a process that runs."""
     group: str | None
     lag: int | None
     """Messages not yet committed by the group, over the partitions it has committed
     on; None when unknown (no commit yet, no consumer group, broker unreachable)."""
     log: Path
+    uptime_s: int | None = None
+    """Seconds since the current process started; None when it does not run."""
+    restarts: int | None = None
+    """Starts after the first since supervisord started (:func:`restart_counts`)."""
+
+    @property
+    def crashed(self) -> bool:
+        """It died without being stopped (supervisord may be restarting it)."""
+        return self.state in CRASHED_STATES
 
 
 @dataclass(frozen=True)
 class StackStatus:
+    supervisord_pid: int | None
     broker: BrokerStatus
     services: tuple[ServiceStatus, ...]
 
@@ -605,12 +1120,21 @@ def consumer_lag(
             consumer.close()
 
 
+def _uptime(info: ProgramInfo) -> int | None:
+    if info.get("statename") not in ("STARTING", "RUNNING") or not info.get("start"):
+        return None
+    return max(0, int(info["now"]) - int(info["start"]))
+
+
 def status(settings: Settings, *, timeout_s: float = 5.0) -> StackStatus:
-    """The broker and every service: running, ready, consumer lag. Never raises for a
-    stack that is down or half up."""
+    """supervisord, the broker and every service: state, pid, uptime, restarts, ready,
+    consumer lag. Never raises for a stack that is down or half up."""
     settings = absolute(settings)
     paths = StackPaths(settings.var_dir)
     address = settings.kafka_bootstrap_servers
+    supervisor = supervisord_pid(settings)
+    infos = program_infos(settings)
+    restarts = restart_counts(settings) if supervisor is not None else {}
     reachable = broker_answers(address, timeout_s=timeout_s)
     admin: AdminClient | None = None
     consumer: Consumer | None = None
@@ -620,7 +1144,9 @@ def status(settings: Settings, *, timeout_s: float = 5.0) -> StackStatus:
     rows = []
     try:
         for spec in SERVICES:
-            pid = running_pid(settings, spec)
+            info = infos.get(spec.name, {})
+            state = str(info.get("statename", "STOPPED"))
+            runs = state in ("STARTING", "RUNNING")
             group = spec.group(settings)
             lag = None
             if group is not None and admin is not None:
@@ -633,21 +1159,30 @@ def status(settings: Settings, *, timeout_s: float = 5.0) -> StackStatus:
             rows.append(
                 ServiceStatus(
                     name=spec.name,
-                    pid=pid,
-                    crashed=pid is None and paths.pid_file(spec.name).exists(),
-                    ready=pid is not None and settings.ready_file(spec.name).exists(),
+                    state=state,
+                    pid=int(info["pid"]) if runs and info.get("pid") else None,
+                    ready=runs and is_ready(settings, spec.name, since=started_at(info)),
                     group=group,
                     lag=lag,
                     log=paths.log_file(spec.name),
+                    uptime_s=_uptime(info),
+                    restarts=restarts.get(spec.name, 0) if info else None,
                 )
             )
     finally:
         if consumer is not None:
             consumer.close()
-    return StackStatus(
-        broker=BrokerStatus(address, reachable, our_broker_pid(settings)),
-        services=tuple(rows),
+    broker_info = infos.get(BROKER)
+    broker_status = BrokerStatus(
+        address=address,
+        reachable=reachable,
+        supervised=broker_info is not None,
+        state=None if broker_info is None else str(broker_info["statename"]),
+        pid=program_pid(settings, BROKER) if broker_info is not None else None,
+        uptime_s=None if broker_info is None else _uptime(broker_info),
+        restarts=None if broker_info is None else restarts.get(BROKER, 0),
     )
+    return StackStatus(supervisor, broker_status, tuple(rows))
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
@@ -659,28 +1194,47 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     )
 
 
+def _duration(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
 def format_status(report: StackStatus) -> str:
-    """The status report as text: a broker line and a service table."""
+    """The status report as text: supervisord and broker lines and a service table."""
     b = report.broker
-    owner = f"pid {b.pid}, started by `make up`" if b.pid else "not started by `make up`"
-    lines = [f"broker  {b.address}  {'reachable' if b.reachable else 'NOT reachable'}  ({owner})"]
-    rows = [["SERVICE", "STATE", "PID", "READY", "LAG", "GROUP"]]
+    if report.supervisord_pid is None:
+        lines = ["supervisord  not running"]
+    else:
+        lines = [f"supervisord  running (pid {report.supervisord_pid})"]
+    if b.supervised:
+        owner = (
+            f"supervised: {b.state}, pid {b.pid or '-'}, up {_duration(b.uptime_s)}, "
+            f"restarts {b.restarts}"
+        )
+    else:
+        owner = "not started by `make up`"
+    reachable = "reachable" if b.reachable else "NOT reachable"
+    lines.append(f"broker       {b.address}  {reachable}  ({owner})")
+    rows = [["SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "READY", "LAG", "GROUP"]]
     for s in report.services:
-        state = "running" if s.pid else ("crashed" if s.crashed else "stopped")
         rows.append(
             [
                 s.name,
-                state,
+                s.state,
                 str(s.pid) if s.pid else "-",
+                _duration(s.uptime_s),
+                "-" if s.restarts is None else str(s.restarts),
                 "yes" if s.ready else "no",
                 "-" if s.lag is None else str(s.lag),
                 s.group or "-",
             ]
         )
     lines += ["", table(rows)]
-    if any(s.crashed for s in report.services):
-        crashed = [s for s in report.services if s.crashed]
-        lines += ["", *(f"{s.name} crashed: see {s.log}" for s in crashed)]
+    crashed = [s for s in report.services if s.crashed]
+    if crashed:
+        lines += ["", *(f"{s.name} {s.state}: see {s.log}" for s in crashed)]
     return "\n".join(lines)
 
 
@@ -751,15 +1305,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m infra.stack", description="Run the reelstream stack locally."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    p_up = commands.add_parser("up", help="start the broker (if needed) and the services")
+    p_up = commands.add_parser(
+        "up", help="start supervisord, the broker (if needed) and the services under it"
+    )
     p_up.add_argument(
         "--timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for readiness"
     )
-    p_down = commands.add_parser("down", help="stop the services, and the broker if ours")
-    p_down.add_argument(
-        "--timeout", type=float, default=STOP_TIMEOUT_S, help="seconds before SIGKILL"
+    p_down = commands.add_parser(
+        "down", help="stop the services, the broker if ours, and supervisord"
     )
-    commands.add_parser("status", help="broker, services, readiness and consumer lag")
+    p_down.add_argument(
+        "--timeout",
+        type=float,
+        default=STOP_TIMEOUT_S + 15,
+        help="seconds to wait for the programs to stop",
+    )
+    commands.add_parser("status", help="programs' states and restarts, readiness and consumer lag")
     p_tail = commands.add_parser("tail", help="print recommendation lists as they arrive")
     p_tail.add_argument("--from-beginning", action="store_true", help="start at the oldest")
     p_tail.add_argument("--user", action="append", default=[], help="only this user (repeatable)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,8 +53,21 @@ def stopped_afterwards(stack_env: Settings) -> Iterator[list[str]]:
         print("\n".join(lines))  # shown by pytest when the test fails
 
 
-def _pid_files(settings: Settings) -> list[Path]:
-    return sorted((settings.var_dir / "run").glob("*.pid"))
+def _touch_ready_files(settings: Settings) -> None:
+    # Until the services rewrite their ready files every few seconds themselves, a
+    # service that became ready a while ago would read as stale.
+    for spec in stack.SERVICES:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(settings.ready_file(spec.name))
+
+
+def _wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> float:
+    """Poll ``condition`` until it is true; returns the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s: {what}"
+        time.sleep(0.1)
+    return time.monotonic() - start
 
 
 @pytest.mark.integration
@@ -62,27 +78,128 @@ def test_up_status_down_runs_the_whole_stack(
     pids = stack.up(stack_env, timeout_s=420, out=stopped_afterwards.append)
 
     assert set(pids) == {spec.name for spec in stack.SERVICES}
+    _touch_ready_files(stack_env)
     report = stack.status(stack_env)
+    assert report.supervisord_pid is not None
     assert report.broker.reachable
-    assert report.broker.pid is None  # the test broker is not ours to stop
+    assert not report.broker.supervised  # the test broker is not ours to stop
     for service in report.services:
         assert service.pid == pids[service.name]
+        assert service.state in ("STARTING", "RUNNING")
         assert service.ready, f"{service.name} is not ready"
+        assert service.restarts == 0
         assert stack.process_alive(service.pid)
     text = stack.format_status(report)
     for spec in stack.SERVICES:
         assert spec.name in text
 
+    # A consumer killed with -9 is restarted at once, and back to work within 30 s.
+    os.kill(pids["recommender"], signal.SIGKILL)
+    took = _wait_for(
+        lambda: stack.program_pid(stack_env, "recommender") not in (None, pids["recommender"]),
+        10,
+        "recommender restarted",
+    )
+    start = time.monotonic()
+    pids.update(stack.wait_ready(stack_env, ["recommender"], timeout_s=60, out=print))
+    took += time.monotonic() - start
+    print(f"recommender killed -9: ready again after {took:.1f} s")
+    assert took < 30
+
     # A second `up` finds everything running and starts nothing twice.
+    _touch_ready_files(stack_env)
     assert stack.up(stack_env, timeout_s=30, out=stopped_afterwards.append) == pids
 
+    everything = stack.stack_processes(stack_env)
+    assert set(pids.values()) < set(everything)
     stack.down(stack_env, out=stopped_afterwards.append)
-    assert not _pid_files(stack_env)
-    for name, pid in pids.items():
-        assert not stack.process_alive(pid), f"{name} (pid {pid}) still runs"
-        assert not stack_env.ready_file(name).exists()
+    assert not stack.stack_processes(stack_env)
+    for pid in everything:
+        assert not stack.process_alive(pid), f"pid {pid} still runs"
+    assert not any(stack_env.ready_file(name).exists() for name in pids)
     assert broker.is_reachable(stack_env.kafka_bootstrap_servers)
-    assert all(s.pid is None and not s.ready for s in stack.status(stack_env).services)
+    report = stack.status(stack_env)
+    assert report.supervisord_pid is None
+    assert all(s.state == "STOPPED" and s.pid is None and not s.ready for s in report.services)
+
+
+@pytest.fixture
+def own_broker_stack(tmp_path: Path) -> Iterator[Settings]:
+    """Settings of a stack that starts its own broker (nothing answers at a free local
+    port); stopped afterwards."""
+    settings = Settings(
+        kafka_bootstrap_servers=f"127.0.0.1:{broker.free_port()}",
+        topic_partitions=2,
+        var_dir=tmp_path / "var",
+        qdrant_path=tmp_path / "qdrant",
+        ingest_http_port=broker.free_port(),
+        recommender_http_port=broker.free_port(),
+    )
+    lines: list[str] = []
+    try:
+        yield settings
+    finally:
+        stack.down(settings, out=lines.append)
+        print("\n".join(lines))
+
+
+@pytest.mark.integration
+def test_supervisord_restarts_a_killed_program_and_down_leaves_nothing(
+    own_broker_stack: Settings,
+) -> None:
+    settings = own_broker_stack
+    lines: list[str] = []
+    pids = stack.up(settings, services=[stack.INGEST], timeout_s=120, out=lines.append)
+    assert "starting noida-db" in "\n".join(lines)
+    server = stack.program_pid(settings, stack.BROKER)
+    assert server is not None
+
+    # kill -9 a service: supervisord starts it again, and it becomes ready again.
+    os.kill(pids["ingest"], signal.SIGKILL)
+    _wait_for(
+        lambda: stack.program_pid(settings, "ingest") not in (None, pids["ingest"]),
+        10,
+        "ingest restarted",
+    )
+    restarted = stack.wait_ready(settings, ["ingest"], timeout_s=60, out=lines.append)
+    assert restarted["ingest"] != pids["ingest"]
+
+    # kill -9 the broker server: supervisord starts the broker again on the same data.
+    os.kill(server, signal.SIGKILL)
+    _wait_for(
+        lambda: (
+            stack.program_pid(settings, stack.BROKER) not in (None, server)
+            and stack.broker_answers(settings.kafka_bootstrap_servers)
+        ),
+        20,
+        "broker restarted",
+    )
+    report = stack.status(settings)
+    assert report.broker.supervised and report.broker.reachable
+    assert report.broker.restarts == 1
+    ingest = next(s for s in report.services if s.name == "ingest")
+    assert ingest.restarts == 1 and ingest.pid == restarted["ingest"]
+    assert "restarts 1" in stack.format_status(report)
+
+    # stop_program / start_program: stopped stays stopped until started again.
+    stack.stop_program(settings, stack.BROKER)
+    assert stack.program_pid(settings, stack.BROKER) is None
+    assert not stack.broker_answers(settings.kafka_bootstrap_servers)
+    stack.start_program(settings, stack.BROKER)
+    _wait_for(lambda: stack.broker_answers(settings.kafka_bootstrap_servers), 20, "broker back")
+
+    # `up` on the running stack starts nothing twice.
+    os.utime(settings.ready_file("ingest"))
+    assert stack.up(settings, services=[stack.INGEST], timeout_s=30, out=lines.append) == restarted
+    everything = stack.stack_processes(settings)
+    assert {restarted["ingest"], stack.program_pid(settings, stack.BROKER)} < set(everything)
+
+    stack.down(settings, out=lines.append)
+    assert stack.stack_processes(settings) == []
+    for pid in everything:
+        assert not stack.process_alive(pid), f"pid {pid} still runs"
+    assert not stack.StackPaths(settings.var_dir).supervisor_socket.exists()
+    assert not stack.broker_answers(settings.kafka_bootstrap_servers)
 
 
 @pytest.mark.integration
@@ -100,27 +217,31 @@ def test_up_reports_a_service_that_dies_while_starting(
                 timeout_s=180,
                 out=stopped_afterwards.append,
             )
-    # The tail of the service's log is shown, not only "it failed".
-    output = "\n".join(stopped_afterwards)
-    assert "last lines of" in output
-    assert str(stack_env.ingest_http_port) in output or "address" in output.lower()
-    report = stack.status(stack_env)
+        # The tail of the service's log is shown, not only "it failed".
+        output = "\n".join(stopped_afterwards)
+        assert "last lines of" in output
+        assert str(stack_env.ingest_http_port) in output or "address" in output.lower()
+        report = stack.status(stack_env)
+    assert not report.broker.supervised
     ingest = next(s for s in report.services if s.name == "ingest")
-    assert ingest.pid is None and ingest.crashed and not ingest.ready
+    assert not ingest.ready
+    assert ingest.restarts is not None and ingest.restarts >= stack.START_EXITS - 1
 
 
 @pytest.mark.integration
 def test_status_and_down_when_nothing_runs(stack_env: Settings) -> None:
     report = stack.status(stack_env)
+    assert report.supervisord_pid is None
     assert report.broker.reachable
-    assert report.broker.pid is None
+    assert not report.broker.supervised and report.broker.pid is None
     assert [s.name for s in report.services] == [spec.name for spec in stack.SERVICES]
-    assert all(s.pid is None and not s.ready and not s.crashed for s in report.services)
+    assert all(s.state == "STOPPED" and s.pid is None and not s.ready for s in report.services)
     assert all(s.lag is None for s in report.services)  # no group has committed yet
-    assert "stopped" in stack.format_status(report)
+    assert "supervisord  not running" in stack.format_status(report)
 
     lines: list[str] = []
     stack.down(stack_env, out=lines.append)
+    stack.down(stack_env, out=lines.append)  # down twice: still nothing to fail on
     assert "none running" in "\n".join(lines)
     assert broker.is_reachable(stack_env.kafka_bootstrap_servers)  # not ours: left alone
 
@@ -176,22 +297,70 @@ def test_up_refuses_a_remote_broker_it_cannot_start(tmp_path: Path) -> None:
     settings = Settings(kafka_bootstrap_servers="192.0.2.1:9092", var_dir=tmp_path / "var")
     with pytest.raises(stack.StackError, match="only a single local address"):
         stack.up(settings, services=[], out=lambda _line: None)
-    assert not (tmp_path / "var" / "run" / "broker.json").exists()
+    assert stack.supervisord_pid(settings) is None
+    assert not (tmp_path / "var" / "run" / "supervisord.conf").exists()
 
 
-def test_a_stale_pid_file_is_not_a_running_service(tmp_path: Path) -> None:
+def test_a_ready_file_counts_only_while_fresh(tmp_path: Path) -> None:
     settings = Settings(var_dir=tmp_path / "var")
-    paths = stack.StackPaths(settings.var_dir)
-    paths.run_dir.mkdir(parents=True)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    paths.pid_file("recommender").write_text(f"{dead.pid}\n")
-    # A live process that is not the service (a reused pid) does not count either.
-    paths.pid_file("ingest").write_text(f"{os.getpid()}\n")
+    ready = settings.ready_file("recommender")
+    assert not stack.is_ready(settings, "recommender")  # no file
+    ready.parent.mkdir(parents=True)
+    ready.write_text("")
+    now = time.time()
+    assert stack.is_ready(settings, "recommender", since=now - 5, now=now)
+    # Written before the current process started: left by one that was killed.
+    assert not stack.is_ready(settings, "recommender", since=now + 1, now=now)
+    old = now - stack.READY_MAX_AGE_S - 1
+    os.utime(ready, (old, old))
+    assert not stack.is_ready(settings, "recommender", now=now)
 
-    assert stack.running_pid(settings, stack.RECOMMENDER) is None
-    assert stack.running_pid(settings, stack.INGEST) is None
-    report = stack.status(settings.model_copy(update={"kafka_bootstrap_servers": "127.0.0.1:1"}))
-    by_name = {s.name: s for s in report.services}
-    assert by_name["recommender"].crashed and by_name["recommender"].pid is None
-    assert not report.broker.reachable
+
+def test_the_config_supervises_each_program_with_restarts(tmp_path: Path) -> None:
+    settings = stack.absolute(
+        Settings(var_dir=tmp_path / "var", kafka_bootstrap_servers="127.0.0.1:19092")
+    )
+    programs = stack.programs_for(settings, [stack.INGEST], with_broker=True)
+    assert [p.name for p in programs] == ["broker", *(s.name for s in stack.SERVICES)]
+    assert programs[0].argv == tuple(broker.foreground_argv(19092, settings.var_dir / "broker"))
+    config = stack.render_config(settings, programs)
+    for name in ("broker", "recommender"):
+        section = config.split(f"[program:{name}]\n")[1].split("\n\n")[0]
+        for line in ("autorestart=true", "stopasgroup=true", "killasgroup=true", "stopsignal=TERM"):
+            assert line in section.splitlines()
+        assert f"stdout_logfile={settings.var_dir / 'log' / name}.log" in section
+    assert "unix://" in config and "inet_http_server" not in config
+    # The services' environment is supervisord's, not written into the config.
+    assert "environment=" not in config
+    assert stack.programs_for(settings, [], with_broker=False)[0].name == "ingest"
+    with pytest.raises(stack.StackError, match="single local address"):
+        stack.programs_for(
+            settings.model_copy(update={"kafka_bootstrap_servers": "a:1,b:2"}), [], with_broker=True
+        )
+
+
+def test_a_long_var_dir_gets_a_short_socket_path(tmp_path: Path) -> None:
+    paths = stack.StackPaths(tmp_path / ("x" * 120))
+    assert len(str(paths.supervisor_socket)) <= stack.SOCKET_PATH_MAX
+    assert paths.supervisor_socket == stack.StackPaths(tmp_path / ("x" * 120)).supervisor_socket
+    assert stack.StackPaths(Path("/v")).supervisor_socket == Path("/v/run/supervisor.sock")
+
+
+def test_down_stops_services_started_before_supervisord(tmp_path: Path) -> None:
+    settings = Settings(var_dir=tmp_path / "var", kafka_bootstrap_servers="127.0.0.1:1")
+    paths = stack.StackPaths(stack.absolute(settings).var_dir)
+    paths.run_dir.mkdir(parents=True)
+    # A detached service of the earlier launcher: its pid file names it.
+    service = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "services.recommender"]
+    )
+    paths.pid_file("recommender").write_text(f"{service.pid}\n")
+    # A live process that is not the service (a reused pid) is not touched.
+    paths.pid_file("ingest").write_text(f"{os.getpid()}\n")
+    try:
+        stack.down(settings, out=lambda _line: None)
+        assert service.wait(10) == -signal.SIGTERM
+    finally:
+        service.kill()
+        service.wait()
+    assert not list(paths.run_dir.glob("*.pid"))
