@@ -48,13 +48,13 @@ data: $(DATA_STAMP) ## fetch the MovieLens-100K data into data/ml-100k
 $(DATA_STAMP): | $(VENV_STAMP)
 	@$(PY) -m infra.data --dest $(DATA_DIR)
 
-up: venv data ## start the broker (if none runs) and the four services; wait until ready
+up: venv data ## under supervisord: the broker (if none runs) and the four services; wait until ready
 	@$(PY) -m infra.stack up
 
-down: ## stop the services, and the broker if `make up` started it
+down: ## stop the services, the broker if `make up` started it, and supervisord
 	@if [ -x $(PY) ]; then $(PY) -m infra.stack down; fi
 
-status: venv ## broker, services, readiness and consumer lag
+status: venv ## supervisord's state of each program (restarts, uptime), readiness, consumer lag
 	@$(PY) -m infra.stack status
 
 recs: venv ## follow the recommendation lists as they are published
