@@ -136,6 +136,10 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _error(exc.status, exc.reason if not exc.text else exc.text)
 
 
+READY_EVERY_S = 2.0
+"""How often (seconds) the listening gateway rewrites its ready file."""
+
+
 class Gateway:
     """The HTTP server: routes, a producer and the ready file."""
 
@@ -153,6 +157,7 @@ class Gateway:
         self._port = settings.ingest_http_port if port is None else port
         self._publisher = publisher or AsyncPublisher(settings)
         self._runner: web.AppRunner | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self.accepted = 0
         self.rejected = 0
 
@@ -178,7 +183,7 @@ class Gateway:
         return app
 
     async def start(self) -> None:
-        """Listen, then write the ready file."""
+        """Listen, then keep the ready file fresh (every ``READY_EVERY_S`` seconds)."""
         self._publisher.start()
         # No access log: one line per rating would drown the service's own logs.
         self._runner = web.AppRunner(self.app(), access_log=None)
@@ -188,13 +193,21 @@ class Gateway:
         except OSError:
             await self.stop()  # e.g. the port is taken: release the producer
             raise
+        self._heartbeat = asyncio.create_task(self._keep_ready())
+        log.info("service=%s listening url=%s", SERVICE, self.url)
+
+    async def _keep_ready(self) -> None:
         ready = self._settings.ready_file(SERVICE)
         ready.parent.mkdir(parents=True, exist_ok=True)
-        ready.write_text(str(time.time()))
-        log.info("service=%s listening url=%s", SERVICE, self.url)
+        while True:
+            ready.write_text(str(time.time()))
+            await asyncio.sleep(READY_EVERY_S)
 
     async def stop(self) -> None:
         """Remove the ready file, stop listening, deliver what is queued."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
         self._settings.ready_file(SERVICE).unlink(missing_ok=True)
         if self._runner is not None:
             await self._runner.cleanup()

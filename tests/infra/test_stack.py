@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -53,14 +52,6 @@ def stopped_afterwards(stack_env: Settings) -> Iterator[list[str]]:
         print("\n".join(lines))  # shown by pytest when the test fails
 
 
-def _touch_ready_files(settings: Settings) -> None:
-    # Until the services rewrite their ready files every few seconds themselves, a
-    # service that became ready a while ago would read as stale.
-    for spec in stack.SERVICES:
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(settings.ready_file(spec.name))
-
-
 def _wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> float:
     """Poll ``condition`` until it is true; returns the seconds it took."""
     start = time.monotonic()
@@ -78,7 +69,6 @@ def test_up_status_down_runs_the_whole_stack(
     pids = stack.up(stack_env, timeout_s=420, out=stopped_afterwards.append)
 
     assert set(pids) == {spec.name for spec in stack.SERVICES}
-    _touch_ready_files(stack_env)
     report = stack.status(stack_env)
     assert report.supervisord_pid is not None
     assert report.broker.reachable
@@ -107,7 +97,6 @@ def test_up_status_down_runs_the_whole_stack(
     assert took < 30
 
     # A second `up` finds everything running and starts nothing twice.
-    _touch_ready_files(stack_env)
     assert stack.up(stack_env, timeout_s=30, out=stopped_afterwards.append) == pids
 
     everything = stack.stack_processes(stack_env)
@@ -189,7 +178,6 @@ def test_supervisord_restarts_a_killed_program_and_down_leaves_nothing(
     _wait_for(lambda: stack.broker_answers(settings.kafka_bootstrap_servers), 20, "broker back")
 
     # `up` on the running stack starts nothing twice.
-    os.utime(settings.ready_file("ingest"))
     assert stack.up(settings, services=[stack.INGEST], timeout_s=30, out=lines.append) == restarted
     everything = stack.stack_processes(settings)
     assert {restarted["ingest"], stack.program_pid(settings, stack.BROKER)} < set(everything)
