@@ -194,6 +194,23 @@ def dead_letter(
     return Outgoing(DEAD_LETTERS, out)
 
 
+def refit(letter: DeadLetter, max_bytes: int) -> DeadLetter:
+    """``letter`` cut to at most ``max_bytes`` encoded (unchanged when it fits): the cap
+    a publisher applies to every dead letter, whoever made it."""
+    if len(encode(letter)) <= max_bytes:
+        return letter
+    raw = (
+        base64.b64decode(letter.payload)
+        if letter.payload_encoding == "base64"
+        else letter.payload.encode("utf-8")
+    )
+    key = None if letter.key is None else letter.key.encode("utf-8")
+    source = Source(letter.source_topic, letter.partition, letter.offset, key, raw, None)
+    cut = dead_letter(source, letter.error, letter.service, max_bytes).event
+    assert isinstance(cut, DeadLetter)
+    return cut
+
+
 def _utf8_size(text: str) -> int:
     return len(text.encode("utf-8", errors="replace"))
 

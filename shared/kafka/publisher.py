@@ -11,10 +11,10 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from shared.config import Settings
-from shared.events import encode
+from shared.events import DeadLetter, encode
 from shared.exceptions import ReelstreamError
 from shared.kafka.client import make_producer
-from shared.kafka.message import Outgoing
+from shared.kafka.message import Outgoing, refit
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,14 @@ class Publisher:
         return self._producer
 
     def publish(self, outgoing: Outgoing) -> None:
+        """Produce one event; a dead letter is first cut to ``dead_letter_max_bytes``."""
+        event = outgoing.event
+        if isinstance(event, DeadLetter):
+            event = refit(event, self._settings.dead_letter_max_bytes)
         self._produce(
             self._settings.topic(outgoing.spec.name),
-            outgoing.spec.key_of(outgoing.event),
-            encode(outgoing.event),
+            outgoing.spec.key_of(event),
+            encode(event),
             None,
             outgoing,
         )

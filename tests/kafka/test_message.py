@@ -17,6 +17,7 @@ from shared.kafka.message import (
     Source,
     dead_letter,
     parse,
+    refit,
 )
 
 VALID = b'{"user_id": "196", "movie_id": "242", "rating": 3, "occurred_at": 881250949}'
@@ -162,3 +163,18 @@ def test_the_cap_is_a_setting_with_a_64_kib_default() -> None:
     assert Settings(REELSTREAM_DEAD_LETTER_MAX_BYTES=20_000).dead_letter_max_bytes == 20_000
     with pytest.raises(ValidationError):
         Settings(REELSTREAM_DEAD_LETTER_MAX_BYTES=2_000_000)
+
+
+@pytest.mark.parametrize("value", [b"x" * 200_000, b"\xff\x00" * 100_000])
+def test_refit_cuts_a_letter_made_under_a_larger_cap(value: bytes) -> None:
+    """The publisher applies ``dead_letter_max_bytes`` to letters the pure handlers made
+    with the default cap."""
+    made = letter_of(dead_letter(source(value), "bad " * 3_000, "svc").event)
+    assert len(encode(made)) > 16_384
+
+    cut = refit(made, 16_384)
+
+    assert len(encode(cut)) <= 16_384
+    assert (cut.source_topic, cut.partition, cut.offset, cut.key) == ("ratings", 0, 41, "196")
+    assert cut.payload_encoding == made.payload_encoding and cut.error.startswith("bad bad")
+    assert refit(cut, 16_384) is cut
