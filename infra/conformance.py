@@ -867,6 +867,47 @@ async def _raw_fetches(
         await client.close()
 
 
+async def _empty_fetch_s(bootstrap: str, topic: str, offset: int, max_wait_ms: int) -> float:
+    """Seconds a fetch at ``offset`` (the end of the log) takes to come back."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.fetch import FetchRequest
+    from aiokafka.structs import TopicPartition as AioTopicPartition
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        client.add_topic(topic)
+        await client.force_metadata_update()
+        leader = client.cluster.leader_for_partition(AioTopicPartition(topic, 0))
+        request = FetchRequest(
+            max_wait_time=max_wait_ms,
+            min_bytes=1,
+            max_bytes=1_048_576,
+            isolation_level=0,
+            topics=[(topic, [(0, offset, 1_048_576)])],
+        )
+        await client.send(leader, request)  # the connection is warm for the timed one
+        started = time.monotonic()
+        await client.send(leader, request)
+        return time.monotonic() - started
+    finally:
+        await client.close()
+
+
+def check_long_poll(target: Target) -> Outcome:
+    """A fetch with nothing new waits up to fetch.wait.max.ms (Kafka's long poll)."""
+    name = _unique("longpoll")
+    create_topic(target.bootstrap, name)
+    produce(target.bootstrap, name, [("k", b"v")])
+    took = asyncio.run(_empty_fetch_s(target.bootstrap, name, 1, 500))
+    if took < 0.4:
+        return failed(
+            f"an empty fetch with max wait 500 ms came back after {took * 1000:.0f} ms: "
+            "an idle consumer fetches in a busy loop"
+        )
+    return passed(f"an empty fetch with max wait 500 ms came back after {took * 1000:.0f} ms")
+
+
 def check_fetch_limits(target: Target) -> Outcome:
     """fetch.max.bytes and max.partition.fetch.bytes bound each response (KIP-74)."""
     name = _unique("fetch")
@@ -1004,6 +1045,7 @@ CHECKS: tuple[Check, ...] = (
         False,
     ),
     Check("fetch_limits", "fetch size limits honoured", check_fetch_limits, True),
+    Check("long_poll", "empty fetch waits (long poll)", check_long_poll, False),
     Check("create_topics", "create topics with N partitions", check_topic_create, True),
     Check("murmur2", "murmur2 key placement (Java/aiokafka)", check_murmur2_placement, True),
     Check("offsets", "offsets commit/read back, watermarks", check_offsets, True),
