@@ -1062,9 +1062,9 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
     "noida": {
         "dead_member": (
             "noida-db never expires a member that stopped heartbeating: after a SIGKILL the "
-            "group stays in CompletingRebalance and no member gets partitions again. Give "
-            "consumers a group.instance.id (static membership works) so a restarted process "
-            "takes its slot back, and restart a dead service rather than scale around it"
+            "group stays rebalancing and no member gets partitions until the broker restarts. "
+            "Give consumers a group.instance.id (static membership works) so a restarted "
+            "process takes its slot back, and restart a dead service rather than scale around it"
         ),
         "durability": (
             "noida-db saves its state about every 0.5 s (kafka.json), not before it acks: "
