@@ -25,7 +25,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 REPLAY_ARGS := $(if $(LIMIT),--limit $(LIMIT)) $(if $(RATE),--rate $(RATE)) \
 	$(if $(TIME_SCALE),--time-scale $(TIME_SCALE))
 
-.PHONY: help venv data up down status recs replay test test-fast lint bench eval eval-stream train \
+.PHONY: help venv data up down status recs replay test test-fast lint bench chaos eval eval-stream train \
 	ablation up-docker down-docker clean distclean
 
 help: ## list the targets
@@ -77,6 +77,10 @@ lint: venv ## ruff (lint and format check) and mypy
 bench: venv data ## end-to-end throughput/latency/RSS on the running stack (LIMIT=, RATE=)
 	@$(PY) -m infra.bench --json reports/bench.json $(if $(LIMIT),--limit $(LIMIT)) \
 		$(if $(RATE),--rate $(RATE))
+
+chaos: venv data ## kill -9 services, restart the broker mid-replay; compare to an undisturbed run (LIMIT=, RATE=)
+	@$(PY) -m infra.chaos --json reports/chaos.json --limit $(or $(LIMIT),10000) \
+		--rate $(or $(RATE),200)
 
 train: venv data ## train the item encoder, user updater and ranker on TRAIN into models/
 	@$(PY) -m infra.train

@@ -1,0 +1,45 @@
+"""``make chaos`` in small: an undisturbed and a faulted stack (one kill -9 of
+user-profile, one broker stop/start) end with the same profiles and lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infra import chaos
+
+DATASET = Path("data/ml-100k")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kills_and_a_broker_restart_change_no_profile_and_lose_no_list(tmp_path: Path) -> None:
+    if not (DATASET / "ml-100k.inter").exists():
+        pytest.skip("ML-100K not fetched: `make data`")
+    lines: list[str] = []
+    result = chaos.chaos(
+        dataset_dir=DATASET,
+        limit=600,
+        rate=100.0,
+        seed=3,
+        kills=("user-profile",),
+        broker_restarts=1,
+        broker_kill_test=False,
+        rated_movies_only=True,
+        root=tmp_path,
+        out=lines.append,
+    )
+    print("\n".join(lines))
+    print(chaos.format_table(result))
+    comparison = result["comparison"]
+    kinds = [f["kind"] for f in result["faulted"]["faults"]]
+    assert sorted(kinds) == ["broker restart", "kill user-profile"]
+    assert all(f["recovery_s"] is not None for f in result["faulted"]["faults"])
+    assert comparison["checks"] == {
+        "vectors_within_1e-5": True,
+        "n_ratings_exact": True,
+        "last_rating_has_list": True,
+        "no_valid_dead_letters": True,
+    }, comparison
+    assert comparison["passed"]
