@@ -421,7 +421,7 @@ def test_works_inside_handle_ratings(updater: ResidualUpdater) -> None:
         expected = updater.learn_one(expected, vectors[e.movie_id], e.rating, e.occurred_at)
     assert expected.vector is not None
     np.testing.assert_allclose(alice.vector, expected.vector, rtol=1e-6, atol=1e-7)
-    assert updated["alice"].last_offset == 2 and updated["bob"].last_offset == 1
+    assert updated["alice"].state.last_offset == 2 and updated["bob"].state.last_offset == 1
 
     # A later batch continues from the stored bytes; a re-delivery is not applied again.
     stored = {u: s.to_bytes() for u, s in updated.items()}

@@ -551,7 +551,9 @@ def test_a_user_record_reads_back_what_it_wrote() -> None:
 
 
 @contextmanager
-def worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def worker(
+    settings: Settings, log: Path, instance_id: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """``python -m services.user_profile worker`` with ``settings`` in its environment;
     waits for its ready file, stops it with SIGTERM and checks that it exits cleanly."""
     env = {
@@ -566,9 +568,12 @@ def worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
         "REELSTREAM_BATCH_SIZE": str(settings.batch_size),
         "REELSTREAM_TRAINED_MODELS": str(settings.trained_models).lower(),
         "REELSTREAM_ITEM_PULL": str(settings.item_pull),
-        # Static membership: a restarted worker takes its partitions back at once.
-        "REELSTREAM_INSTANCE_ID": "0",
     }
+    if instance_id is not None:
+        # Static membership: a restarted worker takes its partitions back at once (the
+        # local broker never expires a killed member), but a stopped one stays in the
+        # group, which then cannot be deleted.
+        env["REELSTREAM_INSTANCE_ID"] = instance_id
     ready = settings.ready_file(naming.SERVICE)
     ready.unlink(missing_ok=True)
     with log.open("ab") as out:
@@ -876,7 +881,7 @@ def test_restarts_while_ratings_wait_for_their_movie_lose_none(
             for user in users
             for movie in (f"m{rng.integers(11)}", late, f"m{rng.integers(11)}")
         ]
-        with worker(settings, log) as process:
+        with worker(settings, log, instance_id="0") as process:
             publish_ratings(settings, events)
             time.sleep(rng.uniform(0.5, 2.0))
             if round_ % 2:
@@ -884,7 +889,7 @@ def test_restarts_while_ratings_wait_for_their_movie_lose_none(
                 process.wait()
         publish_items(settings, {late: vectors["m11"]})
         counts = {user: n + 3 for user, n in counts.items()}
-        with worker(settings, log):
+        with worker(settings, log, instance_id="0"):
             profiles = profiles_until(settings, counts)
         for user in users:
             assert max(p.n_ratings for p in profiles if p.user_id == user) == counts[user]
