@@ -208,7 +208,13 @@ class SurvivingProducer:
         """Flush until every rating is acknowledged (recovering as needed)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self._producer.flush(1.0)
+            try:
+                self._producer.flush(1.0)
+            except (KafkaException, SystemError) as exc:
+                # After a fatal error flush may raise (SystemError: confluent-kafka's
+                # NULL return without an exception, seen after a broker kill -9).
+                self._fatal = True
+                self.report.fatal_errors.append(f"flush: {exc!r}")
             if self._fatal:
                 self._recover()
             self._resend_failed()
@@ -653,7 +659,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"undisturbed run: lost {u['ratings_lost']}, users without last list "
         f"{u['users_last_rating_without_list']}, dead letters {u['dead_letters']}"
     )
-    if "broker_kill" in result:
+    if "broker_kill" in result and "error" in result["broker_kill"]:
+        lines.append(f"broker kill -9: {result['broker_kill']['error']}")
+    elif "broker_kill" in result:
         b = result["broker_kill"]
         lines.append(
             f"broker kill -9 at t={b['kill_at_s']}s: {b['acknowledged']} of {b['ratings']} "
@@ -713,11 +721,16 @@ def chaos(
         "faulted": {k: v for k, v in faulted.items() if k != "snapshot"},
         "comparison": comparison,
     }
+    out(format_table(result))
     if broker_kill_test:
         out("4. broker kill -9 (broker only)")
-        result["broker_kill"] = broker_kill(
-            fresh_settings(root, "brokerkill"), ratings, rate, seed, out
-        )
+        try:
+            result["broker_kill"] = broker_kill(
+                fresh_settings(root, "brokerkill"), ratings, rate, seed, out
+            )
+        except Exception as exc:  # the comparison stands on its own
+            out(f"  broker kill failed: {exc!r}")
+            result["broker_kill"] = {"error": repr(exc)}
     return result
 
 

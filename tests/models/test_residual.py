@@ -432,7 +432,7 @@ def test_works_inside_handle_ratings(updater: ResidualUpdater) -> None:
     again.append(Incoming(later, Source("ratings", 0, 3, None, None, None)))
     out2, updated2 = handle_ratings(again, stored, vectors, updater, T0)
     final = updater.learn_one(expected, vectors["m3"], 1.0, later.occurred_at)
-    assert updated2["alice"].n_ratings == 3
-    assert updated2["alice"].vector is not None and final.vector is not None
-    np.testing.assert_allclose(updated2["alice"].vector, final.vector, rtol=1e-6, atol=1e-7)
+    assert updated2["alice"].state.n_ratings == 3
+    assert updated2["alice"].state.vector is not None and final.vector is not None
+    np.testing.assert_allclose(updated2["alice"].state.vector, final.vector, rtol=1e-6, atol=1e-7)
     assert [type(o.event) for o in out2] == [UserProfileUpdated]
