@@ -143,7 +143,7 @@ class SurvivingProducer:
                 self.report.acknowledged.add(event_id)
             else:
                 self.report.delivery_errors += 1
-                if err.fatal():
+                if err.fatal() or err.code() == KafkaError._FATAL:
                     self._fatal = True
                 elif event_id not in self.report.acknowledged:
                     self.retry.append(event_id)
@@ -160,7 +160,10 @@ class SurvivingProducer:
             except BufferError:
                 self._producer.poll(0.05)
             except KafkaException as exc:
-                if exc.args and exc.args[0].fatal():
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and (
+                    error.fatal() or error.code() == KafkaError._FATAL
+                ):
                     self._fatal = True
                     self.report.fatal_errors.append(str(exc))
                     self._recover()
