@@ -191,7 +191,6 @@ class SurvivingProducer:
     def _recover(self) -> None:
         """Drop the failed producer; send the unacknowledged ratings with a new one."""
         old = self._producer
-        old.poll(0)
         self.report.delivered_before_fatal.append(len(self.report.acknowledged))
         self.out(
             f"  producer    fatal error ({self.report.fatal_errors[-1:]}); "
@@ -413,7 +412,10 @@ def inject(settings: Settings, faults: list[Fault], t0: float, out: Output) -> N
             out(f"  fault       t={fault.started_s:.1f}s broker stopped")
             time.sleep(BROKER_DOWN_S)
             began = time.monotonic()
-            stack.start_program(settings, stack.BROKER)
+            try:
+                stack.start_program(settings, stack.BROKER)
+            except stack.StackError as exc:  # exited at once: supervisord retries it
+                out(f"  fault       broker start: {exc}; waiting for supervisord's retry")
             while not stack.broker_answers(settings.kafka_bootstrap_servers, timeout_s=1):
                 time.sleep(0.1)
             fault.recovery_s = round(time.monotonic() - began, 2)
