@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import FrameType
 from typing import cast
 
 from services.recommender import SERVICE
@@ -42,6 +40,7 @@ from shared.kafka.batch_consumer import BatchConsumer
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, handle_isolating_failures
 from shared.kafka.publisher import DeliveryError, Publisher
 from shared.kafka.topic_reader import TopicReader
+from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.models.deployed import build_reranker
 from shared.models.item_stats import ItemStats
@@ -215,13 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.parse_args(argv)
     configure_logging(SERVICE)
     worker = RecommenderWorker(Settings())
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal=%s stopping", signal.Signals(signum).name)
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(worker.stop, SERVICE)
     worker.run()
     return 0
 

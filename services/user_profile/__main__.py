@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-from types import FrameType
 
 from services.user_profile.app import UserProfileWorker
 from services.user_profile.naming import SERVICE
 from shared.config import Settings
+from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -30,13 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(SERVICE)
     worker = UserProfileWorker(Settings())
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal=%s stopping", signal.Signals(signum).name)
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(worker.stop, SERVICE)
     worker.run()
     return 0
 

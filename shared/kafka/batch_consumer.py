@@ -21,12 +21,10 @@ One loop and one error policy for every service:
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -44,6 +42,7 @@ from shared.kafka.message import (
 )
 from shared.kafka.publisher import DeliveryError, Publisher
 from shared.kafka.table import ChangelogTable
+from shared.lifecycle import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +137,7 @@ class BatchConsumer:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("signal=%s service=%s stopping", signal.Signals(signum).name, self._service)
-            self.stop()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stop_on_signals(self.stop, self._service)
 
     # --- the loop ----------------------------------------------------------------
     def run(self) -> None:
