@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 from services.user_profile import naming
-from services.user_profile.handler import PARKED_PREFIX, Rating, UserRecord, handle_ratings
+from services.user_profile.handler import Rating, UserRecord, handle_ratings
 from services.user_profile.item_vectors import ItemVectors
 from services.user_profile.naming import SERVICE
 from shared.config import Settings
@@ -186,7 +186,7 @@ class _ParkedUsers:
         self._generation = table.generation
         self._heads = {}
         for _, key, value in table.items():
-            if value.startswith(PARKED_PREFIX):
+            if UserRecord.has_parked(value):
                 self.update({key.decode(): UserRecord.from_bytes(value)})
 
     def update(self, records: dict[UserId, UserRecord]) -> None:

@@ -7,7 +7,9 @@ the service's consumer loop, in the offline evaluation and in unit tests.
 A user's record is the updater's ``UserState`` plus the ratings parked in it: a rating
 of a movie that has no vector yet waits there, with the user's later ratings behind it
 (a user's ratings apply in order), until the vector arrives or the wait runs out.
-Other users never wait for it.
+Other users never wait for it. The record also keeps the ``event_id`` of the user's
+last ``RECENT_EVENTS`` ratings, so a copy of one (a client that sent it again after a
+broker error) is not applied twice.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from shared.events import (
 from shared.exceptions import InvalidEventError, NumericalError, ReelstreamError
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter
 from shared.models.updater import UserState, UserUpdater
-from shared.types import MovieId, UserId, Vector
+from shared.types import EventId, MovieId, UserId, Vector
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +54,31 @@ def _reject(incoming: Rating, reason: str) -> Outgoing:
     return dead_letter(incoming.source, reason, SERVICE)
 
 
-PARKED_PREFIX = b'{"state":'
-"""How the bytes of a record with parked ratings begin."""
+RECENT_EVENTS = 128
+"""How many of a user's latest ``event_id`` a record keeps to recognise a copy."""
+
+_PARKED_PREFIXES = (b'{"parked":', b'{"state":')
+"""How the bytes of a record with parked ratings begin (the second: as first written,
+before records kept event ids)."""
 
 
 @dataclass(frozen=True)
 class UserRecord:
-    """What the service stores per user: the model's state and the parked ratings."""
+    """What the service stores per user: the model's state, the parked ratings and the
+    event ids of its latest ratings."""
 
     state: UserState
     parked: tuple[Rating, ...] = ()
     """Ratings waiting for their movie's vector (the first one) or for the ratings
     before them, in offset order."""
+    recent: tuple[EventId, ...] = ()
+    """``event_id`` of the last ``RECENT_EVENTS`` ratings taken in (applied, parked or
+    dead-lettered), oldest first."""
+
+    @staticmethod
+    def has_parked(raw: bytes) -> bool:
+        """Whether ``to_bytes`` output holds parked ratings (without parsing it)."""
+        return raw.startswith(_PARKED_PREFIXES)
 
     @property
     def seen_offset(self) -> int | None:
@@ -74,10 +89,14 @@ class UserRecord:
         return max(offsets, default=None)
 
     def to_bytes(self) -> bytes:
-        """The state's own bytes when nothing is parked; else
-        ``{"state": <state>, "parked": [...]}`` (``PARKED_PREFIX`` starts it)."""
+        """``{"parked": [...], "recent": [...], "state": <state>}``, without ``parked``
+        when nothing is parked (``has_parked`` tells them apart); the state's own
+        bytes when the record holds nothing else."""
+        state = orjson.Fragment(self.state.to_bytes())
         if not self.parked:
-            return self.state.to_bytes()
+            if not self.recent:
+                return self.state.to_bytes()
+            return orjson.dumps({"recent": self.recent, "state": state})
         parked = [
             {
                 "e": orjson.Fragment(encode(r.event)),
@@ -91,7 +110,7 @@ class UserRecord:
             }
             for r in self.parked
         ]
-        return orjson.dumps({"state": orjson.Fragment(self.state.to_bytes()), "parked": parked})
+        return orjson.dumps({"parked": parked, "recent": self.recent, "state": state})
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> UserRecord:
@@ -112,11 +131,12 @@ class UserRecord:
                     decode(RatingSubmitted, orjson.dumps(p["e"])),
                     Source(p["t"], p["p"], p["o"], p["k"].encode(), orjson.dumps(p["v"]), p["ts"]),
                 )
-                for p in data["parked"]
+                for p in data.get("parked", ())
             )
+            recent = tuple(str(e) for e in data.get("recent", ()))
         except (KeyError, TypeError) as exc:
             raise InvalidEventError(f"user record has unreadable parked ratings: {exc}") from exc
-        return cls(UserState.from_bytes(orjson.dumps(data["state"])), parked)
+        return cls(UserState.from_bytes(orjson.dumps(data["state"])), parked, recent)
 
 
 def _is_replay(incoming: Rating, seen_offset: int | None) -> bool:
@@ -186,11 +206,14 @@ class _Batch:
         self.parked: dict[UserId, tuple[Rating, ...]] = {}
         """Each admitted user's parked ratings after this batch."""
         self.was_parked: dict[UserId, tuple[Rating, ...]] = {}
+        self.recent: dict[UserId, tuple[EventId, ...]] = {}
+        """Each admitted user's ``UserRecord.recent`` after this batch."""
         self.applied: dict[UserId, Rating] = {}
         """The last rating applied to each user in this batch (the profile's cause)."""
         self.replayed: dict[UserId, Rating] = {}
         """A re-delivered rating that caused a user's stored state (see ``handle_ratings``)."""
         self.n_replayed = 0
+        self.n_copies = 0
 
     def admit(self, user: UserId, ratings: list[Rating], raw: bytes | None) -> None:
         """Load a user's record and queue, in order, its parked ratings and the new
@@ -217,12 +240,28 @@ class _Batch:
             )
         queue = list(record.parked)
         seen = record.seen_offset
+        recent = list(record.recent)
+        known = set(recent)
         for incoming in ratings:
             if _is_replay(incoming, seen):
                 self.n_replayed += 1
                 if incoming.source.offset == state.last_offset:
                     self.replayed[user] = incoming
                 continue
+            event_id = incoming.event.event_id
+            if event_id in known:
+                self.n_copies += 1
+                log.info(
+                    "skipped a copy of a rating already taken in user_id=%s event_id=%s "
+                    "partition=%s offset=%s",
+                    user,
+                    event_id,
+                    incoming.source.partition,
+                    incoming.source.offset,
+                )
+                continue
+            known.add(event_id)
+            recent.append(event_id)
             queue.append(incoming)
         todo: list[Rating] = []
         parked: list[Rating] = []
@@ -243,6 +282,7 @@ class _Batch:
         self.pending[user] = todo
         self.parked[user] = tuple(parked)
         self.was_parked[user] = record.parked
+        self.recent[user] = tuple(recent[-RECENT_EVENTS:])
 
     def _waited_out(self, incoming: Rating) -> bool:
         published = incoming.source.published_at(self.now)
@@ -367,6 +407,8 @@ def handle_ratings(
       parked) was seen before a crash or rebalance and is skipped. If it is the very
       rating that made the stored state, the profile is published again from that
       state: the crash may have come between storing the state and publishing it.
+    - A rating whose ``event_id`` is one of the user's last ``RECENT_EVENTS`` taken in
+      is a copy (a producer that sent it again) and is skipped, with a log line.
     - A rating of a movie missing from ``vectors`` parks in the user's record with the
       user's later ratings behind it; when it has waited ``wait_s`` seconds since its
       publication (``now`` minus its broker timestamp) with still no vector, it is
@@ -421,8 +463,9 @@ def handle_ratings(
         if user not in work.current:
             continue  # its stored record is unreadable: dead-lettered
         cause = work.applied.get(user)
+        # Event ids alone do not make a record worth writing: they go with the next change.
         if cause is not None or work.parked[user] != work.was_parked[user]:
-            updated[user] = UserRecord(work.current[user], work.parked[user])
+            updated[user] = UserRecord(work.current[user], work.parked[user], work.recent[user])
         if cause is None:
             cause = work.replayed.get(user)
             if cause is None:

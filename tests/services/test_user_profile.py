@@ -19,7 +19,13 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from services.user_profile import naming
-from services.user_profile.handler import Rating, UserRecord, handle_ratings, pulled
+from services.user_profile.handler import (
+    RECENT_EVENTS,
+    Rating,
+    UserRecord,
+    handle_ratings,
+    pulled,
+)
 from services.user_profile.item_vectors import ItemVectors
 from shared.config import Settings
 from shared.events import (
@@ -255,13 +261,17 @@ def test_an_unreadable_stored_state_dead_letters_instead_of_resetting() -> None:
 
 
 def test_ratings_without_offsets_are_always_applied() -> None:
+    """No offset, no replay check: only a copy (same event_id) is skipped."""
     vectors = catalogue(2)
     event = rating_event("u", "m0", 4.0)
     source = Source("ratings", None, None, b"u", encode(event), None)
-    batch = [Incoming(event, source), Incoming(rating_event("u", "m1", 3.0), source)]
-    _, updated = handle_ratings(batch, {}, vectors, UPDATER, NOW)
 
-    out, updated = handle_ratings(batch, stored(updated), vectors, UPDATER, NOW)
+    def batch() -> list[Rating]:
+        return [Incoming(rating_event("u", m, 3.0), source) for m in ("m0", "m1")]
+
+    _, updated = handle_ratings(batch(), {}, vectors, UPDATER, NOW)
+
+    out, updated = handle_ratings(batch(), stored(updated), vectors, UPDATER, NOW)
 
     profile = profiles_of(out)["u"]
     assert profile.n_ratings == 4
@@ -541,10 +551,58 @@ def test_a_user_record_reads_back_what_it_wrote() -> None:
     assert again.parked == record.parked and again.seen_offset == 4
     assert again.state.last_offset == 3 and again.state.rated == ("m0",)
     np.testing.assert_array_equal(again.state.vector, record.state.vector)
-    # A record with nothing parked is the state's own bytes, as written before parking.
+    assert UserRecord.has_parked(record.to_bytes())
+    assert again.recent == tuple(r.event.event_id for r in batch)
+    # A record holding nothing but a state is the state's own bytes, as first written.
     bare = UserRecord(record.state)
     assert bare.to_bytes() == record.state.to_bytes()
     assert UserRecord.from_bytes(bare.to_bytes()).state.rated == ("m0",)
+
+
+def test_a_copy_of_a_rating_is_applied_once() -> None:
+    """A producer that sends a rating again after a broker error puts a second copy
+    (same event_id, later offset) on the topic: in the same batch, in a later batch, or
+    while the first still waits for its movie."""
+    vectors = catalogue(3)
+    first, second = rating_event("u", "m0", 4.0), rating_event("u", "m1", 2.0, 1)
+    once, _ = handle_ratings(
+        [incoming(first, 0), incoming(second, 1)], {}, vectors, UPDATER, PUBLISHED
+    )
+    expected = profiles_of(once)["u"]
+
+    out, updated = handle_ratings(
+        [incoming(first, 0), incoming(first, 1), incoming(second, 2)],
+        {},
+        vectors,
+        UPDATER,
+        PUBLISHED,
+    )
+    assert profiles_of(out)["u"].n_ratings == 2
+    np.testing.assert_allclose(profiles_of(out)["u"].vector, expected.vector)
+    later, _ = handle_ratings(
+        [incoming(second, 3), incoming(first, 4)], stored(updated), vectors, UPDATER, PUBLISHED
+    )
+    assert profiles_of(later) == {} and letters_of(later) == []
+
+    waiting = rating_event("u", "late", 5.0, 2)
+    _, parked = handle_ratings(
+        [incoming(waiting, 5)], stored(updated), vectors, UPDATER, PUBLISHED, wait_s=WAIT_S
+    )
+    _, again = handle_ratings(
+        [incoming(waiting, 6)], stored(parked), vectors, UPDATER, PUBLISHED, wait_s=WAIT_S
+    )
+    assert again == {} or again["u"].parked == parked["u"].parked
+
+
+def test_a_record_remembers_a_bounded_number_of_event_ids() -> None:
+    vectors = catalogue(2)
+    events = [rating_event("u", f"m{i % 2}", 3.0, i) for i in range(RECENT_EVENTS + 5)]
+    _, updated = handle_ratings(
+        [incoming(e, i) for i, e in enumerate(events)], {}, vectors, UPDATER, PUBLISHED
+    )
+    record = UserRecord.from_bytes(updated["u"].to_bytes())
+    assert record.recent == tuple(e.event_id for e in events[-RECENT_EVENTS:])
+    assert not UserRecord.has_parked(updated["u"].to_bytes())
 
 
 # --- the real worker -----------------------------------------------------------------
