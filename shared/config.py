@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     the worker stops with the error (and its process manager restarts it from the last
     committed offsets) [REELSTREAM_BATCH_RETRY_S]."""
 
+    stall_s: float = Field(120.0, gt=0, validation_alias="REELSTREAM_STALL_S")
+    """How long (seconds) a stream worker's loop may go without finishing a step (a
+    poll, or one attempt at a batch) before the worker exits so that its process
+    manager restarts it: a Kafka client call that hangs past its own timeout must not
+    leave a worker stuck [REELSTREAM_STALL_S]."""
+
     item_pull: float = Field(0.5, ge=0, le=10, validation_alias="REELSTREAM_ITEM_PULL")
     """How far each rating moves the vector of a movie the item encoder did not learn
     from ratings towards the rater's profile: ``v <- normalise(v + item_pull * (u - p))``,

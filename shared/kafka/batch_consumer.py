@@ -14,13 +14,21 @@ One loop and one error policy for every service:
   with its source offset and left out of the retry: it never blocks the partition. A
   batch still failing after ``Settings.batch_retry_s`` stops the loop with the error,
   so that the process manager restarts the worker from the committed offsets.
+- A loop that finishes no step (a poll, or one attempt at a batch) for
+  ``Settings.stall_s`` seconds is stuck in a client call that ignored its timeout: a
+  watchdog thread logs where and ends the process (exit code ``STALLED_EXIT``), and the
+  process manager restarts it; an open transaction is aborted by the broker when the
+  restarted worker claims its transactional id.
 - While it runs, the worker's ready file is rewritten every ``READY_EVERY_S`` seconds
   as long as it has partitions and ``healthy()`` holds; it is removed otherwise.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +66,9 @@ RETRY_MAX_S = 5.0
 """Back-off between attempts at a failed batch: doubles from the first to the max."""
 
 REPORT_EVERY_S = 30.0
+
+STALLED_EXIT = 75
+"""Exit code of a worker the watchdog ended (EX_TEMPFAIL: restart it)."""
 
 Position = tuple[str, int]
 """A (topic, partition)."""
@@ -124,6 +135,7 @@ class BatchConsumer:
         self._assigned: set[Position] = set()
         self._unpublishable: set[tuple[str, int | None, int | None]] = set()
         self._last_ready = 0.0
+        self._beat = time.monotonic()
         self.processed = 0
         self.dead_lettered = 0
 
@@ -159,8 +171,13 @@ class BatchConsumer:
             self._transactional,
         )
         last_report = time.monotonic()
+        watchdog = threading.Thread(
+            target=self._watch, name=f"watchdog-{self._service}", daemon=True
+        )
+        watchdog.start()
         try:
             while not self._stop.is_set():
+                self._beat = time.monotonic()
                 messages = consumer.consume(
                     self._settings.batch_size, timeout=self._settings.batch_timeout_s
                 )
@@ -184,6 +201,22 @@ class BatchConsumer:
                 if not self._transactional:
                     self._publisher.producer.flush(10)
             log.info("service=%s stopped processed=%d", self._service, self.processed)
+
+    def _watch(self) -> None:
+        """End the process when the loop has not stepped for ``stall_s`` (see above)."""
+        limit = self._settings.stall_s
+        while not self._stop.wait(min(limit / 4, 5.0)):
+            stalled = time.monotonic() - self._beat
+            if stalled > limit:
+                log.critical(
+                    "service=%s loop stalled for %.0fs (limit %.0fs): exiting to be restarted; "
+                    "thread stacks follow",
+                    self._service,
+                    stalled,
+                    limit,
+                )
+                faulthandler.dump_traceback(file=sys.stderr)
+                os._exit(STALLED_EXIT)
 
     def process(self, sources: list[Source]) -> list[Outgoing]:
         """Parse and handle one micro-batch; returns outputs and dead letters."""
@@ -212,6 +245,7 @@ class BatchConsumer:
         started = time.monotonic()
         delay = RETRY_FIRST_S
         while True:
+            self._beat = time.monotonic()
             try:
                 out = [o for o in self.process(sources) if not self._is_unpublishable(o)]
                 self._commit(consumer, sources, out)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,7 +14,8 @@ import pytest
 from shared.config import Settings
 from shared.events import DEAD_LETTERS, RATINGS, DeadLetter, Event, RatingSubmitted
 from shared.exceptions import UnprocessableEventError
-from shared.kafka.batch_consumer import BatchConsumer, BatchHandler
+from infra.stack import child_env
+from shared.kafka.batch_consumer import STALLED_EXIT, BatchConsumer, BatchHandler
 from shared.kafka.message import Incoming, Outgoing
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import produce_raw, read_topic
@@ -131,3 +135,41 @@ def test_offsets_are_committed_after_the_work_so_a_restart_resumes(
         wait_for(2)
     assert seen == ["m1", "m2"]
     assert loop.processed == 1
+
+
+STALLING_WORKER = """
+import time
+from shared.config import Settings
+from shared.events import RATINGS
+from shared.kafka.batch_consumer import BatchConsumer
+
+def handler(batch):
+    print("handling", len(batch), flush=True)
+    time.sleep(120)  # a call that never returns, as far as the loop can tell
+    return []
+
+BatchConsumer(Settings(), "stall", [RATINGS], handler).run()
+"""
+
+
+def test_a_loop_stuck_in_a_call_ends_its_process_to_be_restarted(
+    make_settings: SettingsFactory,
+) -> None:
+    """A Kafka client call that hangs past its timeout (seen: send_offsets_to_transaction
+    after a broker restart) must not leave a worker stuck while it looks alive."""
+    settings = make_settings(stall_s=3.0)
+    produce_raw(settings, RATINGS, rating("1", "9"), b"1")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", STALLING_WORKER],
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+    assert result.returncode == STALLED_EXIT, result.stderr[-2000:]
+    assert "handling 1" in result.stdout
+    assert "loop stalled" in result.stderr and "in handler" in result.stderr
+    assert time.monotonic() - started < 60
