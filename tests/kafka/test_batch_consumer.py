@@ -11,10 +11,10 @@ from contextlib import contextmanager
 
 import pytest
 
+from infra.stack import child_env
 from shared.config import Settings
 from shared.events import DEAD_LETTERS, RATINGS, DeadLetter, Event, RatingSubmitted
 from shared.exceptions import UnprocessableEventError
-from infra.stack import child_env
 from shared.kafka.batch_consumer import STALLED_EXIT, BatchConsumer, BatchHandler
 from shared.kafka.message import Incoming, Outgoing
 from tests.conftest import SettingsFactory
