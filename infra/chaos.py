@@ -63,6 +63,8 @@ Output = Callable[[str], None]
 TOLERANCE = 1e-5
 KILLABLE = ("user-profile", "recommender", "item-embedding")
 BROKER_DOWN_S = 3.0
+RECOVERY_LIMIT_S = 300.0
+"""How long a fault waits for its recovery before it is reported as none."""
 
 
 # --- Settings and stacks --------------------------------------------------------------
@@ -93,8 +95,8 @@ def fresh_settings(root: Path, name: str, **overrides: Any) -> Settings:
 class ProducerReport:
     sent: int = 0
     """Ratings handed to a producer (resends included)."""
-    acknowledged: set[str] = field(default_factory=set)
-    """event_ids the broker acknowledged."""
+    acknowledged: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    """event_id -> (partition, offset, time.time()) of the broker's acknowledgement."""
     fatal_errors: list[str] = field(default_factory=list)
     delivery_errors: int = 0
     resent: int = 0
@@ -138,9 +140,9 @@ class SurvivingProducer:
     def _produce(self, rating: RatingSubmitted) -> None:
         event_id = rating.event_id
 
-        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+        def on_delivery(err: KafkaError | None, msg: Any) -> None:
             if err is None:
-                self.report.acknowledged.add(event_id)
+                self.report.acknowledged[event_id] = (msg.partition(), msg.offset(), time.time())
             else:
                 self.report.delivery_errors += 1
                 if err.fatal() or err.code() == KafkaError._FATAL:
@@ -362,7 +364,7 @@ def _settled(name: str, history: list[dict[str, int | None]], bound: int) -> boo
 
 
 def wait_program_ready(
-    settings: Settings, name: str, old_pid: int | None, timeout_s: float = 300.0
+    settings: Settings, name: str, old_pid: int | None, timeout_s: float = RECOVERY_LIMIT_S
 ) -> float | None:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
@@ -417,9 +419,13 @@ def inject(settings: Settings, faults: list[Fault], t0: float, out: Output) -> N
             except stack.StackError as exc:  # exited at once: supervisord retries it
                 out(f"  fault       broker start: {exc}; waiting for supervisord's retry")
             while not stack.broker_answers(settings.kafka_bootstrap_servers, timeout_s=1):
+                if time.monotonic() - began > RECOVERY_LIMIT_S:
+                    out(f"  fault       broker not answering {RECOVERY_LIMIT_S:.0f} s after start")
+                    break
                 time.sleep(0.1)
-            fault.recovery_s = round(time.monotonic() - began, 2)
-            out(f"  fault       broker started again, answering after {fault.recovery_s} s")
+            else:
+                fault.recovery_s = round(time.monotonic() - began, 2)
+                out(f"  fault       broker started again, answering after {fault.recovery_s} s")
         else:
             name = fault.kind.split(" ", 1)[1]
             pid = stack.program_pid(settings, name)
@@ -456,6 +462,7 @@ def run_once(
             raise stack.StackError(f"{missing} movies were not embedded")
         producer = SurvivingProducer(settings, out)
         t0 = time.monotonic()
+        wall_t0 = time.time()
         injector = threading.Thread(target=inject, args=(settings, faults, t0, out), daemon=True)
         injector.start()
         produce_s = replay_ratings(producer, ratings, rate)
@@ -471,6 +478,11 @@ def run_once(
     finally:
         stack.down(settings, out=lambda _line: None)
     r = producer.report
+    lost_acks = [
+        {"event_id": e, "partition": part, "offset": off, "acked_at_s": round(at - wall_t0, 2)}
+        for e, (part, off, at) in r.acknowledged.items()
+        if e not in snap.ratings_on_topic
+    ]
     return {
         "snapshot": snap,
         "produce_s": round(produce_s, 2),
@@ -483,6 +495,7 @@ def run_once(
             "fatal_errors": r.fatal_errors,
             "delivered_before_fatal": r.delivered_before_fatal,
             "delivery_errors": r.delivery_errors,
+            "acknowledged_but_missing": lost_acks,
         },
         "faults": [dataclasses.asdict(f) for f in faults],
         "restarts": restarts,
@@ -496,9 +509,18 @@ def compare(
     settings: Settings,
     base_settings: Settings,
 ) -> dict[str, Any]:
-    expected = Counter(r.user_id for r in ratings)
+    """The faulted run against the undisturbed one.
+
+    The stack is checked on the ratings that reached the topic: a rating the broker
+    acknowledged and then lost in its restart (a noida-db gap, docs/brokers.md) never
+    reached the stack, so its user is counted on the ratings that did, and left out of
+    the vector comparison (its input differs from the undisturbed run's).
+    """
+    on_topic = [r for r in ratings if r.event_id in faulted.ratings_on_topic]
+    expected = Counter(r.user_id for r in on_topic)
+    short = {r.user_id for r in ratings if r.event_id not in faulted.ratings_on_topic}
     last: dict[str, str] = {}
-    for r in ratings:
+    for r in on_topic:
         last[r.user_id] = r.event_id
     max_diff = 0.0
     missing_users = []
@@ -507,19 +529,21 @@ def compare(
         if a is None or b is None or a[0].shape != b[0].shape:
             missing_users.append(user)
             continue
-        max_diff = max(max_diff, float(np.max(np.abs(a[0] - b[0]))))
+        if user not in short:
+            max_diff = max(max_diff, float(np.max(np.abs(a[0] - b[0]))))
     lost = twice = 0
     for user, n in expected.items():
         got = faulted.profiles.get(user, (None, 0))[1]
         lost += max(0, n - got)
         twice += max(0, got - n)
-    base_lost = sum(max(0, n - base.profiles.get(u, (None, 0))[1]) for u, n in expected.items())
+    all_counts = Counter(r.user_id for r in ratings)
+    base_lost = sum(max(0, n - base.profiles.get(u, (None, 0))[1]) for u, n in all_counts.items())
     no_list = [u for u, e in last.items() if e not in faulted.causes]
-    base_no_list = [u for u, e in last.items() if e not in base.causes]
+    base_last = {r.user_id: r.event_id for r in ratings}
+    base_no_list = [u for u, e in base_last.items() if e not in base.causes]
     valid_dead = valid_dead_letters(faulted.dead_letters, settings)
     base_valid_dead = valid_dead_letters(base.dead_letters, base_settings)
     dupes = sum(c - 1 for c in faulted.ratings_on_topic.values() if c > 1)
-    absent = sum(1 for r in ratings if r.event_id not in faulted.ratings_on_topic)
     checks = {
         "vectors_within_1e-5": max_diff <= TOLERANCE and not missing_users,
         "n_ratings_exact": lost == 0 and twice == 0,
@@ -527,8 +551,9 @@ def compare(
         "no_valid_dead_letters": not valid_dead,
     }
     return {
-        "users": len(expected),
+        "users": len(all_counts),
         "max_vector_diff": max_diff,
+        "users_compared": len(expected) - len(short & set(expected)) - len(missing_users),
         "users_without_profile": len(missing_users),
         "ratings_lost": lost,
         "ratings_applied_twice": twice,
@@ -536,7 +561,8 @@ def compare(
         "dead_letters": len(faulted.dead_letters),
         "valid_dead_letters": len(valid_dead),
         "ratings_topic_duplicates": dupes,
-        "ratings_missing_from_topic": absent,
+        "ratings_missing_from_topic": len(ratings) - len(on_topic),
+        "users_with_ratings_missing_from_topic": len(short),
         "undisturbed": {
             "ratings_lost": base_lost,
             "users_last_rating_without_list": len(base_no_list),
@@ -622,8 +648,8 @@ def format_table(result: dict[str, Any]) -> str:
         [
             "vectors within 1e-5",
             _ok(c["checks"]["vectors_within_1e-5"]),
-            f"max diff {c['max_vector_diff']:.3g}, "
-            f"{c['users_without_profile']} users without profile",
+            f"max diff {c['max_vector_diff']:.3g} over {c['users_compared']} users, "
+            f"{c['users_without_profile']} without profile",
         ]
     )
     rows.append(
@@ -656,8 +682,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         f"producer: {p['sent']} sent, {p['acknowledged']} acknowledged, {p['resent']} resent, "
         f"{p['producers']} producer(s), fatal errors {len(p['fatal_errors'])}; "
-        f"ratings duplicated on topic {c['ratings_topic_duplicates']}, "
-        f"missing from topic {c['ratings_missing_from_topic']}"
+        f"ratings duplicated on topic {c['ratings_topic_duplicates']}"
+    )
+    lines.append(
+        f"broker restart: {c['ratings_missing_from_topic']} acknowledged ratings missing "
+        f"from the topic afterwards ({c['users_with_ratings_missing_from_topic']} users; "
+        "noida-db's graceful-stop gap, docs/brokers.md), not counted against the stack"
     )
     u = c["undisturbed"]
     lines.append(

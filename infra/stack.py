@@ -399,6 +399,7 @@ class Program:
     name: str
     argv: tuple[str, ...]
     startsecs: int
+    stopsignal: str = "TERM"
 
 
 def programs_for(
@@ -417,7 +418,8 @@ def programs_for(
                 "that broker or set KAFKA_BOOTSTRAP_SERVERS"
             )
         argv = broker.foreground_argv(port, paths.broker_dir)
-        programs.append(Program(BROKER, tuple(argv), BROKER_STARTSECS))
+        # INT: noida-db documents Ctrl-C as the stop of its foreground server.
+        programs.append(Program(BROKER, tuple(argv), BROKER_STARTSECS, "INT"))
     specs = list(SERVICES) + [s for s in services if s not in SERVICES]
     programs += [Program(s.name, tuple(s.argv()), SERVICE_STARTSECS) for s in specs]
     return programs
@@ -484,7 +486,7 @@ def render_config(settings: Settings, programs: Sequence[Program]) -> str:
             "autorestart=true",
             f"startsecs={program.startsecs}",
             f"startretries={START_RETRIES}",
-            "stopsignal=TERM",
+            f"stopsignal={program.stopsignal}",
             f"stopwaitsecs={STOP_TIMEOUT_S:.0f}",
             "stopasgroup=true",
             "killasgroup=true",
