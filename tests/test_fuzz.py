@@ -9,6 +9,7 @@ rating gets its list)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import string
@@ -64,6 +65,9 @@ good_time: st.SearchStrategy[Any] = st.one_of(
     st.datetimes().map(lambda d: d.isoformat() + "Z"),
 )
 good_stars = st.floats(0.5, 5.0) | st.integers(1, 5)
+_serial = itertools.count()
+"""Suffixes that make each drawn event_id unique: hypothesis draws the same small values
+again and again, and by contract a repeated event_id is a copy (skipped, not an error)."""
 
 
 @st.composite
@@ -75,7 +79,9 @@ def valid_rating(draw: st.DrawFn, user: str) -> dict[str, Any]:
         "occurred_at": draw(good_time),
     }
     if draw(st.booleans()):
-        event["event_id"] = f"v-{uuid.UUID(int=draw(st.integers(0, 2**128 - 1))).hex}"
+        event["event_id"] = (
+            f"v-{uuid.UUID(int=draw(st.integers(0, 2**128 - 1))).hex}-{next(_serial)}"
+        )
     return event
 
 
@@ -83,7 +89,7 @@ def valid_rating(draw: st.DrawFn, user: str) -> dict[str, Any]:
 def shaped_rating(draw: st.DrawFn) -> dict[str, Any]:
     """A rating that is valid in itself (a ghost user, a catalogue movie)."""
     return {
-        "event_id": draw(good_id),
+        "event_id": f"{draw(good_id)}-{next(_serial)}",
         "user_id": "ghost-" + draw(good_id),
         "movie_id": draw(catalogue_movie),
         "rating": draw(good_stars),
