@@ -25,7 +25,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 REPLAY_ARGS := $(if $(LIMIT),--limit $(LIMIT)) $(if $(RATE),--rate $(RATE)) \
 	$(if $(TIME_SCALE),--time-scale $(TIME_SCALE))
 
-.PHONY: help venv data up down status recs replay test test-fast lint bench chaos eval eval-stream train \
+.PHONY: help venv data up down status recs replay test test-fast lint doors bench chaos eval eval-stream train \
 	ablation up-docker down-docker clean distclean
 
 help: ## list the targets
@@ -73,6 +73,9 @@ lint: venv ## ruff (lint and format check) and mypy
 	@$(VENV)/bin/ruff check --quiet .
 	@$(VENV)/bin/ruff format --check --quiet .
 	@$(VENV)/bin/mypy --no-error-summary shared services infra
+
+doors: venv ## where the code crosses the layout's one-way doors (imports that point the wrong way)
+	@$(PY) -m infra.doors
 
 bench: venv data ## end-to-end throughput/latency/RSS on the running stack (LIMIT=, RATE=)
 	@$(PY) -m infra.bench --json reports/bench.json $(if $(LIMIT),--limit $(LIMIT)) \
