@@ -63,7 +63,6 @@ from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from infra import broker
 from infra.topics import ensure_topics, plan
-from services.user_profile import naming
 from shared.config import Settings
 from shared.events import RECOMMENDATIONS, RecommendationsGenerated, decode
 from shared.exceptions import InvalidEventError, ReelstreamError
@@ -183,14 +182,12 @@ class ServiceSpec:
         """The consumer group whose lag ``status`` reports (None: it consumes nothing)."""
         if not self.consumes:
             return None
-        if self.name == naming.SERVICE:
-            return naming.app_id(settings)
         return settings.group(self.name)
 
 
 INGEST = ServiceSpec("ingest", "services.ingest", "serve", consumes=False)
 ITEM_EMBEDDING = ServiceSpec("item-embedding", "services.item_embedding", "worker")
-USER_PROFILE = ServiceSpec(naming.SERVICE, "services.user_profile", "worker")
+USER_PROFILE = ServiceSpec("user-profile", "services.user_profile", "worker")
 RECOMMENDER = ServiceSpec("recommender", "services.recommender", "worker")
 
 SERVICES: tuple[ServiceSpec, ...] = (INGEST, ITEM_EMBEDDING, USER_PROFILE, RECOMMENDER)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import NewTopic
 
-from services.user_profile import naming
 from shared.config import Settings
 from shared.events import TOPICS
+from shared.handlers import user_profile
 from shared.kafka.client import make_admin
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ def plan(settings: Settings) -> list[TopicPlan]:
     """Every topic of the stack with its physical name, partitions and cleanup policy."""
     n = settings.topic_partitions
     topics = [TopicPlan(settings.topic(spec.name), n, spec.compacted) for spec in TOPICS]
-    topics.append(TopicPlan(naming.changelog_topic(settings), n, compacted=True))
+    topics.append(
+        TopicPlan(settings.changelog(user_profile.SERVICE, user_profile.TABLE), n, compacted=True)
+    )
     return topics
 
 

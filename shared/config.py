@@ -165,6 +165,11 @@ class Settings(BaseSettings):
         """The consumer-group id of a service."""
         return f"{self.topic_prefix}reelstream-{service}"
 
+    def changelog(self, service: str, table: str) -> str:
+        """The compacted topic behind a service's per-key ``table``: its group id, the
+        table's name and ``-changelog``."""
+        return f"{self.group(service)}-{table}-changelog"
+
     def checkpoint(self, name: str) -> Path | None:
         """``models_dir/name`` when trained models are on and that folder holds a
         checkpoint (a ``config.json``); None otherwise."""

@@ -17,16 +17,14 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from services.item_embedding.handler import make_handler
 from shared.config import Settings
 from shared.events import MOVIES
 from shared.exceptions import ConfigurationError
+from shared.handlers.item_embedding import SERVICE, make_handler
 from shared.kafka.batch_consumer import BatchConsumer
 from shared.logs import configure_logging
 from shared.models.deployed import build_deployed_item_encoder
 from shared.retrieval.qdrant_store import QdrantStore
-
-SERVICE = "item-embedding"
 
 log = logging.getLogger(__name__)
 

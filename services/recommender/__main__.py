@@ -19,12 +19,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import cast
 
-from services.recommender import SERVICE
-from services.recommender.handler import (
-    handle_item_embeddings,
-    handle_user_profiles,
-    newcomers_recommendations,
-)
 from shared.config import Settings
 from shared.events import (
     ITEM_EMBEDDINGS,
@@ -35,6 +29,12 @@ from shared.events import (
     ItemEmbedded,
     RatingSubmitted,
     UserProfileUpdated,
+)
+from shared.handlers.recommender import (
+    SERVICE,
+    handle_item_embeddings,
+    handle_user_profiles,
+    newcomers_recommendations,
 )
 from shared.kafka.batch_consumer import BatchConsumer
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, handle_isolating_failures

@@ -3,12 +3,12 @@
 ``PipelineModel`` feeds events through exactly the functions the services run, in the
 order the topics would carry them:
 
-- ``movies`` → ``services.item_embedding.handler.handle_movies`` (item encoder + Qdrant
-  upsert) → ``item-embeddings`` → ``services.recommender.handler.handle_item_embeddings``
+- ``movies`` → ``shared.handlers.item_embedding.handle_movies`` (item encoder + Qdrant
+  upsert) → ``item-embeddings`` → ``shared.handlers.recommender.handle_item_embeddings``
   (the recommender's FAISS catalogue) and the user-profile service's vector lookup;
-- ``ratings`` → ``services.user_profile.handler.handle_ratings`` (the user updater over
+- ``ratings`` → ``shared.handlers.user_profile.handle_ratings`` (the user updater over
   states stored as bytes, as in the service's table) → ``user-profiles`` →
-  ``services.recommender.handler.handle_user_profiles`` (retrieve, exclude, MMR) →
+  ``shared.handlers.recommender.handle_user_profiles`` (retrieve, exclude, MMR) →
   ``recommendations``. The item vectors it moves (``settings.item_pull``) go to
   ``item-embeddings`` and reach the catalogue before the profiles do.
 
@@ -36,14 +36,6 @@ from typing import TypeVar
 
 import numpy as np
 
-from services.item_embedding.handler import handle_movies
-from services.recommender.handler import (
-    handle_item_embeddings,
-    handle_user_profiles,
-    newcomers_recommendations,
-)
-from services.user_profile.handler import handle_ratings
-from services.user_profile.item_vectors import ItemVectors
 from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
@@ -56,6 +48,14 @@ from shared.events import (
     UserProfileUpdated,
 )
 from shared.exceptions import ReelstreamError
+from shared.handlers.item_embedding import handle_movies
+from shared.handlers.recommender import (
+    handle_item_embeddings,
+    handle_user_profiles,
+    newcomers_recommendations,
+)
+from shared.handlers.user_profile import handle_ratings
+from shared.kafka.item_vectors import ItemVectors
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.models.item_encoder import ItemEncoder
 from shared.models.item_stats import ItemStats

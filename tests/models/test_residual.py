@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.user_profile.handler import handle_ratings
 from shared.events import RatingSubmitted, UserProfileUpdated
 from shared.exceptions import ConfigurationError, NumericalError
+from shared.handlers.user_profile import handle_ratings
 from shared.kafka.message import Incoming, Source
 from shared.models.checkpoint import save_checkpoint
 from shared.models.residual import (

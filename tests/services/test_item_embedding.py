@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.item_embedding.handler import handle_movies, make_handler
 from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
@@ -29,6 +28,7 @@ from shared.events import (
     People,
     encode,
 )
+from shared.handlers.item_embedding import handle_movies, make_handler
 from shared.kafka.batch_consumer import BatchConsumer
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.models.item_encoder import ConcatItemEncoder

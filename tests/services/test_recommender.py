@@ -18,11 +18,6 @@ import pytest
 import torch
 
 from services.recommender.__main__ import RecommenderWorker
-from services.recommender.handler import (
-    handle_item_embeddings,
-    handle_user_profiles,
-    newcomers_recommendations,
-)
 from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
@@ -39,6 +34,11 @@ from shared.events import (
     TopicSpec,
     UserProfileUpdated,
     new_event_id,
+)
+from shared.handlers.recommender import (
+    handle_item_embeddings,
+    handle_user_profiles,
+    newcomers_recommendations,
 )
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.kafka.publisher import Publisher

@@ -18,15 +18,6 @@ import numpy as np
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from services.user_profile import naming
-from services.user_profile.handler import (
-    RECENT_EVENTS,
-    Rating,
-    UserRecord,
-    handle_ratings,
-    pulled,
-)
-from services.user_profile.item_vectors import ItemVectors
 from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
@@ -41,7 +32,17 @@ from shared.events import (
     UserProfileUpdated,
     encode,
 )
+from shared.handlers.user_profile import (
+    RECENT_EVENTS,
+    SERVICE,
+    TABLE,
+    Rating,
+    UserRecord,
+    handle_ratings,
+    pulled,
+)
 from shared.kafka.client import make_admin, make_consumer, make_producer
+from shared.kafka.item_vectors import ItemVectors
 from shared.kafka.message import Incoming, Source, parse
 from shared.models.updater import RatingWeightedMean
 from shared.types import MovieId, UserId, Vector
@@ -632,7 +633,7 @@ def worker(
         # local broker never expires a killed member), but a stopped one stays in the
         # group, which then cannot be deleted.
         env["REELSTREAM_INSTANCE_ID"] = instance_id
-    ready = settings.ready_file(naming.SERVICE)
+    ready = settings.ready_file(SERVICE)
     ready.unlink(missing_ok=True)
     with log.open("ab") as out:
         process = subprocess.Popen(
@@ -893,7 +894,7 @@ def test_restart_neither_loses_nor_repeats_an_update(
     # As after a crash before the commit: the offsets are lost and every rating comes
     # again; the stored last_offset must keep them from being applied twice.
     admin = make_admin(settings)
-    for future in admin.delete_consumer_groups([naming.app_id(settings)]).values():
+    for future in admin.delete_consumer_groups([settings.group(SERVICE)]).values():
         future.result()
     with worker(settings, log):
         publish_round(2, n_third)
@@ -907,7 +908,7 @@ def test_restart_neither_loses_nor_repeats_an_update(
 
     # The table's changelog is partitioned like the ratings: a user's state is
     # recovered by the instance that owns the user's ratings partition.
-    changelog = partitions_by_key(settings, naming.changelog_topic(settings))
+    changelog = partitions_by_key(settings, settings.changelog(SERVICE, TABLE))
     ratings = partitions_by_key(settings, settings.topic(RATINGS.name))
     assert set(changelog) == set(users)
     for user in users:

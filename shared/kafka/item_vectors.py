@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from services.user_profile.naming import SERVICE
 from shared.config import Settings
 from shared.events import ITEM_EMBEDDINGS, Event, ItemEmbedded
 from shared.kafka.message import Incoming, Source
@@ -48,7 +47,7 @@ class ItemVectors(Mapping[MovieId, Vector]):
         settings: Settings,
         on_invalid: InvalidHandler | None = None,
         *,
-        name: str = f"{SERVICE}-items",
+        name: str = "item-vectors",
     ) -> None:
         self._settings = settings
         self._on_invalid = on_invalid

@@ -8,7 +8,6 @@ from datetime import datetime
 
 import numpy as np
 
-from services.recommender import SERVICE
 from shared.config import Settings
 from shared.events import (
     NEWCOMERS_USER_ID,
@@ -27,6 +26,9 @@ from shared.retrieval.recommend import Reranker, ScoredItem, newcomer_list, reco
 from shared.types import UserId
 
 log = logging.getLogger(__name__)
+
+SERVICE = "recommender"
+"""Consumer group, dead-letter ``service`` field and ready-file name of the recommender."""
 
 MIN_STARS = 0.5
 MAX_STARS = 5.0

@@ -15,15 +15,15 @@ broker error) is not applied twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
-from services.user_profile.naming import SERVICE
 from shared.events import (
     ITEM_EMBEDDINGS,
     USER_PROFILES,
@@ -39,6 +39,12 @@ from shared.models.updater import UserState, UserUpdater
 from shared.types import EventId, MovieId, UserId, Vector
 
 log = logging.getLogger(__name__)
+
+SERVICE = "user-profile"
+"""Consumer group, dead-letter ``service`` field and ready-file name of user-profile."""
+TABLE = "user-state"
+"""The per-user table (``UserRecord`` bytes); its changelog is
+``Settings.changelog(SERVICE, TABLE)``."""
 
 Rating = Incoming[RatingSubmitted]
 
@@ -475,3 +481,50 @@ def handle_ratings(
     if work.n_replayed:
         log.info("skipped re-delivered ratings already applied n=%d", work.n_replayed)
     return work.out, updated
+
+
+class Records(Protocol):
+    """A store of users' ``UserRecord`` bytes (the worker's changelog table)."""
+
+    generation: int
+    """Changes whenever the set of keys held changes (a restore or a revoke)."""
+
+    def items(self) -> Iterable[tuple[int, bytes, bytes]]:
+        """``(partition, key, value)`` of every record held."""
+        ...
+
+
+class ParkedUsers:
+    """The users of the table whose records hold parked ratings: the movie each waits
+    for and until when (epoch seconds)."""
+
+    def __init__(self, wait_s: float) -> None:
+        self._wait_s = wait_s
+        self._heads: dict[UserId, tuple[MovieId, float]] = {}
+        self._generation = -1
+
+    def sync(self, table: Records) -> None:
+        """Rebuild from the table after its partitions changed (restore or revoke)."""
+        if table.generation == self._generation:
+            return
+        self._generation = table.generation
+        self._heads = {}
+        for _, key, value in table.items():
+            if UserRecord.has_parked(value):
+                self.update({key.decode(): UserRecord.from_bytes(value)})
+
+    def update(self, records: dict[UserId, UserRecord]) -> None:
+        for user, record in records.items():
+            if record.parked:
+                head = record.parked[0]
+                published = head.source.timestamp_ms
+                since = time.time() if published is None else published / 1000
+                self._heads[user] = (head.event.movie_id, since + self._wait_s)
+            else:
+                self._heads.pop(user, None)
+
+    def due(self, vectors: Container[MovieId], now: float) -> set[UserId]:
+        """Users whose awaited movie has a vector now, or whose wait has run out."""
+        return {
+            user for user, (movie, until) in self._heads.items() if movie in vectors or now >= until
+        }

@@ -14,6 +14,9 @@ from shared.retrieval.qdrant_store import QdrantStore
 
 log = logging.getLogger(__name__)
 
+SERVICE = "item-embedding"
+"""Consumer group, dead-letter ``service`` field and ready-file name of item-embedding."""
+
 
 def handle_movies(
     batch: list[Incoming[MoviePublished]],
