@@ -86,17 +86,17 @@ chaos: venv data ## kill -9 services, restart the broker mid-replay; compare to 
 		--rate $(or $(RATE),200)
 
 train: venv data ## train the item encoder, user updater and ranker on TRAIN into models/
-	@$(PY) -m infra.train
+	@$(PY) -m infra.lab.train
 
 ablation: venv data ## item-encoder ablation ladder on the validation split; reports/ablation.*
-	@$(PY) -m infra.ablation
+	@$(PY) -m infra.lab.ablation
 
 eval: venv data ## protocol T1 in process, every model; reports/ (TEST_LIMIT=, VALIDATION=1)
-	@$(PY) -m infra.eval run $(if $(TEST_LIMIT),--test-limit $(TEST_LIMIT)) \
+	@$(PY) -m infra.lab.eval run $(if $(TEST_LIMIT),--test-limit $(TEST_LIMIT)) \
 		$(if $(VALIDATION),--validation)
 
 eval-stream: venv data ## T1 through the running stack vs in process (TEST_LIMIT=1000, VARIANT=)
-	@$(PY) -m infra.eval stream --test-limit $(or $(TEST_LIMIT),1000) $(if $(VARIANT),--variant $(VARIANT))
+	@$(PY) -m infra.lab.eval stream --test-limit $(or $(TEST_LIMIT),1000) $(if $(VARIANT),--variant $(VARIANT))
 
 up-docker: ## the stack in Docker: Apache Kafka, Qdrant and the services
 	docker compose up -d --build

@@ -93,7 +93,7 @@ def running(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         rating_wait_s=5.0,
         max_message_bytes=20_000,
         # The expectations below are written for the baseline models on a toy catalogue;
-        # the trained stack runs end to end in tests/evaluation/test_stream.py.
+        # the trained stack runs end to end in tests/lab/evaluation/test_stream.py.
         trained_models=False,
     )
     ensure_topics(settings)

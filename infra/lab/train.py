@@ -1,7 +1,7 @@
 """``make train``: the fusion item encoder, the residual user updater and the two-tower
 ranker, trained on TRAIN only (protocol T1), written as versioned checkpoints.
 
-    python -m infra.train [--models-dir models] [--seed 0] [--quiet] [--stage rating-model]
+    python -m infra.lab.train [--models-dir models] [--seed 0] [--quiet] [--stage rating-model]
 
 Stages, each on the previous one's output:
 
@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from infra.lab.evaluation.report import write_json
+from infra.lab.evaluation.split import Split, temporal_split
 from shared.config import Settings
 from shared.data.movielens import ML100K_GENRES, MovieLens, load_movielens
-from shared.evaluation.report import write_json
-from shared.evaluation.split import Split, temporal_split
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.exceptions import ConfigurationError
 from shared.models.checkpoint import read_config
@@ -89,7 +89,7 @@ from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.recommend import CandidateSources, retrieve_batch
 from shared.types import Matrix, MovieId, UserId
 
-log = logging.getLogger("infra.train")
+log = logging.getLogger("infra.lab.train")
 
 RANKER_RECENT_SHARE = 0.3
 """The ranker learns from the last 30% of the fit window's ratings only. The replay
@@ -463,7 +463,7 @@ def train_all(
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(
-        prog="python -m infra.train", description=__doc__.split("\n")[0]
+        prog="python -m infra.lab.train", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--dataset", type=Path, default=Path("data/ml-100k"))
     parser.add_argument("--models-dir", type=Path, help="default: REELSTREAM_MODELS_DIR (models/)")
@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     record.update(
         {
-            "command": "python -m infra.train " + " ".join(sys.argv[1:]),
+            "command": "python -m infra.lab.train " + " ".join(sys.argv[1:]),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "wall_s": time.perf_counter() - started,
             "models_dir": str(models_dir),

@@ -1,6 +1,6 @@
 """The one interface every model under evaluation implements.
 
-The harness (``shared.evaluation.harness``) drives a model through protocol T1:
+The harness (``infra.lab.evaluation.harness``) drives a model through protocol T1:
 
 1. ``add_movies`` with the catalogue known at the start (all movies, or in the
    "items arrive mid-stream" variant only those rated in TRAIN);

@@ -1,6 +1,6 @@
 """``make ablation``: what each part of the trained item encoder adds, on validation.
 
-    python -m infra.ablation [--dataset data/ml-100k] [--out reports] [--seed 0] [--quiet]
+    python -m infra.lab.ablation [--dataset data/ml-100k] [--out reports] [--seed 0] [--quiet]
                              [--limit N] [--epochs E]
 
 Protocol T1's TRAIN (the first 80% of ML-100K in time) is split again with
@@ -17,7 +17,7 @@ between rows:
 4. ``fusion-interaction``: + metadata;
 5. ``fusion-all``: + triplet, i.e. every objective: the deployed ``FusionConfig()``.
 
-Each fusion step is trained exactly as ``infra.train`` trains the deployed encoder (same
+Each fusion step is trained exactly as ``infra.lab.train`` trains the deployed encoder (same
 data, seed and thread count), so step 5 reproduces ``models/item-encoder`` when that was
 trained with the same code; the report says whether its version matches. Writes
 ``reports/ablation.md`` and ``reports/ablation.json`` and prints the table.
@@ -45,14 +45,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
-from infra.eval import describe_data, environment, seed_everything
+from infra.lab.eval import describe_data, environment, seed_everything
+from infra.lab.evaluation.harness import ModelRun, evaluate
+from infra.lab.evaluation.metrics import K
+from infra.lab.evaluation.pipeline import PipelineModel
+from infra.lab.evaluation.report import write_json
+from infra.lab.evaluation.split import Split, temporal_split
 from shared.config import Settings
 from shared.data.movielens import load_movielens
-from shared.evaluation.harness import ModelRun, evaluate
-from shared.evaluation.metrics import K
-from shared.evaluation.pipeline import PipelineModel
-from shared.evaluation.report import write_json
-from shared.evaluation.split import Split, temporal_split
 from shared.events import MoviePublished
 from shared.exceptions import ConfigurationError
 from shared.models.checkpoint import read_config
@@ -65,10 +65,10 @@ from shared.models.item_encoder import ItemEncoder, build_item_encoder
 from shared.models.text import TextEncoder
 from shared.models.updater import RatingWeightedMean
 
-log = logging.getLogger("infra.ablation")
+log = logging.getLogger("infra.lab.ablation")
 
 VALIDATION_FRACTION = 0.1
-"""Share of TRAIN scored (its last 10%), as ``infra.train`` holds it out."""
+"""Share of TRAIN scored (its last 10%), as ``infra.lab.train`` holds it out."""
 
 REPORT_NAME = "ablation"
 """Stem of the report files under ``--out``."""
@@ -224,7 +224,7 @@ def run_ablation(
         One result per step, in ladder order.
     """
     threads = torch.get_num_threads()
-    # As infra.train: one thread was 5-10x faster than two on the shared 2-core machine,
+    # As infra.lab.train: one thread was 5-10x faster than two on the shared 2-core machine,
     # and the thread count is part of what makes a training run reproducible.
     torch.set_num_threads(1)
     try:
@@ -401,7 +401,7 @@ def deployed_version(settings: Settings) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m infra.ablation", description=__doc__.split("\n")[0]
+        prog="python -m infra.lab.ablation", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--dataset", type=Path, default=Path("data/ml-100k"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "protocol": "T1",
         "scored": f"validation: last {VALIDATION_FRACTION:.0%} of TRAIN",
         "command": shlex.join(
-            ["python", "-m", "infra.ablation", *(sys.argv[1:] if argv is None else argv)]
+            ["python", "-m", "infra.lab.ablation", *(sys.argv[1:] if argv is None else argv)]
         ),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,

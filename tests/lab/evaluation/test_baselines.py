@@ -14,13 +14,13 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from shared.evaluation.baselines import (
+from infra.lab.evaluation.baselines import (
     BiasPredictor,
     MostPopular,
     OnlineMF,
     OnlinePopularity,
 )
-from shared.evaluation.model import DEFAULT_RATING, EvalModel
+from infra.lab.evaluation.model import DEFAULT_RATING, EvalModel
 from shared.events import MoviePublished, RatingSubmitted
 from shared.exceptions import NumericalError
 from shared.types import MovieId, UserId

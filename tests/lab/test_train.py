@@ -1,4 +1,4 @@
-"""The ranker's training replay (``infra.train.ranker_examples``): what an example holds
+"""The ranker's training replay (``infra.lab.train.ranker_examples``): what an example holds
 and which ratings give one."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from infra.train import ranker_examples
+from infra.lab.train import ranker_examples
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.models.item_stats import ItemStats
 from shared.models.online_cf import OnlineBPR

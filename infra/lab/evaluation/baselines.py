@@ -1,6 +1,6 @@
 """Baseline recommenders for protocol T1: what reelstream has to beat.
 
-Three models implement :class:`~shared.evaluation.model.EvalModel`:
+Three models implement :class:`~infra.lab.evaluation.model.EvalModel`:
 
 - :class:`MostPopular` (``"most-popular"``): static; TRAIN rating counts, and Koren's
   baseline predictor (global mean + shrunk item and user biases) for the stars.
@@ -25,8 +25,8 @@ from collections.abc import Set as AbstractSet
 import numpy as np
 import numpy.typing as npt
 
-from shared.evaluation.metrics import top_k
-from shared.evaluation.model import DEFAULT_RATING
+from infra.lab.evaluation.metrics import top_k
+from infra.lab.evaluation.model import DEFAULT_RATING
 from shared.events import MoviePublished, RatingSubmitted
 from shared.exceptions import NumericalError
 from shared.models.online_cf import bpr_step, grow_rows, sample_negatives

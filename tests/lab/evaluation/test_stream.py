@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from infra import broker, stack
+from infra.lab.evaluation.stream import StreamResult, run_stream
 from infra.topics import ensure_topics
 from shared.config import Settings
-from shared.evaluation.stream import StreamResult, run_stream
 from shared.events import (
     MoviePublished,
     RatingSubmitted,

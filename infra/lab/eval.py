@@ -1,7 +1,7 @@
 """``make eval``: protocol T1 on MovieLens-100K for reelstream and its baselines.
 
-    python -m infra.eval run [--test-limit N] [--models a,b] [--variants all-items,mid-stream]
-    python -m infra.eval stream [--test-limit N]     # through the running stack (make up)
+    python -m infra.lab.eval run [--test-limit N] [--models a,b] [--variants all-items,mid-stream]
+    python -m infra.lab.eval stream [--test-limit N]     # through the running stack (make up)
 
 ``run`` drives every model in process over the TEST stream (test-then-learn) and writes
 ``reports/<name>.md``, ``.json``, ``-ndcg.png`` (rolling NDCG@10) and ``-mmr.png`` (the
@@ -30,22 +30,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
-from shared.config import Settings
-from shared.data.movielens import MovieLens, load_movielens
-from shared.evaluation.baselines import MostPopular, OnlineMF, OnlinePopularity
-from shared.evaluation.harness import VARIANTS, ModelRun, Variant, evaluate, mmr_sweep
-from shared.evaluation.metrics import K, Scoreboard, genre_vectors
-from shared.evaluation.model import EvalModel
-from shared.evaluation.pipeline import PipelineModel
-from shared.evaluation.report import (
+from infra.lab.evaluation.baselines import MostPopular, OnlineMF, OnlinePopularity
+from infra.lab.evaluation.harness import VARIANTS, ModelRun, Variant, evaluate, mmr_sweep
+from infra.lab.evaluation.metrics import K, Scoreboard, genre_vectors
+from infra.lab.evaluation.model import EvalModel
+from infra.lab.evaluation.pipeline import PipelineModel
+from infra.lab.evaluation.report import (
     markdown_table,
     plot_mmr_tradeoff,
     plot_rolling_ndcg,
     sweep_table,
     write_json,
 )
-from shared.evaluation.split import Split, arrivals, temporal_split
-from shared.evaluation.stream import StreamResult, run_stream
+from infra.lab.evaluation.split import Split, arrivals, temporal_split
+from infra.lab.evaluation.stream import StreamResult, run_stream
+from shared.config import Settings
+from shared.data.movielens import MovieLens, load_movielens
 from shared.models.deployed import (
     ITEM_ENCODER,
     RANKER,
@@ -57,7 +57,7 @@ from shared.models.deployed import (
 from shared.models.item_encoder import ItemEncoder, build_item_encoder
 from shared.models.updater import RatingWeightedMean, UserState, shrunk_mean_rating
 
-log = logging.getLogger("infra.eval")
+log = logging.getLogger("infra.lab.eval")
 
 BASELINES = ("most-popular", "online-popularity", "online-mf", "content-knn")
 """The baselines: they need no checkpoint."""
@@ -238,7 +238,7 @@ def run_models(
 
 
 def command_line() -> str:
-    return "python -m infra.eval " + shlex.join(sys.argv[1:])
+    return "python -m infra.lab.eval " + shlex.join(sys.argv[1:])
 
 
 def write_run_reports(
@@ -527,7 +527,7 @@ def stream_markdown(doc: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m infra.eval", description=__doc__.split("\n")[0]
+        prog="python -m infra.lab.eval", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -9,8 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from shared.data.movielens import ML100K_GENRES
-from shared.evaluation.metrics import (
+from infra.lab.evaluation.metrics import (
     LIKED_THRESHOLD,
     K,
     Scoreboard,
@@ -22,6 +21,7 @@ from shared.evaluation.metrics import (
     rolling_mean,
     top_k,
 )
+from shared.data.movielens import ML100K_GENRES
 from shared.events import MoviePublished
 from shared.exceptions import NumericalError
 

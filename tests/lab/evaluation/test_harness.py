@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infra.eval import write_run_reports
+from infra.lab.eval import write_run_reports
+from infra.lab.evaluation.baselines import MostPopular, OnlineMF, OnlinePopularity
+from infra.lab.evaluation.harness import evaluate, initial_movies, mmr_sweep
+from infra.lab.evaluation.metrics import ndcg_at_k
+from infra.lab.evaluation.model import EvalModel
+from infra.lab.evaluation.pipeline import EvaluationError, PipelineModel
+from infra.lab.evaluation.report import markdown_table
+from infra.lab.evaluation.split import Split, temporal_split
 from shared.config import Settings
-from shared.evaluation.baselines import MostPopular, OnlineMF, OnlinePopularity
-from shared.evaluation.harness import evaluate, initial_movies, mmr_sweep
-from shared.evaluation.metrics import ndcg_at_k
-from shared.evaluation.model import EvalModel
-from shared.evaluation.pipeline import EvaluationError, PipelineModel
-from shared.evaluation.report import markdown_table
-from shared.evaluation.split import Split, temporal_split
 from shared.events import MoviePublished, RatingSubmitted
 from shared.models.item_encoder import ConcatItemEncoder
 from shared.models.text import TextEncoder

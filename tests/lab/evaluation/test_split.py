@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared.evaluation.split import Split, arrivals, temporal_split
+from infra.lab.evaluation.split import Split, arrivals, temporal_split
 from shared.events import RatingSubmitted
 
 T0 = datetime(1997, 9, 20, tzinfo=UTC)

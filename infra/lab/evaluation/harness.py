@@ -1,6 +1,6 @@
 """Protocol T1, in process: test-then-learn over the TEST stream, in event order.
 
-``evaluate`` drives any ``EvalModel`` (see ``shared.evaluation.model``) and scores every
+``evaluate`` drives any ``EvalModel`` (see ``infra.lab.evaluation.model``) and scores every
 test event with a ``Scoreboard``. ``mmr_sweep`` re-ranks the pipeline model's recorded
 profiles at several MMR lambdas with the recommender's own ``recommend_batch``.
 """
@@ -16,10 +16,10 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from shared.evaluation.metrics import K, Scoreboard, genre_vectors
-from shared.evaluation.model import EvalModel
-from shared.evaluation.pipeline import EvaluationError, PipelineModel, Snapshot
-from shared.evaluation.split import Split, arrivals
+from infra.lab.evaluation.metrics import K, Scoreboard, genre_vectors
+from infra.lab.evaluation.model import EvalModel
+from infra.lab.evaluation.pipeline import EvaluationError, PipelineModel, Snapshot
+from infra.lab.evaluation.split import Split, arrivals
 from shared.events import MoviePublished
 from shared.retrieval.recommend import recommend_batch
 from shared.types import MovieId, UserId

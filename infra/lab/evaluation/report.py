@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from shared.evaluation.harness import ModelRun
-from shared.evaluation.metrics import rolling_mean
+from infra.lab.evaluation.harness import ModelRun
+from infra.lab.evaluation.metrics import rolling_mean
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``make ablation`` (``infra.ablation``): the encoder ladder, its reports and the split it
+"""``make ablation`` (``infra.lab.ablation``): the encoder ladder, its reports and the split it
 scores, on a small MovieLens-format folder with short fusion trainings."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from infra.ablation import SKIPPED, ladder, main, run_ablation
+from infra.lab.ablation import SKIPPED, ladder, main, run_ablation
+from infra.lab.evaluation.split import temporal_split
 from shared.config import Settings
 from shared.data.movielens import load_movielens
-from shared.evaluation.split import temporal_split
 from shared.models.fusion import FusionConfig, train_fusion
 from shared.models.text import TextEncoder
 from tests.data.ml100k_files import write_recbole
@@ -119,7 +119,7 @@ def test_ablation_scores_every_step_on_the_validation_split_only(tmp_path: Path)
 def test_the_fusion_steps_are_trained_as_infra_train_trains_the_deployed_encoder(
     tmp_path: Path,
 ) -> None:
-    """Same data, seed and thread count as ``infra.train``: the same weights (version)."""
+    """Same data, seed and thread count as ``infra.lab.train``: the same weights (version)."""
     dataset = load_movielens(write_dataset(tmp_path / "ml-100k"))
     split = temporal_split(dataset.ratings).validation(0.1)
     text = TextEncoder()
