@@ -51,6 +51,7 @@ from infra.lab.evaluation.metrics import K
 from infra.lab.evaluation.pipeline import PipelineModel
 from infra.lab.evaluation.report import write_json
 from infra.lab.evaluation.split import Split, temporal_split
+from infra.lab.training.fusion import FusionConfig, space_spread, train_fusion
 from shared.config import Settings
 from shared.data.movielens import load_movielens
 from shared.events import MoviePublished
@@ -59,7 +60,7 @@ from shared.models.checkpoint import read_config
 from shared.models.deployed import ITEM_ENCODER
 from shared.models.device import resolve_device
 from shared.models.fusion import KIND as FUSION_KIND
-from shared.models.fusion import FusionConfig, FusionItemEncoder, space_spread, train_fusion
+from shared.models.fusion import FusionItemEncoder
 from shared.models.image import ImageEncoder, load_image_encoder
 from shared.models.item_encoder import ItemEncoder, build_item_encoder
 from shared.models.text import TextEncoder

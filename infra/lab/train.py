@@ -45,6 +45,10 @@ from tqdm import tqdm
 
 from infra.lab.evaluation.report import write_json
 from infra.lab.evaluation.split import Split, temporal_split
+from infra.lab.training.fusion import save_fusion, train_fusion
+from infra.lab.training.ranker import ExampleBuilder, RankerExamples, save_ranker, train_ranker
+from infra.lab.training.rating import prequential_rmse, save_rating_model
+from infra.lab.training.residual import save_residual, train_residual
 from shared.config import Settings
 from shared.data.movielens import ML100K_GENRES, MovieLens, load_movielens
 from shared.events import ItemEmbedded, RatingSubmitted
@@ -59,30 +63,13 @@ from shared.models.deployed import (
 )
 from shared.models.device import resolve_device
 from shared.models.fusion import KIND as FUSION_KIND
-from shared.models.fusion import (
-    FusionItemEncoder,
-    encode_catalogue,
-    load_fusion_encoder,
-    save_fusion,
-    train_fusion,
-)
+from shared.models.fusion import FusionItemEncoder, encode_catalogue, load_fusion_encoder
 from shared.models.image import load_image_encoder
 from shared.models.item_stats import ItemStats
 from shared.models.online_cf import OnlineBPR
-from shared.models.ranker import ExampleBuilder, RankerExamples, save_ranker, train_ranker
-from shared.models.rating import (
-    RatingParams,
-    fit_rating_factors,
-    prequential_rmse,
-    save_rating_model,
-)
+from shared.models.rating import RatingParams, fit_rating_factors
 from shared.models.residual import KIND as RESIDUAL_KIND
-from shared.models.residual import (
-    ResidualUpdater,
-    load_residual_updater,
-    save_residual,
-    train_residual,
-)
+from shared.models.residual import ResidualUpdater, load_residual_updater
 from shared.models.text import TextEncoder
 from shared.models.updater import UserState, UserUpdater
 from shared.retrieval.catalogue import Catalogue

@@ -5,6 +5,8 @@ every event the model's service emits) and everything needed to rebuild the modu
 (dimensions, feature layout, hyper-parameters), plus how they were trained. Loading
 never unpickles: ``torch.load(weights_only=True)``. A checkpoint whose kind, format or
 shapes do not fit is refused with a ``ConfigurationError`` that names the file.
+
+This module reads checkpoints; the lab writes them (``infra.lab.training.checkpoint``).
 """
 
 from __future__ import annotations
@@ -27,31 +29,6 @@ FORMAT = 1
 
 WEIGHTS_FILE = "state_dict.pt"
 CONFIG_FILE = "config.json"
-
-
-def save_checkpoint(directory: Path, module: torch.nn.Module, config: dict[str, Any]) -> Path:
-    """Write ``module.state_dict()`` and ``config`` (which must name ``kind`` and
-    ``version``) into ``directory``; returns the directory.
-
-    Raises:
-        ValueError: ``config`` lacks ``kind`` or ``version``, or is not JSON-serialisable.
-    """
-    for key in ("kind", "version"):
-        if not isinstance(config.get(key), str) or not config[key]:
-            raise ValueError(f"checkpoint config needs a non-empty string {key!r}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()
-    }
-    torch.save(state, directory / WEIGHTS_FILE)
-    (directory / CONFIG_FILE).write_text(
-        json.dumps({**config, "format": FORMAT}, indent=2, sort_keys=True) + "\n"
-    )
-    log.info(
-        "saved checkpoint kind=%s version=%s dir=%s", config["kind"], config["version"], directory
-    )
-    return directory
 
 
 def read_config(directory: Path, kind: str) -> dict[str, Any]:

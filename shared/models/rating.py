@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from shared.events import RatingSubmitted
 from shared.exceptions import ConfigurationError, NumericalError
-from shared.models.checkpoint import load_checkpoint, load_into, save_checkpoint, state_digest
+from shared.models.checkpoint import load_checkpoint, load_into, state_digest
 from shared.models.item_stats import ItemStats
 from shared.types import Matrix, MovieId
 
@@ -388,27 +388,6 @@ def rating_version(factors: ItemFactors, params: RatingParams) -> str:
     return f"{VERSION_PREFIX}-{digest.hexdigest()[:8]}"
 
 
-def save_rating_model(
-    directory: Path, fit: RatingFit, params: RatingParams, extra: dict[str, Any]
-) -> RatingModel:
-    """Write the fit as a ``rating-model`` checkpoint; returns the model as it loads."""
-    module = ItemFactors(len(fit.movie_ids), fit.factors.shape[1], fit.neighbour_rows.shape[1])
-    module.factors.copy_(torch.from_numpy(fit.factors))
-    module.neighbour_rows.copy_(torch.from_numpy(fit.neighbour_rows.astype(np.int64)))
-    module.neighbour_similarity.copy_(torch.from_numpy(fit.neighbour_similarity))
-    version = rating_version(module, params)
-    config = {
-        **extra,
-        **fit.config,
-        "params": asdict(params),
-        "movie_ids": list(fit.movie_ids),
-        "kind": KIND,
-        "version": version,
-    }
-    save_checkpoint(directory, module, config)
-    return load_rating_model(directory)
-
-
 def load_rating_model(directory: Path) -> RatingModel:
     """The ``RatingModel`` of a ``rating-model`` checkpoint.
 
@@ -446,45 +425,3 @@ def load_rating_model(directory: Path) -> RatingModel:
         )
     except ValueError as exc:
         raise ConfigurationError(f"checkpoint {directory}: {exc}") from exc
-
-
-def prequential_rmse(
-    model: RatingModel,
-    train: Sequence[RatingSubmitted],
-    test: Sequence[RatingSubmitted],
-    vectors: dict[MovieId, np.ndarray],
-    item_stats: ItemStats,
-) -> float:
-    """RMSE of ``model`` on ``test`` in time order, each rating predicted before it is
-    learned (``item_stats``, fresh, and the users' histories learn ``train`` first), as
-    the recommender predicts it. ``vectors`` are the movies' L2-normalised item vectors.
-
-    Raises:
-        ValueError: ``test`` is empty.
-    """
-    if not test:
-        raise ValueError("no test ratings")
-    rated: dict[str, dict[MovieId, float]] = {}
-
-    def learn(r: RatingSubmitted) -> None:
-        item_stats.learn_one(r.movie_id, r.rating, r.occurred_at)
-        rated.setdefault(r.user_id, {})[r.movie_id] = r.rating
-
-    for r in train:
-        learn(r)
-    dim = len(next(iter(vectors.values())))
-    squared = 0.0
-    for r in test:
-        history = rated.get(r.user_id, {})
-        movies = list(history)
-        predicted = model.predict(
-            item_stats,
-            movies,
-            list(history.values()),
-            np.array([vectors[m] for m in movies]).reshape(-1, dim),
-            [r.movie_id],
-            vectors[r.movie_id][None, :],
-        )[0]
-        squared += (predicted - r.rating) ** 2
-        learn(r)
-    return math.sqrt(squared / len(test))

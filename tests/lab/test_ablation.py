@@ -12,9 +12,9 @@ import torch
 
 from infra.lab.ablation import SKIPPED, ladder, main, run_ablation
 from infra.lab.evaluation.split import temporal_split
+from infra.lab.training.fusion import FusionConfig, train_fusion
 from shared.config import Settings
 from shared.data.movielens import load_movielens
-from shared.models.fusion import FusionConfig, train_fusion
 from shared.models.text import TextEncoder
 from tests.data.ml100k_files import write_recbole
 

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from infra.lab.train import ranker_examples
+from infra.lab.training.ranker import RankerExamples
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.models.item_stats import ItemStats
 from shared.models.online_cf import OnlineBPR
-from shared.models.ranker import RankerExamples
 from shared.models.updater import RatingWeightedMean
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.recommend import CandidateSources

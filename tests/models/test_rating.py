@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from infra.lab.training.rating import prequential_rmse, save_rating_model
 from shared.data.movielens import MovieLens, load_movielens
 from shared.events import RatingSubmitted
 from shared.exceptions import ConfigurationError, NumericalError
@@ -21,8 +22,6 @@ from shared.models.rating import (
     corating_similarity,
     fit_rating_factors,
     load_rating_model,
-    prequential_rmse,
-    save_rating_model,
 )
 from shared.types import MovieId
 

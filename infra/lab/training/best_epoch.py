@@ -1,4 +1,4 @@
-"""Small pieces every trainer here shares."""
+"""Early stopping on a validation score, as the trainers here use it."""
 
 from __future__ import annotations
 
