@@ -68,12 +68,12 @@ from shared.models.image import load_image_encoder
 from shared.models.item_stats import ItemStats
 from shared.models.online_cf import OnlineBPR
 from shared.models.rating import RatingParams, fit_rating_factors
+from shared.models.recommend import CandidateSources, retrieve_batch
 from shared.models.residual import KIND as RESIDUAL_KIND
 from shared.models.residual import ResidualUpdater, load_residual_updater
 from shared.models.text import TextEncoder
 from shared.models.updater import UserState, UserUpdater
 from shared.retrieval.catalogue import Catalogue
-from shared.retrieval.recommend import CandidateSources, retrieve_batch
 from shared.types import Matrix, MovieId, UserId
 
 log = logging.getLogger("infra.lab.train")

@@ -44,8 +44,8 @@ from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.models.deployed import build_reranker
 from shared.models.item_stats import ItemStats
+from shared.models.recommend import CandidateSources
 from shared.retrieval.catalogue import Catalogue
-from shared.retrieval.recommend import CandidateSources
 from shared.types import MovieId
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from shared.events import (
 from shared.exceptions import UnprocessableEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
 from shared.models.item_stats import ItemStats
+from shared.models.recommend import Reranker, ScoredItem, newcomer_list, recommend_batch
 from shared.retrieval.catalogue import Catalogue, check_vector
-from shared.retrieval.recommend import Reranker, ScoredItem, newcomer_list, recommend_batch
 from shared.types import UserId
 
 log = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ from shared.models.device import resolve_device
 from shared.models.image import load_image_encoder
 from shared.models.item_encoder import ItemEncoder, build_item_encoder
 from shared.models.rating import RatingModel, load_rating_model
+from shared.models.recommend import CandidateSources, Reranker
 from shared.models.text import TextEncoder
 from shared.models.updater import RatingWeightedMean, UserUpdater
-from shared.retrieval.recommend import CandidateSources, Reranker
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from infra.lab.training.ranker import RankerExamples
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.models.item_stats import ItemStats
 from shared.models.online_cf import OnlineBPR
+from shared.models.recommend import CandidateSources
 from shared.models.updater import RatingWeightedMean
 from shared.retrieval.catalogue import Catalogue
-from shared.retrieval.recommend import CandidateSources
 
 DIM = 8
 T0 = datetime(1998, 1, 1, tzinfo=UTC)

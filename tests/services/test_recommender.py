@@ -45,8 +45,8 @@ from shared.kafka.publisher import Publisher
 from shared.models.item_stats import ItemStats
 from shared.models.ranker import Ranker, TwoTowerNet
 from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
+from shared.models.recommend import CandidateSources, Reranker
 from shared.retrieval.catalogue import Catalogue
-from shared.retrieval.recommend import CandidateSources, Reranker
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import produce_raw, read_topic
 

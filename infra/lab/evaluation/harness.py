@@ -21,7 +21,7 @@ from infra.lab.evaluation.model import EvalModel
 from infra.lab.evaluation.pipeline import EvaluationError, PipelineModel, Snapshot
 from infra.lab.evaluation.split import Split, arrivals
 from shared.events import MoviePublished
-from shared.retrieval.recommend import recommend_batch
+from shared.models.recommend import recommend_batch
 from shared.types import MovieId, UserId
 
 log = logging.getLogger(__name__)

@@ -59,10 +59,10 @@ from shared.kafka.item_vectors import ItemVectors
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.models.item_encoder import ItemEncoder
 from shared.models.item_stats import ItemStats
+from shared.models.recommend import CandidateSources, Reranker
 from shared.models.updater import UserUpdater, shrunk_mean_rating
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.qdrant_store import QdrantStore
-from shared.retrieval.recommend import CandidateSources, Reranker
 from shared.types import Matrix, MovieId, UserId, Vector
 
 log = logging.getLogger(__name__)

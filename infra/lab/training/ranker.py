@@ -3,7 +3,7 @@
 ``train_ranker`` fits a ``TwoTowerNet`` on ``RankerExamples``, one row per TRAIN rating
 event in time order with the user's profile vector and features as they were just
 before the event, and the candidates the recommender would have scored for that user
-then (``shared.retrieval.recommend.retrieve_batch``: cosine neighbours, trending,
+then (``shared.models.recommend.retrieve_batch``: cosine neighbours, trending,
 newest; ``ExampleBuilder`` collects them while the caller replays TRAIN). The loss has
 three terms:
 

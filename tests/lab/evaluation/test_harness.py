@@ -22,9 +22,9 @@ from infra.lab.evaluation.split import Split, temporal_split
 from shared.config import Settings
 from shared.events import MoviePublished, RatingSubmitted
 from shared.models.item_encoder import ConcatItemEncoder
+from shared.models.recommend import recommend
 from shared.models.text import TextEncoder
 from shared.models.updater import RatingWeightedMean
-from shared.retrieval.recommend import recommend
 from shared.types import MovieId, UserId
 
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]

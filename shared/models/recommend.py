@@ -1,19 +1,21 @@
 """Retrieve → exclude → rank → MMR re-rank: the recommendation list of a user vector.
 
-Pure functions over a catalogue, shared by the recommender service, the offline
-evaluation and the tests. Ranking is optional: without a ``Reranker`` the candidates'
-cosine similarity is their relevance.
+Pure functions over a catalogue (``shared.retrieval``: the index and MMR) and the
+ranking models, shared by the recommender service, the offline evaluation and the
+tests. Ranking is optional: without a ``Reranker`` the candidates' cosine similarity is
+their relevance.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import islice
+from typing import Protocol
 
 import numpy as np
 
-from shared.events import RatingSubmitted
 from shared.models.item_stats import N_PAIR_FEATURES, ItemStats, user_features_batch
 from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import Ranker
@@ -21,6 +23,19 @@ from shared.models.rating import RatingModel
 from shared.retrieval.catalogue import Catalogue
 from shared.retrieval.mmr import mmr
 from shared.types import Matrix, MovieId, UserId, Vector
+
+
+class Rating(Protocol):
+    """What the online features learn of a rating (a ``RatingSubmitted`` has it all)."""
+
+    @property
+    def user_id(self) -> UserId: ...
+    @property
+    def movie_id(self) -> MovieId: ...
+    @property
+    def rating(self) -> float: ...
+    @property
+    def occurred_at(self) -> datetime: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,7 @@ class CandidateSources:
     online_cf: OnlineBPR | None = None
     """The ``cf_score`` candidate feature's model; None scores every pair 0 (the mean)."""
 
-    def learn(self, ratings: Sequence[RatingSubmitted]) -> None:
+    def learn(self, ratings: Sequence[Rating]) -> None:
         """Every online feature learns these ratings, in order."""
         self.item_stats.learn_many(
             [r.movie_id for r in ratings],

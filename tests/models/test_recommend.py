@@ -20,8 +20,7 @@ from shared.models.item_stats import (
 from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import Ranker, TwoTowerNet
 from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
-from shared.retrieval.catalogue import Catalogue
-from shared.retrieval.recommend import (
+from shared.models.recommend import (
     CandidateSources,
     Reranker,
     ScoredItem,
@@ -31,6 +30,7 @@ from shared.retrieval.recommend import (
     recommend_batch,
     retrieve_batch,
 )
+from shared.retrieval.catalogue import Catalogue
 
 DIM = 16
 
