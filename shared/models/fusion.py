@@ -43,11 +43,7 @@ from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.checkpoint import load_checkpoint, load_into
 from shared.models.image import ImageEncoder, load_posters
 from shared.models.item_encoder import MODALITY_ORDER, EncodedItem, ItemEncoder
-from shared.models.metadata import (
-    GENRE_FEATURES,
-    genre_features,
-    people_tokens,
-)
+from shared.models.metadata import GENRE_FEATURES, genre_features, people_tokens
 from shared.models.text import TextEncoder, movie_text
 from shared.types import Matrix, MovieId
 
