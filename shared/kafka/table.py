@@ -18,12 +18,15 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from shared.config import Settings
 from shared.kafka.client import make_consumer
 
 log = logging.getLogger(__name__)
+
+END_QUERY_TIMEOUT_S = 10.0
+"""Longest wait (seconds) for a partition's high watermark at the start of a restore."""
 
 RESTORE_TIMEOUT_S = 120.0
 """Longest time (seconds) a restore may take before it fails (and the worker with it)."""
@@ -97,6 +100,12 @@ class ChangelogTable:
         """Load the changelog ``partitions`` from their beginning to their end (committed
         records only); the latest value of each key wins.
 
+        The end is the high watermark when the restore starts. A transaction still open
+        on a partition (a previous owner's, not yet aborted by the broker) hides what
+        follows it from a committed read, which then reports the end of the partition
+        early: the restore waits for that transaction to end rather than take a
+        partial state for the whole, which would silently forget the keys behind it.
+
         Raises:
             KafkaException: the changelog could not be read to its end within
                 ``timeout_s`` seconds.
@@ -112,12 +121,21 @@ class ChangelogTable:
             **{"enable.partition.eof": True},
         )
         try:
+            ends = self._ends(wanted)
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in wanted])
             pending = set(wanted)
+            held: dict[int, int] = {}  # partitions whose committed read ended early: where
             while pending:
                 if time.monotonic() - started > timeout_s:
                     raise KafkaException(
-                        KafkaError(KafkaError._TIMED_OUT, f"restoring {self.topic} {wanted}")
+                        KafkaError(
+                            KafkaError._TIMED_OUT,
+                            f"restoring {self.topic} {wanted}: not at the end of "
+                            + ", ".join(
+                                f"partition {p} (read to {held.get(p)} of {ends[p][1]})"
+                                for p in sorted(pending)
+                            ),
+                        )
                     )
                 for message in consumer.consume(5000, timeout=0.2):
                     err = message.error()
@@ -126,7 +144,7 @@ class ChangelogTable:
                         continue
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
-                            pending.discard(partition)
+                            self._at_eof(consumer, partition, ends[partition], pending, held)
                         elif err.fatal() or not err.retriable():
                             raise KafkaException(err)
                         continue
@@ -151,6 +169,59 @@ class ChangelogTable:
             sum(len(d) for d in rows.values()),
             time.monotonic() - started,
         )
+
+    def _ends(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
+        """Each partition's low and high watermarks, transactions open or not."""
+        probe = make_consumer(
+            self._settings,
+            f"{self.topic}-restore-end-{uuid.uuid4().hex[:8]}",
+            **{"isolation.level": "read_uncommitted"},
+        )
+        try:
+            return {
+                p: probe.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=END_QUERY_TIMEOUT_S
+                )
+                for p in partitions
+            }
+        finally:
+            probe.close()
+
+    def _at_eof(
+        self,
+        consumer: Consumer,
+        partition: int,
+        ends: tuple[int, int],
+        pending: set[int],
+        held: dict[int, int],
+    ) -> None:
+        """Done with ``partition`` when the committed read reached its end, the high
+        watermark of ``ends`` (low, high)."""
+        start, end = ends
+        position = consumer.position([TopicPartition(self.topic, partition)])[0].offset
+        if position < 0:  # nothing read: the read ended where it began
+            position = start
+        if position >= end:
+            pending.discard(partition)
+            if partition in held:
+                log.info(
+                    "table=%s partition=%d restore went on past offset %d to %d",
+                    self.topic,
+                    partition,
+                    held.pop(partition),
+                    end,
+                )
+            return
+        if partition not in held:
+            log.warning(
+                "table=%s partition=%d committed records end at offset %d of %d: an open "
+                "transaction holds the rest back; waiting for it to end",
+                self.topic,
+                partition,
+                position,
+                end,
+            )
+        held[partition] = position
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget the keys of ``partitions`` (revoked or lost)."""
