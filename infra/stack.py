@@ -866,6 +866,12 @@ def up(
     settings = absolute(settings)
     if settings.instance_id is None:
         settings = settings.model_copy(update={"instance_id": INSTANCE_ID})
+    if without_transactions(settings):
+        settings = settings.model_copy(update={"transactions": False})
+        out(
+            "transactions off on the local noida-db (a transaction open when it restarts "
+            "stays open for good: docs/brokers.md); at least once, idempotent by offset"
+        )
     paths = StackPaths(settings.var_dir)
     for folder in (paths.run_dir, paths.log_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -908,6 +914,25 @@ def up(
     out("")
     out(next_steps(settings, address))
     return pids
+
+
+def without_transactions(settings: Settings) -> bool:
+    """Whether the services run without Kafka transactions: on a local noida-db broker,
+    unless ``REELSTREAM_TRANSACTIONS`` says otherwise.
+
+    noida-db keeps a transaction that was open when it stopped open after it restarts,
+    even once its producer has started again under the same transactional id: nothing
+    behind it can be read committed again (a changelog restore waits on it for good, the
+    recommender stops receiving profiles). Without transactions each batch's outputs and
+    state are flushed before its offsets are committed, and the handlers recognise
+    re-delivered input by its offset and event id.
+    """
+    return (
+        "transactions" not in settings.model_fields_set
+        and settings.transactions
+        and local_port(settings.kafka_bootstrap_servers) is not None
+        and broker.kind_setting() == "noida"
+    )
 
 
 def _start_broker(settings: Settings, runs: bool, out: Output) -> None:
