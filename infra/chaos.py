@@ -512,9 +512,12 @@ def compare(
     """The faulted run against the undisturbed one.
 
     The stack is checked on the ratings that reached the topic: a rating the broker
-    acknowledged and then lost in its restart (a noida-db gap, docs/brokers.md) never
-    reached the stack, so its user is counted on the ratings that did, and left out of
-    the vector comparison (its input differs from the undisturbed run's).
+    acknowledged and then lost in its restart (a noida-db gap, docs/brokers.md) is not
+    on the topic afterwards, so its user is counted on the ratings that are, and left
+    out of the vector comparison (its input differs from the undisturbed run's). Such
+    a rating may still have been applied, read from the broker before it lost it: up
+    to that many extra ratings of such a user count as applied then lost by the
+    broker, not as applied twice.
     """
     on_topic = [r for r in ratings if r.event_id in faulted.ratings_on_topic]
     expected = Counter(r.user_id for r in on_topic)
@@ -531,12 +534,15 @@ def compare(
             continue
         if user not in short:
             max_diff = max(max_diff, float(np.max(np.abs(a[0] - b[0]))))
-    lost = twice = 0
+    all_counts = Counter(r.user_id for r in ratings)
+    lost = twice = applied_then_lost = 0
     for user, n in expected.items():
         got = faulted.profiles.get(user, (None, 0))[1]
         lost += max(0, n - got)
-        twice += max(0, got - n)
-    all_counts = Counter(r.user_id for r in ratings)
+        extra = max(0, got - n)
+        gone = all_counts[user] - n  # acknowledged, then lost by the broker
+        applied_then_lost += min(extra, gone)
+        twice += extra - min(extra, gone)
     base_lost = sum(max(0, n - base.profiles.get(u, (None, 0))[1]) for u, n in all_counts.items())
     no_list = [u for u, e in last.items() if e not in faulted.causes]
     base_last = {r.user_id: r.event_id for r in ratings}
@@ -557,6 +563,7 @@ def compare(
         "users_without_profile": len(missing_users),
         "ratings_lost": lost,
         "ratings_applied_twice": twice,
+        "ratings_applied_then_lost_by_broker": applied_then_lost,
         "users_last_rating_without_list": len(no_list),
         "dead_letters": len(faulted.dead_letters),
         "valid_dead_letters": len(valid_dead),
@@ -687,7 +694,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         f"broker restart: {c['ratings_missing_from_topic']} acknowledged ratings missing "
         f"from the topic afterwards ({c['users_with_ratings_missing_from_topic']} users; "
-        "noida-db's graceful-stop gap, docs/brokers.md), not counted against the stack"
+        "noida-db's graceful-stop gap, docs/brokers.md), not counted against the stack; "
+        f"{c['ratings_applied_then_lost_by_broker']} of them applied before the broker lost them"
     )
     u = c["undisturbed"]
     lines.append(

@@ -43,3 +43,34 @@ def test_kills_and_a_broker_restart_change_no_profile_and_lose_no_list(tmp_path:
         "no_valid_dead_letters": True,
     }, comparison
     assert comparison["passed"]
+
+
+def test_a_rating_applied_before_the_broker_lost_it_is_not_counted_twice() -> None:
+    from collections import Counter
+    from datetime import UTC, datetime
+
+    import numpy as np
+
+    from shared.config import Settings
+    from shared.events import RatingSubmitted
+
+    def rating(event_id: str, user: str) -> RatingSubmitted:
+        when = datetime(2026, 1, 1, tzinfo=UTC)
+        return RatingSubmitted(
+            event_id=event_id, user_id=user, movie_id="1", rating=4.0, occurred_at=when
+        )
+
+    ratings = [rating("a1", "a"), rating("a2", "a"), rating("b1", "b"), rating("b2", "b")]
+    vector = np.ones(2)
+    base = chaos.Snapshot(
+        {"a": (vector, 2), "b": (vector, 2)}, {"a2", "b2"}, [], Counter(["a1", "a2", "b1", "b2"])
+    )
+    # a2 was applied, then lost from the topic by the broker; b's last rating twice.
+    faulted = chaos.Snapshot(
+        {"a": (vector, 2), "b": (vector, 3)}, {"a2", "b2"}, [], Counter(["a1", "b1", "b2"])
+    )
+    result = chaos.compare(base, faulted, ratings, Settings(), Settings())
+    assert result["ratings_missing_from_topic"] == 1
+    assert result["ratings_applied_then_lost_by_broker"] == 1
+    assert result["ratings_applied_twice"] == 1
+    assert result["ratings_lost"] == 0
