@@ -32,11 +32,11 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, TopicPartition
 
-from services.ingest.replay import replay, wait_until_embedded
 from shared.config import Settings
 from shared.data.movielens import MovieLens, load_movielens
 from shared.events import NEWCOMERS_USER_ID, RECOMMENDATIONS, RatingSubmitted
 from shared.kafka.client import make_consumer
+from shared.replay import replay, wait_until_embedded
 
 SERVICES = ("ingest", "item-embedding", "user-profile", "recommender")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

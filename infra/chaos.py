@@ -43,7 +43,6 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from infra import broker, stack
-from services.ingest.replay import Pacer, replay, wait_until_embedded
 from shared.config import Settings
 from shared.data.movielens import MovieLens, load_movielens
 from shared.events import (
@@ -58,6 +57,7 @@ from shared.events.record import decode_vector
 from shared.events.serde import encode
 from shared.events.topic import BY_NAME
 from shared.kafka.client import make_consumer, make_producer
+from shared.replay import Pacer, replay, wait_until_embedded
 
 Output = Callable[[str], None]
 TOLERANCE = 1e-5

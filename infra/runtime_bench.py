@@ -17,7 +17,7 @@ For each runtime and guarantee, on a fresh local broker (``infra.broker``, noida
 default; ``REELSTREAM_LOCAL_BROKER`` picks another) and a fresh topic prefix:
 
 1. the first ``--limit`` MovieLens ratings are produced onto ``ratings`` (keyed by user
-   id, as ``services.ingest.replay`` does) before the processor starts;
+   id, as ``shared.replay`` does) before the processor starts;
 2. the processor runs in its own process (``python -m infra.runtime_bench worker``);
 3. throughput = ratings / (last input offset committed by the processor's group, as
    polled by this process every 50 ms - the first micro-batch handed to the handler);
@@ -592,7 +592,7 @@ def create_topics(settings: Settings, runtime: Runtime) -> None:
 
 def preload(settings: Settings, dataset: MovieLens, limit: int) -> None:
     """The first ``limit`` ratings onto ``ratings``, as ``make replay`` produces them."""
-    from services.ingest.replay import replay
+    from shared.replay import replay
 
     replay(settings, dataset, limit=limit, movies=False, progress=False)
 

@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
     # Imported here: tqdm and the replay loop are not needed by the other commands.
-    from services.ingest.replay import replay
+    from shared.replay import replay
 
     if not args.dataset.is_dir():
         raise DatasetError(
@@ -201,7 +201,7 @@ def _publish_movie(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _publish_one(settings: Settings, spec: TopicSpec, fields: dict[str, Any]) -> int:
-    from services.ingest.replay import check_topics
+    from shared.replay import check_topics
 
     # The same validation path as the topics' consumers and the HTTP gateway.
     event = decode(spec.record, orjson.dumps(fields))

@@ -36,7 +36,6 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from tqdm import tqdm
 
-from services.ingest.replay import check_topics, wait_until_embedded
 from shared.config import Settings
 from shared.events import (
     ITEM_EMBEDDINGS,
@@ -55,6 +54,7 @@ from shared.kafka.client import make_consumer, make_producer
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.kafka.publisher import Publisher
 from shared.kafka.topic_reader import TopicReader
+from shared.replay import check_topics, wait_until_embedded
 from shared.types import EventId, MovieId, UserId
 
 log = logging.getLogger(__name__)

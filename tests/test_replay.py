@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-from services.ingest.replay import ReplayStats, replay, schedule
 from shared.config import Settings
 from shared.data import load_movielens
 from shared.events import MOVIES, RATINGS, Event, MoviePublished, RatingSubmitted, TopicSpec, decode
 from shared.exceptions import ConfigurationError
 from shared.kafka.client import make_consumer
+from shared.replay import ReplayStats, replay, schedule
 from tests.conftest import SettingsFactory
 from tests.data.ml100k_files import generated_ratings, write_recbole
 from tests.kafka_helpers import produce_raw
@@ -144,8 +144,8 @@ def test_replay_waits_for_the_movies_vectors_before_the_ratings(
 ) -> None:
     import numpy as np
 
-    from services.ingest.replay import wait_until_embedded
     from shared.events import ITEM_EMBEDDINGS, ItemEmbedded, encode
+    from shared.replay import wait_until_embedded
 
     settings = make_settings()
     for movie_id in ("1", "2"):
