@@ -68,3 +68,16 @@ def make_settings(bootstrap: str, tmp_path: Path) -> SettingsFactory:
         return settings
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for a module of tiny nets: extra threads only add
+    overhead (and, on a busy machine, spin-waiting that makes training many times
+    slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

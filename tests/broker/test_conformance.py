@@ -44,25 +44,16 @@ def test_relied_on_behaviour(check: Check, bootstrap: str, request: pytest.Fixtu
     assert outcome.status == "pass", f"{check.title}: {outcome.note}"
 
 
-def test_acknowledged_writes_survive_kill_9(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """On a broker of the local kind of its own: the check SIGKILLs it."""
-    if _external():
-        pytest.skip("the tests use an external broker, which this test cannot SIGKILL")
-    _expect_gap(request, "durability")
-    check = BY_KEY["durability"]
-    with local_target(local_broker.kind_setting(), tmp_path / "broker") as target:
-        outcome = run_check(check, target)
-    assert outcome.status == "pass", f"{check.title}: {outcome.note}"
-
-
-def test_acknowledged_writes_survive_a_graceful_stop(
-    tmp_path: Path, request: pytest.FixtureRequest
+@pytest.mark.parametrize("key", ["durability", "graceful_stop"])
+def test_acknowledged_writes_survive_a_broker_restart(
+    key: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """On a broker of the local kind of its own: the check stops and starts it."""
+    """On a broker of the local kind of its own: the check SIGKILLs it (durability) or
+    stops and starts it (graceful_stop)."""
     if _external():
-        pytest.skip("the tests use an external broker, which this test cannot stop")
-    _expect_gap(request, "graceful_stop")
-    check = BY_KEY["graceful_stop"]
+        pytest.skip("the tests use an external broker, which this test cannot restart")
+    _expect_gap(request, key)
+    check = BY_KEY[key]
     with local_target(local_broker.kind_setting(), tmp_path / "broker") as target:
         outcome = run_check(check, target)
     assert outcome.status == "pass", f"{check.title}: {outcome.note}"

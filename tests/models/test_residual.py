@@ -3,7 +3,6 @@ checkpoints that do not fit, and running inside the user-profile service's handl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -25,13 +24,8 @@ from tests.models.residual_data import DIM, T0, history, random_net, unit_rows
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The nets here are tiny: extra intra-op threads only add overhead (and, on a busy
-    machine, spin-waiting that makes training many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread: None) -> None:
+    """The nets here are tiny (see ``one_torch_thread``)."""
 
 
 @pytest.fixture

@@ -25,13 +25,8 @@ SMALL = ResidualConfig(hidden=32, layers=2, lanes=16, chunk=8, epochs=6, lr=5e-3
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The nets here are tiny: extra intra-op threads only add overhead (and, on a busy
-    machine, spin-waiting that makes training many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread: None) -> None:
+    """The nets here are tiny (see ``one_torch_thread``)."""
 
 
 # --- synthetic sequential data ------------------------------------------------------------
