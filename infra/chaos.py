@@ -777,6 +777,24 @@ def chaos(
     return result
 
 
+def restart_times(
+    settings: Settings, names: Sequence[str] = KILLABLE, out: Output = print
+) -> dict[str, float | None]:
+    """``kill -9`` each of ``names`` on the running stack of ``settings``, one after the
+    other, and time until its restarted process is ready (seconds; None: not within
+    ``RECOVERY_LIMIT_S``)."""
+    times: dict[str, float | None] = {}
+    for name in names:
+        pid = stack.program_pid(settings, name)
+        if pid is None:
+            raise stack.StackError(f"{name} is not running: `make up` first")
+        os.kill(pid, signal.SIGKILL)
+        recovery = wait_program_ready(settings, name, pid)
+        times[name] = None if recovery is None else round(recovery, 1)
+        out(f"kill -9 {name}: ready again after {times[name]} s")
+    return times
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m infra.chaos",
@@ -789,7 +807,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--no-broker-kill", action="store_true")
     parser.add_argument("--json", type=Path, default=Path("reports/chaos.json"))
+    parser.add_argument(
+        "--restart-times",
+        action="store_true",
+        help="only kill -9 each worker of the running `make up` stack and time its restart",
+    )
     args = parser.parse_args(argv)
+    if args.restart_times:
+        times = restart_times(stack.absolute(Settings()))
+        return 0 if all(t is not None for t in times.values()) else 1
     result = chaos(
         dataset_dir=args.dataset,
         limit=args.limit,
