@@ -218,9 +218,11 @@ def readme_python_block(after_heading: str) -> str:
 
 def test_the_readme_snippet_reads_the_list_its_rating_caused(running: Settings) -> None:
     """Regressions: the snippet produced first and subscribed with "latest" afterwards,
-    so the list was published before its consumer joined and it never returned; and it
-    matched on ``cause_event_id`` alone, so it could print the newcomers' list, which
-    names the same rating as its cause."""
+    so the list was published before its consumer joined and it never returned; it then
+    waited for its partitions but not for their positions, so on a fast stack "latest"
+    could resolve after the list was out (it timed out in CI); and it matched on
+    ``cause_event_id`` alone, so it could print the newcomers' list, which names the
+    same rating as its cause."""
     code = readme_python_block("## Publish a rating, read the recommendations")
     for literal, ours in {
         '"127.0.0.1:9092"': repr(running.kafka_bootstrap_servers),
