@@ -1,8 +1,9 @@
 """Create every topic reelstream uses, explicitly, before any service starts.
 
-Some brokers auto-create topics with one partition; the user-profile table's changelog
-must have as many partitions as ``ratings``, the topic its table is fed from. So every
-topic is created here from the registry in ``shared.events`` with
+Some brokers auto-create topics with one partition; a table's changelog must have as
+many partitions as the topics its table is fed from, and topics read co-partitioned
+(``movies`` and ``item-feedback``) the same number. So every topic is created here from
+the registry in ``shared.events`` and the services' tables, with
 ``Settings.topic_partitions``.
 """
 
@@ -17,7 +18,7 @@ from confluent_kafka.admin import NewTopic
 
 from shared.config import Settings
 from shared.events import TOPICS
-from shared.handlers import user_profile
+from shared.handlers import item_embedding, user_profile
 from shared.kafka.client import make_admin
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,10 @@ def plan(settings: Settings) -> list[TopicPlan]:
     """Every topic of the stack with its physical name, partitions and cleanup policy."""
     n = settings.topic_partitions
     topics = [TopicPlan(settings.topic(spec.name), n, spec.compacted) for spec in TOPICS]
-    topics.append(
-        TopicPlan(settings.changelog(user_profile.SERVICE, user_profile.TABLE), n, compacted=True)
-    )
+    topics += [
+        TopicPlan(settings.changelog(handler.SERVICE, handler.TABLE), n, compacted=True)
+        for handler in (item_embedding, user_profile)
+    ]
     return topics
 
 

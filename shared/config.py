@@ -128,11 +128,11 @@ class Settings(BaseSettings):
     leave a worker stuck [REELSTREAM_STALL_S]."""
 
     item_pull: float = Field(0.5, ge=0, le=10, validation_alias="REELSTREAM_ITEM_PULL")
-    """How far each rating moves the vector of a movie the item encoder did not learn
-    from ratings towards the rater's profile: ``v <- normalise(v + item_pull * (u - p))``,
-    with ``u`` the profile before the rating and ``p`` the updater's ``centre()`` (its
-    prior); 0 leaves every vector as encoded [REELSTREAM_ITEM_PULL]. Chosen on the
-    validation split (the last 10% of TRAIN)."""
+    """How far its raters move the vector of a movie the item encoder did not learn
+    from ratings: ``v = normalise(c + item_pull * sum(u - p))`` over its ratings, with
+    ``c`` its content vector, ``u`` the rater's profile before the rating and ``p`` the
+    updater's ``centre()`` (its prior); 0 leaves every vector as encoded. Read by
+    item-embedding [REELSTREAM_ITEM_PULL]."""
 
     max_message_bytes: int = Field(
         1_000_000, ge=1024, validation_alias="REELSTREAM_MAX_MESSAGE_BYTES"

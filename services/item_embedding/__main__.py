@@ -1,8 +1,12 @@
-"""``python -m services.item_embedding worker``: embed every movie published on ``movies``.
+"""``python -m services.item_embedding worker``: every movie's vector, from its content
+and its raters.
 
-Reads ``movies`` in micro-batches, encodes each batch in one call (in the consumer
-thread: there is no event loop to block), upserts the vectors into Qdrant and publishes
-them on ``item-embeddings``. Stops cleanly on SIGTERM or SIGINT.
+Reads ``movies`` and ``item-feedback`` co-partitioned in micro-batches
+(``handle_items``): movies are encoded in one call per batch (in the consumer thread:
+there is no event loop to block), the tastes of new movies' raters move their vectors
+(``Settings.item_pull``), and every changed vector is upserted into Qdrant and published
+on ``item-embeddings``. Per-movie records live in a ``ChangelogTable`` restored from
+``Settings.changelog(SERVICE, TABLE)``. Stops cleanly on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import argparse
 import logging
 import os
 import sys
+from datetime import UTC, datetime
+from typing import cast
 
 # Every model is read from local files; make the Hugging Face libraries refuse to reach
 # the network rather than stall or download at run time. Set before they are imported.
@@ -18,15 +24,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from shared.config import Settings
-from shared.events import MOVIES
+from shared.events import ITEM_FEEDBACK, MOVIES, Event
 from shared.exceptions import ConfigurationError
-from shared.handlers.item_embedding import SERVICE, make_handler
-from shared.kafka.batch_consumer import BatchConsumer
+from shared.handlers.item_embedding import SERVICE, TABLE, ItemEvent, handle_items
+from shared.kafka.batch_consumer import BatchConsumer, BatchHandler
+from shared.kafka.message import Incoming, Outgoing
+from shared.kafka.table import ChangelogTable
 from shared.logs import configure_logging
 from shared.models.deployed import build_deployed_item_encoder
+from shared.models.item_encoder import ItemEncoder
 from shared.retrieval.qdrant_store import QdrantStore
 
 log = logging.getLogger(__name__)
+
+
+def make_handler(
+    settings: Settings, encoder: ItemEncoder, store: QdrantStore, table: ChangelogTable
+) -> BatchHandler:
+    """``handle_items`` as a ``BatchConsumer`` handler that keeps its records in ``table``."""
+
+    def handler(batch: list[Incoming[Event]]) -> list[Outgoing]:
+        # The consumer reads only movies and item-feedback, both keyed by movie_id.
+        events = cast(list[Incoming[ItemEvent]], batch)
+        partitions = {i.event.movie_id: i.source.partition for i in events}
+        records = {m: raw for m in partitions if (raw := table.get(m.encode())) is not None}
+        out, updated = handle_items(
+            events, records, encoder, store, datetime.now(UTC), item_pull=settings.item_pull
+        )
+        for movie_id, record in updated.items():
+            partition = partitions[movie_id]
+            if partition is not None:
+                table.put(movie_id.encode(), record.to_bytes(), partition)
+        return out
+
+    return handler
 
 
 def worker() -> int:
@@ -40,12 +71,14 @@ def worker() -> int:
         log.error("service=%s cannot start: %s", SERVICE, exc)
         return 2
     try:
+        table = ChangelogTable(settings, settings.changelog(SERVICE, TABLE))
         consumer = BatchConsumer(
             settings,
             SERVICE,
-            [MOVIES],
-            make_handler(encoder, store),
+            [MOVIES, ITEM_FEEDBACK],
+            make_handler(settings, encoder, store, table),
             ready_file=settings.ready_file(SERVICE),
+            table=table,
         )
         consumer.install_signal_handlers()
         consumer.run()
@@ -59,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m services.item_embedding", description=__doc__.splitlines()[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("worker", help="consume movies, publish item embeddings")
+    commands.add_parser("worker", help="consume movies and ratings of them, publish item vectors")
     parser.parse_args(argv)
     return worker()
 

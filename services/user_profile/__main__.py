@@ -6,18 +6,16 @@ live in a ``ChangelogTable`` restored from the compacted changelog topic
 micro-batch runs on the shared ``BatchConsumer`` loop:
 
     parse -> handle_ratings (with the users whose parked ratings can go on)
-    -> publish moved item vectors, profiles, dead letters and the changed records
+    -> publish item feedback, profiles, dead letters, then the changed records
     -> commit the input offsets (one transaction when ``Settings.transactions``)
 
 A rating of a movie with no vector yet parks in its user's record and waits there
 (``Settings.rating_wait_s``) without holding back any other user: the loop revisits
 the user as soon as the vector arrives on ``item-embeddings``.
 
-Ratings of movies the item encoder did not learn from ratings move those movies'
-vectors (``settings.item_pull``); the worker keeps its moves once the batch has
-committed and publishes them on ``item-embeddings``, where the recommender's catalogue
-picks them up. Run one instance per item catalogue: two instances moving the same
-movie would each publish their own moves, and the later message would win.
+Each applied rating also goes out on ``item-feedback``, keyed by movie, for the movie's
+owner (item-embedding): with the rater's taste when the movie's vector stands for its
+content alone, which moves that vector there.
 
 Stops cleanly on SIGTERM or SIGINT: the batch in hand is finished and committed, the
 ready file removed.
@@ -32,7 +30,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 from shared.config import Settings
-from shared.events import RATINGS, Event, ItemEmbedded
+from shared.events import RATINGS, Event
 from shared.handlers.user_profile import (
     SERVICE,
     TABLE,
@@ -61,8 +59,7 @@ class UserProfileWorker:
     """The item-vector reader, the ratings loop and their clean stop.
 
     Args:
-        settings: topics, broker, batch size and timeout, ``rating_wait_s``,
-            ``item_pull``, var dir.
+        settings: topics, broker, batch size and timeout, ``rating_wait_s``, var dir.
         updater: the user model (default: the deployed one, ``build_user_updater``:
             the trained residual updater, or ``RatingWeightedMean`` without one).
     """
@@ -73,7 +70,6 @@ class UserProfileWorker:
         self.vectors = ItemVectors(settings, on_invalid=self._invalid_item)
         self.table = ChangelogTable(settings, settings.changelog(SERVICE, TABLE))
         self._parked = ParkedUsers(settings.rating_wait_s)
-        self._moves: list[ItemEmbedded] = []
         self._written: dict[UserId, UserRecord] = {}
         # Dead letters of item-embeddings are sent from the reader's thread.
         self._item_letters = Publisher(settings)
@@ -100,11 +96,10 @@ class UserProfileWorker:
                 if self._stopping:
                     return
             log.info(
-                "service=%s items=%d pullable=%d item_pull=%s",
+                "service=%s items=%d content_only=%d",
                 SERVICE,
                 len(self.vectors),
-                self.vectors.n_pullable,
-                self.settings.item_pull,
+                self.vectors.n_content_only,
             )
             self.consumer.run()
         finally:
@@ -129,7 +124,6 @@ class UserProfileWorker:
         states = {u: raw for u in users if (raw := self.table.get(u.encode())) is not None}
         partitions = {r.event.user_id: r.source.partition for r in ratings}
         movies = {r.event.movie_id for r in ratings}
-        pull = self.settings.item_pull
         out, updated = handle_ratings(
             ratings,
             states,
@@ -137,8 +131,7 @@ class UserProfileWorker:
             self.updater,
             now,
             item_model_version=self.vectors.model_version,
-            pullable=self.vectors.pullable(movies) if pull > 0 else None,
-            item_pull=pull,
+            content_only=self.vectors.content_only(movies),
             revisit=revisit,
             wait_s=self.settings.rating_wait_s,
         )
@@ -149,16 +142,12 @@ class UserProfileWorker:
                 partition = self.table.partition_of(key)
             if partition is not None:
                 self.table.put(key, record.to_bytes(), partition)
-        # Kept once the batch commits (a retried batch must not move them twice).
-        self._moves = [o.event for o in out if isinstance(o.event, ItemEmbedded)]
         self._written = updated
         return out
 
     def _after_commit(self) -> None:
-        # The next batch must see the moved vectors before they come back from the topic.
-        self.vectors.update(self._moves)
         self._parked.update(self._written)
-        self._moves, self._written = [], {}
+        self._written = {}
 
     def _has_work(self) -> bool:
         self._parked.sync(self.table)

@@ -240,10 +240,10 @@ Modality = Literal["text", "image", "metadata"]
 class ItemEmbedded(Event):
     """A movie's vector (topic ``item-embeddings``, key ``movie_id``, compacted).
 
-    The item-embedding service publishes it from the movie's content. A movie the item
-    encoder did not learn from ratings (``rated_in_training`` false) is then moved
-    towards the profiles of the users who rate it, and republished, by the user-profile
-    service (``online_ratings`` counts those ratings).
+    Only the item-embedding service publishes it: from the movie's content, and again
+    whenever a rating moves the vector of a movie the item encoder did not learn from
+    ratings (``rated_in_training`` false; ``online_ratings`` counts those ratings, which
+    reach it as ``ItemRated`` events on ``item-feedback``).
     """
 
     movie_id: Id
@@ -266,6 +266,34 @@ class ItemEmbedded(Event):
     of unknown origin is never moved."""
     online_ratings: int = Field(0, ge=0)
     """Ratings that have moved the vector since the encoder made it (0: as encoded)."""
+    content_vector: VectorField | None = None
+    """The vector as the encoder made it, when ``vector`` has been moved (None: it has
+    not). A user's profile learns a rating from this one: it does not depend on how far
+    the other raters' moves had come when the rating was applied."""
+
+
+class ItemRated(Event):
+    """A rating as the movie's side needs it (topic ``item-feedback``, key ``movie_id``).
+
+    The user-profile service publishes one per rating it applies: the ``ratings``
+    stream repartitioned by movie, so that per-movie state lives with the movie's
+    owner. ``taste`` travels only for a movie whose vector stands for its content
+    alone (``ItemEmbedded.rated_in_training`` false), which its raters then move.
+    """
+
+    movie_id: Id
+    user_id: Id
+    rating: float = Field(ge=0.5, le=5.0, allow_inf_nan=False)
+    occurred_at: Timestamp
+    rating_event_id: Id
+    """``event_id`` of the rating: a copy of the same rating is applied once."""
+    taste: VectorField | None = None
+    """The rater's profile before this rating, less what every profile shares (the
+    user model's prior); None for a user's first rating, or a movie that is not moved."""
+    model_version: str
+    """The user model that made ``taste``."""
+    cause_published_at: Timestamp
+    """Broker timestamp of the rating."""
 
 
 class UserProfileUpdated(Event):

@@ -12,6 +12,7 @@ from shared.events.record import (
     DeadLetter,
     Event,
     ItemEmbedded,
+    ItemRated,
     MoviePublished,
     RatingSubmitted,
     RecommendationsGenerated,
@@ -41,6 +42,7 @@ class TopicSpec:
 MOVIES = TopicSpec("movies", MoviePublished, "movie_id", compacted=True, user_facing=True)
 RATINGS = TopicSpec("ratings", RatingSubmitted, "user_id", compacted=False, user_facing=True)
 ITEM_EMBEDDINGS = TopicSpec("item-embeddings", ItemEmbedded, "movie_id", compacted=True)
+ITEM_FEEDBACK = TopicSpec("item-feedback", ItemRated, "movie_id", compacted=False)
 USER_PROFILES = TopicSpec("user-profiles", UserProfileUpdated, "user_id", compacted=True)
 RECOMMENDATIONS = TopicSpec(
     "recommendations", RecommendationsGenerated, "user_id", compacted=False, user_facing=True
@@ -51,6 +53,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     MOVIES,
     RATINGS,
     ITEM_EMBEDDINGS,
+    ITEM_FEEDBACK,
     USER_PROFILES,
     RECOMMENDATIONS,
     DEAD_LETTERS,

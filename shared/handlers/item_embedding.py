@@ -1,82 +1,262 @@
-"""Turns a micro-batch of ``movies`` messages into item embeddings."""
+"""Pure batch handler of the item-embedding service, the owner of every movie's vector.
+
+``movies`` and ``item-feedback`` in (both keyed by movie, read co-partitioned), the
+movies' vectors out on ``item-embeddings`` and in Qdrant. No Kafka, no clock: the caller
+passes the stored records and ``now`` and writes the returned records back. The same
+function runs in the service's consumer loop, in the offline evaluation and in tests.
+
+A movie's record (``ItemRecord``) holds its content embedding, as the item encoder made
+it, and the sum of the tastes of the users who rated it (``ItemRated.taste``). The vector
+served is ``normalise(content + item_pull * sum of tastes)`` for a movie the encoder did
+not learn from ratings (``rated_in_training`` false), and the content vector otherwise.
+A sum does not depend on the order the tastes arrive in, so the vector is the same
+whichever user-profile instance sent them first, and however they were batched.
+"""
 
 from __future__ import annotations
 
+import base64
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any
 
-from shared.events import ITEM_EMBEDDINGS, Event, ItemEmbedded, MoviePublished
-from shared.kafka.batch_consumer import BatchHandler
-from shared.kafka.message import Incoming, Outgoing
+import numpy as np
+import orjson
+
+from shared.events import (
+    ITEM_EMBEDDINGS,
+    ItemEmbedded,
+    ItemRated,
+    MoviePublished,
+    decode,
+    encode,
+)
+from shared.exceptions import InvalidEventError
+from shared.kafka.message import Incoming, Outgoing, dead_letter
 from shared.models.item_encoder import ItemEncoder
 from shared.retrieval.qdrant_store import QdrantStore
+from shared.types import EventId, MovieId
 
 log = logging.getLogger(__name__)
 
 SERVICE = "item-embedding"
 """Consumer group, dead-letter ``service`` field and ready-file name of item-embedding."""
+TABLE = "item-state"
+"""The per-movie table (``ItemRecord`` bytes); its changelog is
+``Settings.changelog(SERVICE, TABLE)``."""
+
+RECENT_EVENTS = 256
+"""How many of a movie's latest ``rating_event_id`` a record keeps to recognise a copy."""
+
+ItemEvent = MoviePublished | ItemRated
 
 
-def handle_movies(
-    batch: list[Incoming[MoviePublished]],
+@dataclass(frozen=True)
+class ItemRecord:
+    """What the service stores per movie."""
+
+    content: ItemEmbedded | None = None
+    """The encoder's embedding of the movie's latest ``movies`` message (None: ratings
+    of it came before its content, e.g. after it left the catalogue)."""
+    taste: np.ndarray | None = None
+    """Sum of the tastes of its raters (float64; None: none yet)."""
+    n_tastes: int = 0
+    """How many tastes ``taste`` sums."""
+    seen_offset: int | None = None
+    """The highest ``item-feedback`` offset taken in (a movie's feedback is all in one
+    partition): a message at or below it was re-delivered after a crash."""
+    recent: tuple[EventId, ...] = ()
+    """``rating_event_id`` of the last ``RECENT_EVENTS`` ratings taken in, oldest first."""
+
+    def served(self, item_pull: float, now: datetime) -> ItemEmbedded | None:
+        """The ``ItemEmbedded`` to serve (None without content): the content vector,
+        moved by the tastes for a movie the encoder did not learn from ratings."""
+        content = self.content
+        if content is None:
+            return None
+        if content.rated_in_training or self.taste is None or item_pull <= 0:
+            return content
+        moved = content.vector.astype(np.float64) + item_pull * self.taste
+        norm = float(np.linalg.norm(moved))
+        if not np.isfinite(norm) or norm == 0.0:
+            log.warning("item vector kept as encoded movie_id=%s norm=%s", content.movie_id, norm)
+            return content
+        return content.model_copy(
+            update={
+                "vector": (moved / norm).astype(np.float32),
+                "online_ratings": self.n_tastes,
+                "content_vector": content.vector,
+                "embedded_at": now,
+            }
+        )
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            {
+                "content": None if self.content is None else orjson.Fragment(encode(self.content)),
+                "taste": None
+                if self.taste is None
+                else base64.b64encode(self.taste.astype("<f8").tobytes()).decode("ascii"),
+                "n": self.n_tastes,
+                "offset": self.seen_offset,
+                "recent": self.recent,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ItemRecord:
+        """Read ``to_bytes`` output.
+
+        Raises:
+            InvalidEventError: the bytes are not an item record.
+        """
+        try:
+            data: Any = orjson.loads(raw)
+            content = data["content"]
+            taste = data["taste"]
+            return cls(
+                content=None if content is None else decode(ItemEmbedded, orjson.dumps(content)),
+                taste=None
+                if taste is None
+                else np.frombuffer(base64.b64decode(taste), dtype="<f8").astype(np.float64),
+                n_tastes=int(data["n"]),
+                seen_offset=data["offset"],
+                recent=tuple(str(e) for e in data["recent"]),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InvalidEventError(f"item record is unreadable: {exc}") from exc
+
+
+def handle_items(
+    batch: Sequence[Incoming[ItemEvent]],
+    records: Mapping[MovieId, bytes],
     encoder: ItemEncoder,
     store: QdrantStore,
     now: datetime,
-) -> list[Outgoing]:
-    """Embed a batch of movies, upsert them into Qdrant and return their ``item-embeddings``.
+    *,
+    item_pull: float = 0.0,
+) -> tuple[list[Outgoing], dict[MovieId, ItemRecord]]:
+    """Take a batch of movies and ratings of movies; returns what to publish and the
+    records to store.
 
-    A movie published twice in one batch is embedded once, from its last message
-    (``movies`` is compacted: the latest value is the movie). Encoding runs once for
-    the whole batch. ``published_at`` is the broker timestamp of the source message,
-    ``embedded_at`` is ``now``.
+    - A movie published twice in one batch is embedded once, from its last message
+      (``movies`` is compacted: the latest value is the movie). Encoding runs once for
+      the whole batch; ``published_at`` is the broker time of the movie's message.
+    - An ``ItemRated`` with a ``taste`` adds it to the movie's record (one without
+      changes nothing here). One at or below the record's ``seen_offset``, or whose
+      ``rating_event_id`` is among the record's ``recent``, is a copy and is skipped. A
+      taste of another dimension than the movie's vector is dead-lettered.
+    - Every movie whose served vector may have changed (new content, new tastes) is
+      upserted into Qdrant and published on ``item-embeddings``, once per batch;
+      ``embedded_at`` is ``now``.
+
+    Returns:
+        ``(outputs, updated)``: item embeddings and dead letters to publish, and the new
+        record of every movie that changed (to write back to the table).
+
+    Args:
+        records: stored ``ItemRecord`` bytes of (at least) the batch's movies.
+        item_pull: how far a taste moves a movie's vector (0: vectors stay as encoded).
 
     Raises:
         NumericalError: a vector came out NaN or infinite (the consumer then retries the
-            movies one by one and dead-letters the culprit).
+            events one by one and dead-letters the culprit).
     """
-    latest: dict[str, Incoming[MoviePublished]] = {}
-    for incoming in batch:
-        # Re-inserting moves a repeated id to its last position, keeping offset order.
-        latest.pop(incoming.event.movie_id, None)
-        latest[incoming.event.movie_id] = incoming
-    if not latest:
-        return []
-    chosen = list(latest.values())
-    encoded = encoder.encode([incoming.event for incoming in chosen])
-    embedded = [
-        ItemEmbedded(
-            movie_id=incoming.event.movie_id,
-            title=incoming.event.title,
-            year=incoming.event.year,
-            genres=list(incoming.event.genres),
-            vector=item.vector,
-            modalities=item.modalities,
-            model_version=encoder.model_version,
-            published_at=_broker_time(incoming.source.timestamp_ms),
-            embedded_at=now,
-            rated_in_training=item.rated_in_training,
+    out: list[Outgoing] = []
+    current: dict[MovieId, ItemRecord] = {}
+
+    def record(movie_id: MovieId, incoming: Incoming[Any]) -> ItemRecord | None:
+        if movie_id not in current:
+            raw = records.get(movie_id)
+            try:
+                current[movie_id] = ItemRecord() if raw is None else ItemRecord.from_bytes(raw)
+            except InvalidEventError as exc:
+                # Dead-letter rather than reset: resetting would forget its raters.
+                out.append(dead_letter(incoming.source, f"stored state of movie: {exc}", SERVICE))
+                return None
+        return current[movie_id]
+
+    changed: set[MovieId] = set()
+    latest: dict[MovieId, Incoming[MoviePublished]] = {}
+    for one in batch:
+        event = one.event
+        if isinstance(event, MoviePublished):
+            # Re-inserting moves a repeated id to its last position, keeping offset order.
+            latest.pop(event.movie_id, None)
+            latest[event.movie_id] = Incoming(event, one.source)
+        elif event.taste is not None and (item := record(event.movie_id, one)):
+            moved = _rated(item, event, one, out)
+            if moved is not item:
+                current[event.movie_id] = moved
+                changed.add(event.movie_id)
+    chosen = [m for m in latest.values() if record(m.event.movie_id, m) is not None]
+    if chosen:
+        encoded = encoder.encode([incoming.event for incoming in chosen])
+        for chosen_movie, vector in zip(chosen, encoded, strict=True):
+            movie = chosen_movie.event
+            content = ItemEmbedded(
+                movie_id=movie.movie_id,
+                title=movie.title,
+                year=movie.year,
+                genres=list(movie.genres),
+                vector=vector.vector,
+                modalities=vector.modalities,
+                model_version=encoder.model_version,
+                published_at=_broker_time(chosen_movie.source.timestamp_ms),
+                embedded_at=now,
+                rated_in_training=vector.rated_in_training,
+            )
+            current[movie.movie_id] = replace(current[movie.movie_id], content=content)
+            changed.add(movie.movie_id)
+    if len(chosen) < sum(isinstance(i.event, MoviePublished) for i in batch):
+        log.debug("movies=%d after folding duplicates", len(chosen))
+
+    updated = {m: current[m] for m in current if m in changed}
+    served = [s for r in updated.values() if (s := r.served(item_pull, now)) is not None]
+    if served:
+        store.upsert(served)
+    out.extend(Outgoing(ITEM_EMBEDDINGS, item) for item in served)
+    return out, updated
+
+
+def _rated(
+    item: ItemRecord, event: ItemRated, incoming: Incoming[Any], out: list[Outgoing]
+) -> ItemRecord:
+    """``item`` with the taste of ``event`` added; ``item`` itself for a copy."""
+    offset = incoming.source.offset
+    if offset is not None and item.seen_offset is not None and offset <= item.seen_offset:
+        return item
+    if event.rating_event_id in item.recent:
+        log.info(
+            "skipped a copy of a rating movie_id=%s rating_event_id=%s",
+            event.movie_id,
+            event.rating_event_id,
         )
-        for incoming, item in zip(chosen, encoded, strict=True)
-    ]
-    store.upsert(embedded)
-    if len(chosen) < len(batch):
-        log.debug("batch=%d movies=%d (duplicates folded)", len(batch), len(chosen))
-    return [Outgoing(ITEM_EMBEDDINGS, event) for event in embedded]
+        return item
+    seen = item.seen_offset if offset is None else offset
+    recent = (*item.recent, event.rating_event_id)[-RECENT_EVENTS:]
+    taste = event.taste
+    assert taste is not None  # the caller passes only ratings with a taste
+    dim = None if item.content is None else item.content.vector.shape[0]
+    if (dim is not None and taste.shape[0] != dim) or (
+        item.taste is not None and taste.shape[0] != item.taste.shape[0]
+    ):
+        out.append(
+            dead_letter(
+                incoming.source,
+                f"taste has dimension {taste.shape[0]}, movie {event.movie_id!r} has "
+                f"{dim if dim is not None else item.taste.shape[0]}",  # type: ignore[union-attr]
+                SERVICE,
+            )
+        )
+        return replace(item, seen_offset=seen, recent=recent)
+    total = taste.astype(np.float64) if item.taste is None else item.taste + taste
+    return replace(item, taste=total, n_tastes=item.n_tastes + 1, seen_offset=seen, recent=recent)
 
 
 def _broker_time(timestamp_ms: int | None) -> datetime | None:
     if timestamp_ms is None or timestamp_ms < 0:
         return None
     return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
-
-
-def make_handler(encoder: ItemEncoder, store: QdrantStore) -> BatchHandler:
-    """``handle_movies`` as a ``BatchConsumer`` handler of the ``movies`` topic."""
-
-    def handler(batch: list[Incoming[Event]]) -> list[Outgoing]:
-        # The consumer only subscribes to ``movies``, so every event is a MoviePublished.
-        movies = cast(list[Incoming[MoviePublished]], batch)
-        return handle_movies(movies, encoder, store, datetime.now(UTC))
-
-    return handler

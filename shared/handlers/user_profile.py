@@ -25,15 +25,15 @@ import numpy as np
 import orjson
 
 from shared.events import (
-    ITEM_EMBEDDINGS,
+    ITEM_FEEDBACK,
     USER_PROFILES,
-    ItemEmbedded,
+    ItemRated,
     RatingSubmitted,
     UserProfileUpdated,
     decode,
     encode,
 )
-from shared.exceptions import InvalidEventError, NumericalError, ReelstreamError
+from shared.exceptions import InvalidEventError, ReelstreamError
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter
 from shared.models.updater import UserState, UserUpdater
 from shared.types import EventId, MovieId, UserId, Vector
@@ -150,39 +150,12 @@ def _is_replay(incoming: Rating, seen_offset: int | None) -> bool:
     return offset is not None and seen_offset is not None and offset <= seen_offset
 
 
-def pulled(
-    item: ItemEmbedded,
-    profiles: Sequence[Vector],
-    pull: float,
-    now: datetime,
-    centre: Vector | None = None,
-) -> ItemEmbedded:
-    """``item`` moved towards the profiles of its new raters: the vector becomes
-    ``normalise(v + pull * sum(profile - centre))`` and ``online_ratings`` grows by
-    their number.
-
-    ``centre`` is what every profile shares (the updater's prior; None: nothing is
-    taken off). Without it a movie moved by many raters ends up near every user and
-    crowds their lists; with it, it moves only by what its raters' tastes have of
-    their own.
-
-    Raises:
-        NumericalError: the moved vector is zero, NaN or infinite.
-    """
-    taste = np.asarray(profiles, dtype=np.float64)
-    if centre is not None:
-        taste = taste - np.asarray(centre, dtype=np.float64)
-    moved = np.asarray(item.vector, dtype=np.float64) + pull * np.sum(taste, axis=0)
-    norm = float(np.linalg.norm(moved))
-    if not np.isfinite(norm) or norm == 0.0:
-        raise NumericalError(f"item {item.movie_id} vector has norm {norm} after the pull")
-    return item.model_copy(
-        update={
-            "vector": (moved / norm).astype(np.float32),
-            "online_ratings": item.online_ratings + len(profiles),
-            "embedded_at": now,
-        }
-    )
+def taste(profile: Vector, centre: Vector | None) -> Vector:
+    """What a rater's profile says of a movie they rate: the profile less what every
+    profile shares (``centre``, the user model's prior; None: nothing is taken off).
+    Without the centre, a movie moved by many raters would end up near every user."""
+    vector = np.asarray(profile, dtype=np.float32)
+    return vector if centre is None else vector - np.asarray(centre, dtype=np.float32)
 
 
 class _Batch:
@@ -192,21 +165,21 @@ class _Batch:
         self,
         updater: UserUpdater,
         vectors: Mapping[MovieId, Vector],
-        pullable: Mapping[MovieId, ItemEmbedded],
-        pull: float,
+        content_only: Container[MovieId],
         now: datetime,
         wait_s: float,
+        version: str,
     ) -> None:
         self.updater = updater
         self.wait_s = wait_s
-        self.base_vectors = vectors
-        self.pullable = pullable
-        self.pull = pull
+        self.vectors = vectors
+        self.content_only = content_only
         self.now = now
-        self.centre = updater.centre() if pull > 0 else None
-        self.moved: dict[MovieId, ItemEmbedded] = {}
-        """Items moved in this batch: later ratings of the batch see their new vectors."""
+        self.version = version
+        self.centre = updater.centre()
         self.out: list[Outgoing] = []
+        self.feedback: list[Outgoing] = []
+        """One ``ItemRated`` per applied rating, in the order applied."""
         self.current: dict[UserId, UserState] = {}
         self.pending: dict[UserId, list[Rating]] = {}
         self.parked: dict[UserId, tuple[Rating, ...]] = {}
@@ -272,7 +245,7 @@ class _Batch:
         todo: list[Rating] = []
         parked: list[Rating] = []
         for incoming in queue:
-            if not parked and incoming.event.movie_id in self.base_vectors:
+            if not parked and incoming.event.movie_id in self.vectors:
                 todo.append(incoming)
             elif not parked and self._waited_out(incoming):
                 self.out.append(
@@ -294,30 +267,6 @@ class _Batch:
         published = incoming.source.published_at(self.now)
         return (self.now - published).total_seconds() >= self.wait_s
 
-    def vector(self, movie_id: MovieId) -> Vector:
-        """The item's vector as of now: moved in this batch, or as given."""
-        item = self.moved.get(movie_id)
-        return self.base_vectors[movie_id] if item is None else item.vector
-
-    def pull_items(self, rows: Sequence[tuple[UserId, Rating]], states: list[UserState]) -> None:
-        """Move the pullable items of a round towards their raters' profiles as they
-        were before the round (a user's first rating pulls nothing: no profile yet)."""
-        profiles: dict[MovieId, list[Vector]] = {}
-        for (_, incoming), state in zip(rows, states, strict=True):
-            movie_id = incoming.event.movie_id
-            if movie_id not in self.moved and movie_id not in self.pullable:
-                continue
-            profile = self.updater.vector(state)
-            if profile is not None:
-                profiles.setdefault(movie_id, []).append(profile)
-        for movie_id, vectors in profiles.items():
-            item = self.moved[movie_id] if movie_id in self.moved else self.pullable[movie_id]
-            try:
-                self.moved[movie_id] = pulled(item, vectors, self.pull, self.now, self.centre)
-            except NumericalError as exc:
-                # The ratings still apply, to the vector as it was.
-                log.warning("item vector kept: %s", exc)
-
     def apply_round(self, step: int) -> bool:
         """Apply the ``step``-th queued rating of every user that has one, in one
         ``learn_many`` call; returns False when no user had one."""
@@ -325,14 +274,12 @@ class _Batch:
         if not rows:
             return False
         states = [self.current[u] for u, _ in rows]
-        if self.pull > 0:
-            self.pull_items(rows, states)
         events = [incoming.event for _, incoming in rows]
         learned: list[UserState] | None
         try:
             learned = self.updater.learn_many(
                 states,
-                [self.vector(e.movie_id) for e in events],
+                [self.vectors[e.movie_id] for e in events],
                 [e.rating for e in events],
                 [e.occurred_at for e in events],
             )
@@ -347,7 +294,7 @@ class _Batch:
                     learned[i]
                     if learned is not None
                     else self.updater.learn_one(
-                        states[i], self.vector(event.movie_id), event.rating, event.occurred_at
+                        states[i], self.vectors[event.movie_id], event.rating, event.occurred_at
                     )
                 )
                 # A state whose vector cannot be read must not be stored.
@@ -365,11 +312,26 @@ class _Batch:
                 model=self.updater.model_version,
             )
             self.applied[user] = incoming
+            self.feedback.append(Outgoing(ITEM_FEEDBACK, self.item_rated(incoming, states[i])))
         return True
 
-    def profile(
-        self, user: UserId, cause: Rating, version: str, now: datetime
-    ) -> UserProfileUpdated:
+    def item_rated(self, incoming: Rating, before: UserState) -> ItemRated:
+        """The ``item-feedback`` event of an applied rating; ``before``: the user's
+        state before it."""
+        event = incoming.event
+        profile = self.updater.vector(before) if event.movie_id in self.content_only else None
+        return ItemRated(
+            movie_id=event.movie_id,
+            user_id=event.user_id,
+            rating=event.rating,
+            occurred_at=event.occurred_at,
+            rating_event_id=event.event_id,
+            taste=None if profile is None else taste(profile, self.centre),
+            model_version=self.version,
+            cause_published_at=incoming.source.published_at(self.now),
+        )
+
+    def profile(self, user: UserId, cause: Rating) -> UserProfileUpdated:
         state = self.current[user]
         vector = self.updater.vector(state)
         if vector is None:  # only reachable with an updater that breaks its contract
@@ -381,11 +343,11 @@ class _Batch:
             mean_rating=self.updater.mean_rating(state),
             rated=list(state.rated),
             ratings=list(state.ratings),
-            model_version=version,
+            model_version=self.version,
             cause_event_id=cause.event.event_id,
             # Without a broker timestamp the latency clock starts now (never negative).
-            cause_published_at=cause.source.published_at(now),
-            updated_at=now,
+            cause_published_at=cause.source.published_at(self.now),
+            updated_at=self.now,
         )
 
 
@@ -397,8 +359,7 @@ def handle_ratings(
     now: datetime,
     *,
     item_model_version: str | None = None,
-    pullable: Mapping[MovieId, ItemEmbedded] | None = None,
-    item_pull: float = 0.0,
+    content_only: Container[MovieId] = (),
     revisit: Iterable[UserId] = (),
     wait_s: float = 0.0,
 ) -> tuple[list[Outgoing], dict[UserId, UserRecord]]:
@@ -422,12 +383,10 @@ def handle_ratings(
       other dimension) is dead-lettered.
     - One ``UserProfileUpdated`` per user per batch, caused by the user's last applied
       rating: ``cause_published_at`` is that message's broker timestamp.
-    - A rating of a ``pullable`` movie (one the item encoder did not learn from ratings)
-      first moves its vector towards the rater's profile as it was before the rating,
-      less ``updater.centre()`` (``pulled``), and the rating is applied with the moved
-      vector; so are the later ratings of the batch. One ``ItemEmbedded`` per moved
-      movie goes out, on ``item-embeddings``, ahead of the profiles. The item encoder
-      places a movie from its content alone; who rates it then says more about who will.
+    - One ``ItemRated`` per applied rating goes out on ``item-feedback`` (keyed by
+      movie), ahead of the profiles: the movie's owner counts it, and for a movie of
+      ``content_only`` it carries the rater's taste (``taste``: the profile as it was
+      before the rating), by which the owner moves that movie's vector.
 
     Args:
         batch: valid ratings in offset order (any users, any partitions).
@@ -439,9 +398,8 @@ def handle_ratings(
         now: the update time (UTC), the profiles' ``updated_at``.
         item_model_version: the item encoder's version, appended to the updater's in
             the profiles' ``model_version``.
-        pullable: the latest ``ItemEmbedded`` of (at least) the batch's movies with
-            ``rated_in_training`` false.
-        item_pull: how far a rating moves such a movie's vector (0: not at all).
+        content_only: movies whose vector stands for their content alone (the item
+            encoder did not learn them from ratings): their raters' taste goes out.
         revisit: users with parked ratings to try again (their movie may have arrived,
             or their wait run out), with or without ratings in the batch.
         wait_s: how long a parked rating waits for its movie (seconds; default 0: a
@@ -455,15 +413,15 @@ def handle_ratings(
     for incoming in batch:
         by_user.setdefault(incoming.event.user_id, []).append(incoming)
 
-    work = _Batch(updater, vectors, pullable or {}, item_pull, now, wait_s)
+    version = model_version(updater, item_model_version)
+    work = _Batch(updater, vectors, content_only, now, wait_s, version)
     for user, ratings in by_user.items():
         work.admit(user, ratings, states.get(user))
     step = 0
     while work.apply_round(step):
         step += 1
 
-    work.out.extend(Outgoing(ITEM_EMBEDDINGS, item) for item in work.moved.values())
-    version = model_version(updater, item_model_version)
+    work.out.extend(work.feedback)
     updated: dict[UserId, UserRecord] = {}
     for user in by_user:
         if user not in work.current:
@@ -477,7 +435,7 @@ def handle_ratings(
             if cause is None:
                 continue
             log.info("republishing profile user_id=%s after a re-delivered rating", user)
-        work.out.append(Outgoing(USER_PROFILES, work.profile(user, cause, version, now)))
+        work.out.append(Outgoing(USER_PROFILES, work.profile(user, cause)))
     if work.n_replayed:
         log.info("skipped re-delivered ratings already applied n=%d", work.n_replayed)
     return work.out, updated

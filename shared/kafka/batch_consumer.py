@@ -6,8 +6,9 @@ One loop and one error policy for every service:
   ``dead-letters`` with the reason and its topic/partition/offset; the loop goes on.
 - A batch's outputs, its table writes (``ChangelogTable``) and its input offsets are
   committed together: in one Kafka transaction when ``Settings.transactions`` is on
-  (exactly once), else outputs and changelog are flushed before the offsets are
-  committed (at least once; the handlers are idempotent by source offset).
+  (exactly once), else the outputs are flushed, then the changelog, then the offsets
+  are committed (at least once: the handlers skip what their state says they applied,
+  and the readers of their outputs skip copies).
 - A failed send fails the batch: the transaction is aborted (or nothing is committed),
   the table's staged writes are dropped, and the same batch is processed again after a
   back-off. A dead letter that the broker refuses for good (e.g. too large) is logged
@@ -94,7 +95,11 @@ class BatchConsumer:
         sources: the topics consumed.
         handler: the pure batch function.
         ready_file: rewritten while healthy (see the module docstring).
-        table: per-key state restored and committed with the batches (optional).
+        table: per-key state restored and committed with the batches (optional). With
+            a table and several ``sources`` the topics are read co-partitioned: range
+            assignment gives partition p of each to the same instance, so the keys of
+            partition p of every source share the table's partition p (the sources
+            must have the same number of partitions and be keyed alike).
         has_work: when it returns True the handler is called even with no message
             (e.g. for ratings parked in ``table`` whose movie vector has arrived).
         healthy: extra health condition of the worker (e.g. its readers are alive).
@@ -279,6 +284,11 @@ class BatchConsumer:
         if self._transactional:
             producer.begin_transaction()
         self._publisher.publish_all(out)
+        if self._table is not None and not self._transactional:
+            # Effects before state: a crash between the two re-applies the batch, and
+            # its outputs go out again (their readers skip copies), rather than leaving
+            # state that says the batch was applied while its outputs were lost.
+            self._publisher.flush()
         if self._table is not None:
             for key, value, partition in self._table.staged():
                 self._publisher.produce(self._table.topic, key, value, partition)
@@ -363,6 +373,8 @@ class BatchConsumer:
         }
         if self._settings.instance_id is not None:
             config["group.instance.id"] = f"{self._service}-{self._settings.instance_id}"
+        if self._table is not None and len(self._specs) > 1:
+            config["partition.assignment.strategy"] = "range"  # co-partitioned sources
         return config
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:

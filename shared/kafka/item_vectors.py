@@ -29,17 +29,14 @@ the reader's thread."""
 
 
 class ItemVectors(Mapping[MovieId, Vector]):
-    """A thread-safe ``movie_id -> vector`` map fed by ``item-embeddings``.
+    """A thread-safe ``movie_id -> vector`` map fed by ``item-embeddings``: the vectors
+    ratings are learned from, i.e. each movie's vector as the encoder made it
+    (``ItemEmbedded.content_vector`` of a moved one).
 
-    A movie's latest embedding wins; a tombstone (null value) removes the movie. Invalid
-    messages and vectors that are not L2-normalised are handed to ``on_invalid`` (the
-    service dead-letters them); the map keeps the previous vector of that movie, if any.
-
-    The service moves the vectors of movies the encoder did not learn from ratings
-    (``pullable``) and publishes them on the same topic. It keeps its own moves at once
-    (``update``), so reading one back later must not undo a newer move: a moved vector
-    (``online_ratings`` > 0) only replaces one moved fewer times. A fresh embedding
-    (``online_ratings`` 0: the movie was re-embedded) always does.
+    A movie's latest embedding wins (item-embedding is the topic's only writer); a
+    tombstone (null value) removes the movie. Invalid messages and vectors that are not
+    L2-normalised are handed to ``on_invalid`` (the service dead-letters them); the map
+    keeps the previous vector of that movie, if any.
     """
 
     def __init__(
@@ -54,8 +51,7 @@ class ItemVectors(Mapping[MovieId, Vector]):
         self._name = name
         self._lock = threading.Lock()
         self._vectors: dict[MovieId, Vector] = {}
-        self._online: dict[MovieId, int] = {}
-        self._pullable: dict[MovieId, ItemEmbedded] = {}
+        self._content_only: set[MovieId] = set()
         self._model_version: str | None = None
         self._reader: TopicReader | None = None
 
@@ -103,17 +99,17 @@ class ItemVectors(Mapping[MovieId, Vector]):
         with self._lock:
             return {m: self._vectors[m] for m in set(movie_ids) if m in self._vectors}
 
-    def pullable(self, movie_ids: Iterable[MovieId]) -> dict[MovieId, ItemEmbedded]:
-        """The latest embedding of each of ``movie_ids`` that the item encoder did not
-        learn from ratings (others left out)."""
+    def content_only(self, movie_ids: Iterable[MovieId]) -> set[MovieId]:
+        """Those of ``movie_ids`` whose vector the item encoder made from their content
+        alone (``rated_in_training`` false): their raters move them."""
         with self._lock:
-            return {m: self._pullable[m] for m in set(movie_ids) if m in self._pullable}
+            return set(movie_ids) & self._content_only
 
     @property
-    def n_pullable(self) -> int:
+    def n_content_only(self) -> int:
         """How many movies the item encoder did not learn from ratings."""
         with self._lock:
-            return len(self._pullable)
+            return len(self._content_only)
 
     @property
     def model_version(self) -> str | None:
@@ -139,20 +135,18 @@ class ItemVectors(Mapping[MovieId, Vector]):
         self.update(accepted)
 
     def update(self, items: Sequence[ItemEmbedded]) -> None:
-        """Take valid item embeddings (read from the topic, or moved by this service)."""
+        """Take valid item embeddings, in topic order."""
         if not items:
             return
         with self._lock:
             for item in items:
                 movie_id = item.movie_id
-                if 0 < item.online_ratings <= self._online.get(movie_id, -1):
-                    continue  # our own older move, read back after a newer one
-                self._vectors[movie_id] = item.vector.astype(np.float32, copy=False)
-                self._online[movie_id] = item.online_ratings
+                vector = item.vector if item.content_vector is None else item.content_vector
+                self._vectors[movie_id] = vector.astype(np.float32, copy=False)
                 if item.rated_in_training:
-                    self._pullable.pop(movie_id, None)
+                    self._content_only.discard(movie_id)
                 else:
-                    self._pullable[movie_id] = item
+                    self._content_only.add(movie_id)
                 self._model_version = item.model_version
 
     def _invalid(self, source: Source, reason: str) -> None:
@@ -161,8 +155,7 @@ class ItemVectors(Mapping[MovieId, Vector]):
             movie_id = source.key.decode("utf-8", errors="replace")
             with self._lock:
                 self._vectors.pop(movie_id, None)
-                self._online.pop(movie_id, None)
-                self._pullable.pop(movie_id, None)
+                self._content_only.discard(movie_id)
             log.info("item removed movie_id=%s", movie_id)
             return
         log.warning(

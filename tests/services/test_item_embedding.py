@@ -17,20 +17,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.item_embedding.__main__ import make_handler
 from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
     ITEM_EMBEDDINGS,
+    ITEM_FEEDBACK,
     MOVIES,
     DeadLetter,
     ItemEmbedded,
+    ItemRated,
     MoviePublished,
     People,
     encode,
 )
-from shared.handlers.item_embedding import handle_movies, make_handler
+from shared.handlers.item_embedding import SERVICE, TABLE, ItemRecord, handle_items
 from shared.kafka.batch_consumer import BatchConsumer
 from shared.kafka.message import Incoming, Outgoing, Source
+from shared.kafka.table import ChangelogTable
 from shared.models.item_encoder import ConcatItemEncoder
 from shared.models.text import TextEncoder
 from shared.retrieval.qdrant_store import QdrantStore
@@ -38,7 +42,6 @@ from tests.conftest import SettingsFactory
 from tests.kafka_helpers import produce_raw, read_topic
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICE = "item-embedding"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
@@ -58,9 +61,17 @@ def embedded(outgoings: list[Outgoing]) -> list[ItemEmbedded]:
     return [e for e in events if isinstance(e, ItemEmbedded)]
 
 
-def incoming(event: MoviePublished, offset: int, timestamp_ms: int | None) -> Incoming:
+def handle_movies(
+    batch: list[Incoming], encoder: ConcatItemEncoder, store: QdrantStore, now: datetime
+) -> list[Outgoing]:
+    """``handle_items`` over movies alone, from no stored record."""
+    out, _ = handle_items(batch, {}, encoder, store, now)
+    return out
+
+
+def incoming(event: MoviePublished | ItemRated, offset: int, timestamp_ms: int | None) -> Incoming:
     source = Source(
-        topic="movies",
+        topic="movies" if isinstance(event, MoviePublished) else "item-feedback",
         partition=0,
         offset=offset,
         key=event.movie_id.encode(),
@@ -145,18 +156,96 @@ def test_an_empty_batch_does_nothing(encoder: ConcatItemEncoder, tmp_path: Path)
         assert store.count() == 0
 
 
+def rated(movie_id: str, taste: np.ndarray | None, n: int) -> ItemRated:
+    return ItemRated(
+        movie_id=movie_id,
+        user_id=f"u{n}",
+        rating=4.0,
+        occurred_at=NOW,
+        rating_event_id=f"e{n}",
+        taste=taste,
+        model_version="user-1",
+        cause_published_at=NOW,
+    )
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
+
+
+def test_raters_tastes_move_a_new_movie_the_same_in_any_order_and_batching(
+    encoder: ConcatItemEncoder, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    tastes = [rng.normal(size=encoder.dim).astype(np.float32) for _ in range(3)]
+    with QdrantStore(Settings(qdrant_path=tmp_path / "q"), encoder.dim) as store:
+        out, first = handle_items([incoming(MOVIES_[0], 0, 1000)], {}, encoder, store, NOW)
+        (content,) = embedded(out)
+        stored = {m: r.to_bytes() for m, r in first.items()}
+
+        def apply(*batches: list[int]) -> tuple[list[ItemEmbedded], dict[str, bytes]]:
+            records, published, offset = dict(stored), [], 10
+            for batch in batches:
+                events = [
+                    incoming(rated("1", tastes[i], i), offset + j, None)
+                    for j, i in enumerate(batch)
+                ]
+                offset += len(batch)
+                out, updated = handle_items(events, records, encoder, store, NOW, item_pull=0.5)
+                published += embedded(out)
+                records |= {m: r.to_bytes() for m, r in updated.items()}
+            return published, records
+
+        one_batch, records = apply([0, 1, 2])
+        (moved,) = one_batch
+        expected = unit(content.vector + 0.5 * (tastes[0] + tastes[1] + tastes[2]))
+        np.testing.assert_allclose(moved.vector, expected, atol=1e-6)
+        assert moved.online_ratings == 3 and not moved.rated_in_training
+        np.testing.assert_allclose(moved.content_vector, content.vector)
+        # Qdrant serves what the catalogue gets.
+        assert store.search(moved.vector, k=1)[0] == ("1", pytest.approx(1.0, abs=1e-5))
+        # One batch at a time, and in another order: the same vector.
+        one_by_one, _ = apply([2], [0], [1])
+        assert [e.online_ratings for e in one_by_one] == [1, 2, 3]
+        np.testing.assert_allclose(one_by_one[-1].vector, moved.vector, atol=1e-6)
+
+        # A copy (re-delivered, or sent again under another offset) changes nothing.
+        again = [incoming(rated("1", tastes[0], 0), 12, None)]
+        again.append(incoming(rated("1", tastes[1], 1), 99, None))
+        out, updated = handle_items(again, records, encoder, store, NOW, item_pull=0.5)
+        assert out == [] and updated == {}
+        # A rating without a taste (a movie its encoder learned, a first rating) neither.
+        out, updated = handle_items(
+            [incoming(rated("1", None, 7), 100, None)], records, encoder, store, NOW, item_pull=0.5
+        )
+        assert out == [] and updated == {}
+        # A taste of another dimension is dead-lettered; the record keeps its sum.
+        bad = [incoming(rated("1", np.ones(3, dtype=np.float32), 8), 101, None)]
+        out, updated = handle_items(bad, records, encoder, store, NOW, item_pull=0.5)
+        letters = [o.event for o in out if isinstance(o.event, DeadLetter)]
+        assert len(letters) == 1 and "dimension 3" in letters[0].error
+        assert updated["1"].n_tastes == 3
+        # Without the pull the content vector is served, whatever was learned.
+        record = ItemRecord.from_bytes(records["1"])
+        served = record.served(0.0, NOW)
+        assert served is not None and served is record.content
+        np.testing.assert_array_equal(served.vector, content.vector)
+
+
 # --- the loop on the real broker ------------------------------------------------------
 
 
 @contextmanager
 def running(settings: Settings, encoder: ConcatItemEncoder) -> Iterator[QdrantStore]:
     store = QdrantStore(settings, encoder.dim)
+    table = ChangelogTable(settings, settings.changelog(SERVICE, TABLE))
     loop = BatchConsumer(
         settings,
         SERVICE,
-        [MOVIES],
-        make_handler(encoder, store),
+        [MOVIES, ITEM_FEEDBACK],
+        make_handler(settings, encoder, store, table),
         ready_file=settings.ready_file(SERVICE),
+        table=table,
     )
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
@@ -199,6 +288,36 @@ def test_movies_become_item_embeddings_and_points(
     assert letter.key == "9"
     assert "title" in letter.error and "at least 1 character" in letter.error
     # The valid movie published after the invalid one was embedded (checked above: "3").
+
+
+@pytest.mark.integration
+def test_ratings_move_a_new_movie_and_a_restart_builds_on_the_stored_sum(
+    make_settings: SettingsFactory, encoder: ConcatItemEncoder
+) -> None:
+    settings = make_settings(item_pull=0.5)
+    rng = np.random.default_rng(4)
+    tastes = [rng.normal(size=encoder.dim).astype(np.float32) for _ in range(3)]
+
+    def moved(n: int) -> ItemEmbedded:
+        def done(events: list) -> bool:
+            return any(isinstance(e, ItemEmbedded) and e.online_ratings == n for e in events)
+
+        events = read_topic(settings, ITEM_EMBEDDINGS, done, timeout_s=60)
+        return next(e for e in events if isinstance(e, ItemEmbedded) and e.online_ratings == n)
+
+    with running(settings, encoder):
+        produce_raw(settings, MOVIES, encode(MOVIES_[0]), b"1")
+        content = moved(0)
+        for i in (0, 1):
+            produce_raw(settings, ITEM_FEEDBACK, encode(rated("1", tastes[i], i)), b"1")
+        moved(2)
+    # Restarted, the loop restores the movie's record from the changelog.
+    with running(settings, encoder) as store:
+        produce_raw(settings, ITEM_FEEDBACK, encode(rated("1", tastes[2], 2)), b"1")
+        thrice = moved(3)
+        assert store.search(thrice.vector, k=1)[0][0] == "1"
+    expected = unit(content.vector + 0.5 * (tastes[0] + tastes[1] + tastes[2]))
+    np.testing.assert_allclose(thrice.vector, expected, atol=1e-6)
 
 
 # --- the worker process ---------------------------------------------------------------

@@ -22,11 +22,13 @@ from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
     ITEM_EMBEDDINGS,
+    ITEM_FEEDBACK,
     RATINGS,
     USER_PROFILES,
     DeadLetter,
     Event,
     ItemEmbedded,
+    ItemRated,
     RatingSubmitted,
     TopicSpec,
     UserProfileUpdated,
@@ -39,7 +41,7 @@ from shared.handlers.user_profile import (
     Rating,
     UserRecord,
     handle_ratings,
-    pulled,
+    taste,
 )
 from shared.kafka.client import make_admin, make_consumer, make_producer
 from shared.kafka.item_vectors import ItemVectors
@@ -309,16 +311,14 @@ def unit(vector: np.ndarray) -> Vector:
     return out
 
 
-def items_of(out: list) -> dict[MovieId, ItemEmbedded]:
-    found = [o.event for o in out if isinstance(o.event, ItemEmbedded)]
-    assert all(o.spec is ITEM_EMBEDDINGS for o in out if isinstance(o.event, ItemEmbedded))
-    assert len(found) == len({i.movie_id for i in found}), "one embedding per moved movie"
-    return {i.movie_id: i for i in found}
+def feedback_of(out: list) -> list[ItemRated]:
+    found = [o.event for o in out if isinstance(o.event, ItemRated)]
+    assert all(o.spec is ITEM_FEEDBACK for o in out if isinstance(o.event, ItemRated))
+    return found
 
 
-def test_ratings_pull_a_content_only_movie_towards_its_raters() -> None:
+def test_each_applied_rating_goes_to_its_movie_with_the_raters_taste_for_a_new_movie() -> None:
     vectors = catalogue(5)
-    pullable = {"m3": embedded("m3", vectors["m3"], rated_in_training=False)}
     _, before = handle_ratings(
         [
             incoming(rating_event("a", "m0", 5.0), 0),
@@ -335,43 +335,39 @@ def test_ratings_pull_a_content_only_movie_towards_its_raters() -> None:
         incoming(rating_event("b", "m3", 2.0, 1), 4),  # round 0: b's first rating
         incoming(rating_event("b", "m4", 1.0, 2), 5),  # round 1: m4 was learned
         incoming(rating_event("c", "m4", 3.0, 2), 6),  # round 0
-        incoming(rating_event("c", "m3", 5.0, 3), 7),  # round 1: pulls again
+        incoming(rating_event("c", "m3", 5.0, 3), 7),  # round 1
     ]
 
-    out, _ = handle_ratings(
-        batch, stored(before), vectors, UPDATER, NOW, pullable=pullable, item_pull=0.5
-    )
+    out, _ = handle_ratings(batch, stored(before), vectors, UPDATER, NOW, content_only={"m3"})
 
-    # Round 0: only a has a profile before rating m3; b's first rating pulls nothing.
-    a_before = by_hand(vectors, [("m0", 5.0), ("m1", 3.0)])
-    once = unit(vectors["m3"] + 0.5 * a_before.astype(np.float64))
-    # Round 1: c's profile after its round-0 rating of m4.
-    c_before = by_hand(vectors, [("m2", 4.0), ("m4", 3.0)])
-    twice = unit(once.astype(np.float64) + 0.5 * c_before)
-    items = items_of(out)
-    assert set(items) == {"m3"}
-    moved = items["m3"]
-    np.testing.assert_allclose(moved.vector, twice, atol=1e-6)
-    assert moved.online_ratings == 2 and not moved.rated_in_training
-    assert moved.embedded_at == NOW and moved.model_version == "enc-1"
-    # Each rating is applied with the vector as moved up to and including its own pull.
+    feedback = feedback_of(out)
+    # One per applied rating, in the order applied (round by round), keyed by movie.
+    assert [(f.user_id, f.movie_id) for f in feedback] == [
+        ("a", "m3"),
+        ("b", "m3"),
+        ("c", "m4"),
+        ("b", "m4"),
+        ("c", "m3"),
+    ]
+    assert [f.rating_event_id for f in feedback] == [
+        batch[i].event.event_id for i in (0, 1, 3, 2, 4)
+    ]
+    assert {f.model_version for f in feedback} == {UPDATER.model_version}
+    # The taste is the profile before the rating, only for the content-only movie;
+    # a user's first rating has none.
+    a, b, c_m4, b_m4, c_m3 = feedback
+    np.testing.assert_allclose(a.taste, by_hand(vectors, [("m0", 5.0), ("m1", 3.0)]), atol=1e-6)
+    assert b.taste is None and c_m4.taste is None and b_m4.taste is None
+    np.testing.assert_allclose(c_m3.taste, by_hand(vectors, [("m2", 4.0), ("m4", 3.0)]), atol=1e-6)
+    # Ratings are learned from the vectors given (the movie's owner moves it, not us);
+    # the feedback goes out before the profiles.
     profiles = profiles_of(out)
-    moved_once = {**vectors, "m3": once}
     np.testing.assert_allclose(
-        profiles["a"].vector, by_hand(moved_once, [("m0", 5.0), ("m1", 3.0), ("m3", 4.0)]), 1e-5
+        profiles["c"].vector, by_hand(vectors, [("m2", 4.0), ("m4", 3.0), ("m3", 5.0)]), 1e-5
     )
-    np.testing.assert_allclose(
-        profiles["b"].vector, by_hand(moved_once, [("m3", 2.0), ("m4", 1.0)]), atol=1e-5
-    )
-    np.testing.assert_allclose(
-        profiles["c"].vector,
-        by_hand({**vectors, "m3": twice}, [("m2", 4.0), ("m4", 3.0), ("m3", 5.0)]),
-        atol=1e-5,
-    )
-    # Moved vectors go out before the profiles; without a pull nothing moves.
-    assert isinstance(out[0].event, ItemEmbedded)
-    still, _ = handle_ratings(batch, stored(before), vectors, UPDATER, NOW, pullable=pullable)
-    assert items_of(still) == {}
+    kinds = [type(o.event) for o in out]
+    assert kinds.index(UserProfileUpdated) > max(i for i, k in enumerate(kinds) if k is ItemRated)
+    assert not any(isinstance(o.event, ItemEmbedded) for o in out)
 
 
 class CentredMean(RatingWeightedMean):
@@ -385,11 +381,10 @@ class CentredMean(RatingWeightedMean):
         return self._centre
 
 
-def test_a_rating_pulls_by_what_the_raters_profile_has_beyond_the_updaters_centre() -> None:
+def test_the_taste_is_what_the_raters_profile_has_beyond_the_updaters_centre() -> None:
     vectors = catalogue(4)
     centre = vectors["m2"]
     updater = CentredMean(centre)
-    pullable = {"m3": embedded("m3", vectors["m3"], rated_in_training=False)}
     _, before = handle_ratings(
         [incoming(rating_event("a", "m0", 5.0), 0), incoming(rating_event("a", "m1", 2.0), 1)],
         {},
@@ -404,44 +399,34 @@ def test_a_rating_pulls_by_what_the_raters_profile_has_beyond_the_updaters_centr
         vectors,
         updater,
         NOW,
-        pullable=pullable,
-        item_pull=0.5,
+        content_only={"m3"},
     )
 
-    taste = by_hand(vectors, [("m0", 5.0), ("m1", 2.0)]).astype(np.float64) - centre
-    np.testing.assert_allclose(
-        items_of(out)["m3"].vector, unit(vectors["m3"] + 0.5 * taste), atol=1e-6
-    )
-    # A profile that is all centre moves nothing.
-    same = pulled(pullable["m3"], [centre], 0.5, NOW, centre)
-    np.testing.assert_allclose(same.vector, vectors["m3"], atol=1e-6)
-    assert same.online_ratings == 1
+    (feedback,) = feedback_of(out)
+    expected = by_hand(vectors, [("m0", 5.0), ("m1", 2.0)]).astype(np.float64) - centre
+    np.testing.assert_allclose(feedback.taste, expected, atol=1e-6)
+    np.testing.assert_allclose(taste(centre, centre), np.zeros_like(centre))
 
 
-def test_moved_vectors_read_back_never_undo_a_newer_move() -> None:
+def test_item_vectors_learn_from_the_encoders_vector_of_a_moved_movie() -> None:
     vectors = catalogue(3)
     items = ItemVectors(Settings())
     content = embedded("m0", vectors["m0"], rated_in_training=False)
     items.add(item_batch([content, embedded("m1", vectors["m1"])]))
-    assert set(items.pullable(["m0", "m1", "x"])) == {"m0"} and items.n_pullable == 1
+    assert items.content_only(["m0", "m1", "x"]) == {"m0"} and items.n_content_only == 1
 
-    # The service keeps its own moves at once; the topic hands them back later.
-    first = embedded(
-        "m0", unit(vectors["m0"] + vectors["m1"]), rated_in_training=False, online_ratings=1
+    # The movie's owner moved it: ratings still learn from its content vector, so a
+    # profile does not depend on how far the other raters' moves had come.
+    moved = content.model_copy(
+        update={"vector": vectors["m2"], "online_ratings": 2, "content_vector": vectors["m0"]}
     )
-    second = first.model_copy(update={"vector": vectors["m2"], "online_ratings": 2})
-    items.update([first])
-    items.update([second])
-    items.add(item_batch([first]))
-    np.testing.assert_array_equal(items["m0"], vectors["m2"])
-    assert items.pullable(["m0"])["m0"].online_ratings == 2
-
-    # A fresh embedding (the movie was published again) replaces any move.
-    items.add(item_batch([content]))
+    items.add(item_batch([moved]))
     np.testing.assert_array_equal(items["m0"], vectors["m0"])
-    # An embedding learned from ratings is no longer pullable.
-    items.add(item_batch([embedded("m0", vectors["m0"])]))
-    assert items.pullable(["m0"]) == {} and items.n_pullable == 0
+
+    # An embedding learned from ratings is no longer content-only.
+    items.add(item_batch([embedded("m0", vectors["m1"])]))
+    np.testing.assert_array_equal(items["m0"], vectors["m1"])
+    assert items.content_only(["m0"]) == set() and items.n_content_only == 0
 
 
 def item_batch(events: list[ItemEmbedded]) -> list[Incoming[Event]]:
@@ -626,7 +611,6 @@ def worker(
         "REELSTREAM_BATCH_TIMEOUT_S": str(settings.batch_timeout_s),
         "REELSTREAM_BATCH_SIZE": str(settings.batch_size),
         "REELSTREAM_TRAINED_MODELS": str(settings.trained_models).lower(),
-        "REELSTREAM_ITEM_PULL": str(settings.item_pull),
     }
     if instance_id is not None:
         # Static membership: a restarted worker takes its partitions back at once (the
@@ -797,49 +781,38 @@ def test_ratings_wait_a_while_for_their_movie_vector(
 
 
 @pytest.mark.integration
-def test_worker_publishes_the_vectors_ratings_move_and_builds_on_them_after_a_restart(
+def test_worker_sends_each_rating_to_its_movies_partition_with_the_taste_of_a_new_movie(
     make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
-    settings = make_settings(item_pull=0.5)
+    settings = make_settings()
     vectors = catalogue(4, seed=5)
     new = embedded("new", vectors["m3"], rated_in_training=False)
     publish(
         settings, ITEM_EMBEDDINGS, [*(embedded(m, vectors[m]) for m in ("m0", "m1", "m2")), new]
     )
-    log = tmp_path / "worker.log"
+    ratings = [
+        rating_event("ann", "m0", 5.0, 0),
+        rating_event("ann", "new", 4.0, 1),
+        rating_event("bob", "m1", 3.0, 2),
+        rating_event("bob", "new", 2.0, 3),
+    ]
 
-    def moved(n: int) -> ItemEmbedded:
-        def done(events: list[Event]) -> bool:
-            return any(isinstance(e, ItemEmbedded) and e.online_ratings == n for e in events)
+    def all_in(events: list[Event]) -> bool:
+        return len([e for e in events if isinstance(e, ItemRated)]) >= len(ratings)
 
-        events = read_topic(settings, ITEM_EMBEDDINGS, done, timeout_s=60)
-        return next(e for e in events if isinstance(e, ItemEmbedded) and e.online_ratings == n)
+    with worker(settings, tmp_path / "worker.log"):
+        publish_ratings(settings, ratings)
+        feedback = read_topic(settings, ITEM_FEEDBACK, all_in, timeout_s=60)
 
-    with worker(settings, log):
-        publish_ratings(
-            settings, [rating_event("ann", "m0", 5.0, 0), rating_event("ann", "new", 4.0, 1)]
-        )
-        once = moved(1)
-        publish_ratings(
-            settings, [rating_event("bob", "m1", 3.0, 2), rating_event("bob", "new", 2.0, 3)]
-        )
-        twice = moved(2)
-        profiles = profiles_until(settings, {"ann": 2, "bob": 2})
-    # Restarted, the worker reads its last move back from item-embeddings.
-    with worker(settings, log):
-        publish_ratings(
-            settings, [rating_event("cy", "m2", 4.0, 4), rating_event("cy", "new", 5.0, 5)]
-        )
-        thrice = moved(3)
-
-    np.testing.assert_allclose(once.vector, unit(vectors["m3"] + 0.5 * vectors["m0"]), atol=1e-6)
-    np.testing.assert_allclose(twice.vector, unit(once.vector + 0.5 * vectors["m1"]), atol=1e-6)
-    np.testing.assert_allclose(thrice.vector, unit(twice.vector + 0.5 * vectors["m2"]), atol=1e-6)
-    assert not thrice.rated_in_training and thrice.title == "new"
-    bob = next(p for p in profiles if p.user_id == "bob" and p.n_ratings == 2)
-    np.testing.assert_allclose(
-        bob.vector, by_hand({**vectors, "new": twice.vector}, [("m1", 3.0), ("new", 2.0)]), 1e-5
-    )
+    by_event = {f.rating_event_id: f for f in feedback if isinstance(f, ItemRated)}
+    assert set(by_event) == {r.event_id for r in ratings}
+    ann_new = by_event[ratings[1].event_id]
+    np.testing.assert_allclose(ann_new.taste, vectors["m0"], atol=1e-6)
+    assert by_event[ratings[0].event_id].taste is None  # a first rating, a known movie
+    assert by_event[ratings[2].event_id].taste is None
+    # Keyed by movie, so every rating of a movie lands in the movie's one partition.
+    placed = partitions_by_key(settings, settings.topic(ITEM_FEEDBACK.name))
+    assert set(placed) == {"m0", "m1", "new"} and all(len(p) == 1 for p in placed.values())
 
 
 def partitions_by_key(settings: Settings, topic: str) -> dict[str, set[int]]:

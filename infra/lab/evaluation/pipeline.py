@@ -3,14 +3,16 @@
 ``PipelineModel`` feeds events through exactly the functions the services run, in the
 order the topics would carry them:
 
-- ``movies`` → ``shared.handlers.item_embedding.handle_movies`` (item encoder + Qdrant
+- ``movies`` → ``shared.handlers.item_embedding.handle_items`` (item encoder + Qdrant
   upsert) → ``item-embeddings`` → ``shared.handlers.recommender.handle_item_embeddings``
   (the recommender's FAISS catalogue) and the user-profile service's vector lookup;
 - ``ratings`` → ``shared.handlers.user_profile.handle_ratings`` (the user updater over
-  states stored as bytes, as in the service's table) → ``user-profiles`` →
-  ``shared.handlers.recommender.handle_user_profiles`` (retrieve, exclude, MMR) →
-  ``recommendations``. The item vectors it moves (``settings.item_pull``) go to
-  ``item-embeddings`` and reach the catalogue before the profiles do.
+  states stored as bytes, as in the service's table) → ``item-feedback`` and
+  ``user-profiles``. The feedback goes through ``handle_items`` (the raters' tastes move
+  new movies' vectors, ``settings.item_pull``) to ``item-embeddings``, and reaches the
+  catalogue before the profiles go through
+  ``shared.handlers.recommender.handle_user_profiles`` (retrieve, exclude, rank, MMR)
+  to ``recommendations``.
 
 Each user's latest ``RecommendationsGenerated`` list is kept, and that is the list a
 test event is scored against: the list the user would be holding when they rate,
@@ -42,13 +44,14 @@ from shared.events import (
     DeadLetter,
     Event,
     ItemEmbedded,
+    ItemRated,
     MoviePublished,
     RatingSubmitted,
     RecommendationsGenerated,
     UserProfileUpdated,
 )
 from shared.exceptions import ReelstreamError
-from shared.handlers.item_embedding import handle_movies
+from shared.handlers.item_embedding import ItemEvent, handle_items
 from shared.handlers.recommender import (
     handle_item_embeddings,
     handle_user_profiles,
@@ -123,6 +126,7 @@ class PipelineModel:
         # The user-profile service's map of item vectors, filled by calls, not a reader.
         self._vectors = ItemVectors(self._settings)
         self._states: dict[UserId, bytes] = {}
+        self._items: dict[MovieId, bytes] = {}
         self._lists: dict[UserId, RecommendationsGenerated] = {}
         self._profiles: dict[UserId, UserProfileUpdated] = {}
         self._offsets: dict[str, int] = {}
@@ -137,10 +141,7 @@ class PipelineModel:
     def add_movies(self, movies: Sequence[MoviePublished]) -> None:
         if not movies:
             return
-        outgoing = handle_movies(
-            self._incoming("movies", movies), self._encoder, self._store, _now()
-        )
-        self._embedded(outgoing)
+        self._item_events(self._incoming("movies", movies))
 
     def fit(self, train: Sequence[RatingSubmitted]) -> None:
         size = self._settings.batch_size
@@ -232,10 +233,10 @@ class PipelineModel:
             self._updater,
             _now(),
             item_model_version=self._vectors.model_version,
-            pullable=self._vectors.pullable(movie_ids),
-            item_pull=self._settings.item_pull,
+            content_only=self._vectors.content_only(movie_ids),
         )
-        self._embedded(outgoing)
+        feedback = [o.event for o in outgoing if isinstance(o.event, ItemRated)]
+        self._item_events(self._incoming("item-feedback", feedback))
         for user, state in updated.items():
             self._states[user] = state.to_bytes()
         profiles = [
@@ -256,6 +257,22 @@ class PipelineModel:
         self._sources.learn(ratings)
         if incoming:
             self._last_rating = incoming[-1]
+
+    def _item_events(self, batch: Sequence[Incoming[ItemEvent]]) -> None:
+        """Run ``batch`` through the item-embedding handler and its outputs on."""
+        if not batch:
+            return
+        outgoing, updated = handle_items(
+            batch,
+            self._items,
+            self._encoder,
+            self._store,
+            _now(),
+            item_pull=self._settings.item_pull,
+        )
+        for movie_id, record in updated.items():
+            self._items[movie_id] = record.to_bytes()
+        self._embedded(outgoing)
 
     def _embedded(self, outgoing: list[Outgoing]) -> None:
         """Pass the ``item-embeddings`` among ``outgoing`` to the recommender's catalogue
