@@ -13,7 +13,7 @@ import torch
 
 from infra.lab.training.checkpoint import save_checkpoint
 from infra.lab.training.residual import save_residual
-from shared.events import RatingSubmitted, UserProfileUpdated
+from shared.events import ItemRated, RatingSubmitted, UserProfileUpdated
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.handlers.user_profile import handle_ratings
 from shared.kafka.message import Incoming, Source
@@ -233,7 +233,9 @@ def test_works_inside_handle_ratings(updater: ResidualUpdater) -> None:
     out, updated = handle_ratings(batch, {}, vectors, updater, T0, item_model_version="items-v9")
 
     profiles = {o.event.user_id: o.event for o in out if isinstance(o.event, UserProfileUpdated)}
-    assert set(profiles) == {"alice", "bob"} and len(out) == 2  # no dead letters
+    feedback = [o for o in out if isinstance(o.event, ItemRated)]
+    assert set(profiles) == {"alice", "bob"} and len(feedback) == 3
+    assert len(out) == 5  # no dead letters
     alice = profiles["alice"]
     assert alice.model_version == f"{updater.model_version}+items-v9"
     assert alice.n_ratings == 2 and alice.rated == ["m0", "m2"]
@@ -256,4 +258,4 @@ def test_works_inside_handle_ratings(updater: ResidualUpdater) -> None:
     assert updated2["alice"].state.n_ratings == 3
     assert updated2["alice"].state.vector is not None and final.vector is not None
     np.testing.assert_allclose(updated2["alice"].state.vector, final.vector, rtol=1e-6, atol=1e-7)
-    assert [type(o.event) for o in out2] == [UserProfileUpdated]
+    assert [type(o.event) for o in out2] == [ItemRated, UserProfileUpdated]

@@ -133,9 +133,10 @@ def test_pipeline_lists_are_the_recommenders_lists_of_the_mean_profile(
 def test_ratings_pull_content_only_vectors_towards_their_raters(
     encoder: ConcatItemEncoder, data: tuple[list[MoviePublished], Split]
 ) -> None:
-    """Every concat vector is content alone, so each rating by a user who has a profile
-    moves the movie: ``v <- normalise(v + pull * u)``, recomputed here rating by rating,
-    with the rating-weighted mean's profile built from the vectors as they were."""
+    """Every concat vector is content alone, so its raters move each movie:
+    ``v = normalise(c + pull * sum(u))`` over the ratings by users who had a profile,
+    recomputed here rating by rating, with the rating-weighted mean's profile built
+    from the content vectors (a profile learns from the encoder's vector)."""
     movies, split = data
     pull = 0.5
     model = PipelineModel(
@@ -147,16 +148,18 @@ def test_ratings_pull_content_only_vectors_towards_their_raters(
         model.add_movies(movies)
         index = model.catalogue.index
         assert index is not None
-        vectors = {m.movie_id: index.vectors([m.movie_id])[0].astype(np.float64) for m in movies}
-        encoded = dict(vectors)
+        encoded = {m.movie_id: index.vectors([m.movie_id])[0].astype(np.float64) for m in movies}
+        tastes: dict[str, np.ndarray] = {}
         sums: dict[UserId, np.ndarray] = {}
         for r in split.train:
             if r.user_id in sums:
-                moved = vectors[r.movie_id] + pull * sums[r.user_id] / np.linalg.norm(
-                    sums[r.user_id]
-                )
-                vectors[r.movie_id] = moved / np.linalg.norm(moved)
-            sums[r.user_id] = sums.get(r.user_id, 0.0) + r.rating * vectors[r.movie_id]
+                profile = sums[r.user_id] / np.linalg.norm(sums[r.user_id])
+                tastes[r.movie_id] = tastes.get(r.movie_id, 0.0) + profile
+            sums[r.user_id] = sums.get(r.user_id, 0.0) + r.rating * encoded[r.movie_id]
+        vectors = dict(encoded)
+        for movie_id, taste in tastes.items():
+            moved = encoded[movie_id] + pull * taste
+            vectors[movie_id] = moved / np.linalg.norm(moved)
 
         model.fit(split.train)
 
