@@ -18,7 +18,7 @@ from confluent_kafka.admin import NewTopic
 
 from shared.config import Settings
 from shared.events import TOPICS
-from shared.handlers import item_embedding, user_profile
+from shared.handlers import item_embedding, recommender, user_profile
 from shared.kafka.client import make_admin
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def plan(settings: Settings) -> list[TopicPlan]:
     topics = [TopicPlan(settings.topic(spec.name), n, spec.compacted) for spec in TOPICS]
     topics += [
         TopicPlan(settings.changelog(handler.SERVICE, handler.TABLE), n, compacted=True)
-        for handler in (item_embedding, user_profile)
+        for handler in (item_embedding, recommender, user_profile)
     ]
     return topics
 

@@ -30,6 +30,7 @@ from shared.handlers.item_embedding import SERVICE, TABLE, ItemEvent, handle_ite
 from shared.kafka.batch_consumer import BatchConsumer, BatchHandler
 from shared.kafka.message import Incoming, Outgoing
 from shared.kafka.table import ChangelogTable
+from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
 from shared.models.deployed import build_deployed_item_encoder
 from shared.models.item_encoder import ItemEncoder
@@ -60,30 +61,50 @@ def make_handler(
     return handler
 
 
-def worker() -> int:
-    """Run the service until SIGTERM; 0 on a clean stop, 2 on a configuration error."""
-    configure_logging(SERVICE)
-    settings = Settings()
-    try:
-        encoder = build_deployed_item_encoder(settings)
-        store = QdrantStore(settings, encoder.dim)
-    except ConfigurationError as exc:
-        log.error("service=%s cannot start: %s", SERVICE, exc)
-        return 2
-    try:
-        table = ChangelogTable(settings, settings.changelog(SERVICE, TABLE))
-        consumer = BatchConsumer(
+class ItemEmbeddingWorker:
+    """The item-embedding loop and its clean stop; ``run`` blocks until ``stop``.
+
+    Args:
+        settings: broker, topics, batch size, ``item_pull``, Qdrant, var dir.
+        encoder: the item encoder (default: the deployed one).
+
+    Raises:
+        ConfigurationError: the deployed encoder or Qdrant cannot be set up.
+    """
+
+    def __init__(self, settings: Settings, encoder: ItemEncoder | None = None) -> None:
+        self.encoder = encoder or build_deployed_item_encoder(settings)
+        self.store = QdrantStore(settings, self.encoder.dim)
+        self.table = ChangelogTable(settings, settings.changelog(SERVICE, TABLE))
+        self.consumer = BatchConsumer(
             settings,
             SERVICE,
             [MOVIES, ITEM_FEEDBACK],
-            make_handler(settings, encoder, store, table),
+            make_handler(settings, self.encoder, self.store, self.table),
             ready_file=settings.ready_file(SERVICE),
-            table=table,
+            table=self.table,
         )
-        consumer.install_signal_handlers()
-        consumer.run()
-    finally:
-        store.close()
+
+    def run(self) -> None:
+        try:
+            self.consumer.run()
+        finally:
+            self.store.close()
+
+    def stop(self) -> None:
+        self.consumer.stop()
+
+
+def worker() -> int:
+    """Run the service until SIGTERM; 0 on a clean stop, 2 on a configuration error."""
+    configure_logging(SERVICE)
+    try:
+        service = ItemEmbeddingWorker(Settings())
+    except ConfigurationError as exc:
+        log.error("service=%s cannot start: %s", SERVICE, exc)
+        return 2
+    stop_on_signals(service.stop, SERVICE)
+    service.run()
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Wiring only: a ``TopicReader`` hydrates the catalogue from the whole of
 ``item-embeddings`` and keeps following it; once it has caught up, a ``BatchConsumer``
-turns ``user-profiles`` into ``recommendations`` with ``handle_user_profiles``. A second
+turns ``user-profiles`` into ``recommendations`` with ``handle_user_profiles``, keeping
+each user's rated movies (the profiles carry a recent window) in a ``ChangelogTable``
+restored from ``Settings.changelog(SERVICE, TABLE)``. A second
 reader follows the whole of ``ratings`` to keep the online item features (popularity,
 mean rating; with a trained ranker also its online BPR) and, once it has caught up,
 publishes the newcomers' list (``newcomers_recommendations``, key
@@ -32,6 +34,7 @@ from shared.events import (
 )
 from shared.handlers.recommender import (
     SERVICE,
+    TABLE,
     handle_item_embeddings,
     handle_user_profiles,
     newcomers_recommendations,
@@ -39,6 +42,7 @@ from shared.handlers.recommender import (
 from shared.kafka.batch_consumer import BatchConsumer
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter, handle_isolating_failures
 from shared.kafka.publisher import DeliveryError, Publisher
+from shared.kafka.table import ChangelogTable
 from shared.kafka.topic_reader import TopicReader
 from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
@@ -94,12 +98,14 @@ class RecommenderWorker:
             name=f"{SERVICE}-ratings",
             on_caught_up=self._publish_newcomers,
         )
+        self.table = ChangelogTable(settings, settings.changelog(SERVICE, TABLE))
         self.consumer = BatchConsumer(
             settings,
             SERVICE,
             [USER_PROFILES],
             self._on_profiles,
             ready_file=settings.ready_file(SERVICE),
+            table=self.table,
         )
 
     def run(self) -> None:
@@ -152,9 +158,16 @@ class RecommenderWorker:
     def _on_profiles(self, batch: list[Incoming[Event]]) -> list[Outgoing]:
         # The loop reads only user-profiles, and parse() validated each against its record.
         profiles = cast(list[Incoming[UserProfileUpdated]], batch)
-        return handle_user_profiles(
-            profiles, self.catalogue, self.settings, datetime.now(UTC), self.reranker
+        partitions = {p.event.user_id: p.source.partition for p in profiles}
+        histories = {u: raw for u in partitions if (raw := self.table.get(u.encode())) is not None}
+        out, updated = handle_user_profiles(
+            profiles, histories, self.catalogue, self.settings, datetime.now(UTC), self.reranker
         )
+        for user, history in updated.items():
+            partition = partitions[user]
+            if partition is not None:
+                self.table.put(user.encode(), history.to_bytes(), partition)
+        return out
 
     def _on_ratings(self, batch: list[Incoming[Event]]) -> None:
         # The online features only: the user-profile service owns the ratings' validation

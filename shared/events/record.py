@@ -306,10 +306,15 @@ class UserProfileUpdated(Event):
     mean_rating: float
     """Shrunk mean of the user's ratings (stars); a simple rating predictor."""
     rated: list[Id]
-    """Every movie the user has rated: never recommended back."""
+    """The movies the user has rated most lately, oldest first, each once: the last
+    ``len(rated)`` of the ``n_rated`` movies the user has rated (a re-rated movie keeps
+    its place). The recommender keeps the earlier ones from the profiles before, and
+    never recommends any of them back."""
     ratings: list[Annotated[float, Field(ge=0.5, le=5.0, allow_inf_nan=False)]] = []
     """The user's latest stars for each movie of ``rated``, same order (the rating
     predictor's input); empty from producers that do not send them."""
+    n_rated: int | None = Field(None, ge=0)
+    """How many distinct movies the user has rated (None: ``rated`` is all of them)."""
     model_version: str
     cause_event_id: Id
     cause_published_at: Timestamp
@@ -322,6 +327,8 @@ class UserProfileUpdated(Event):
             raise ValueError(
                 f"ratings has {len(self.ratings)} entries but rated has {len(self.rated)}"
             )
+        if self.n_rated is not None and self.n_rated < len(self.rated):
+            raise ValueError(f"n_rated is {self.n_rated} but rated has {len(self.rated)}")
         return self
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+import orjson
 
 from shared.config import Settings
 from shared.events import (
@@ -18,17 +20,70 @@ from shared.events import (
     RecommendedItem,
     UserProfileUpdated,
 )
-from shared.exceptions import UnprocessableEventError
+from shared.exceptions import InvalidEventError, UnprocessableEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
 from shared.models.item_stats import ItemStats
 from shared.models.recommend import Reranker, ScoredItem, newcomer_list, recommend_batch
 from shared.retrieval.catalogue import Catalogue, check_vector
-from shared.types import UserId
+from shared.types import MovieId, UserId
 
 log = logging.getLogger(__name__)
 
 SERVICE = "recommender"
 """Consumer group, dead-letter ``service`` field and ready-file name of the recommender."""
+TABLE = "user-history"
+"""The per-user table (``UserHistory`` bytes); its changelog is
+``Settings.changelog(SERVICE, TABLE)``."""
+
+
+@dataclass(frozen=True)
+class UserHistory:
+    """Every movie a user has rated, oldest first, each once, with their latest stars:
+    what the recommender excludes from the user's lists and what its rating model and
+    user features read. Built from the windows of the user's profiles (``merged``)."""
+
+    rated: tuple[MovieId, ...] = ()
+    ratings: tuple[float, ...] = ()
+    """Stars of ``rated``, same order; empty when a profile came without them."""
+
+    def merged(self, profile: UserProfileUpdated) -> UserHistory:
+        """This history with ``profile``'s window in its place: the window is the last
+        ``len(rated)`` of the ``n_rated`` movies rated, so it replaces what this history
+        holds from position ``n_rated - len(rated)`` on (a re-rated movie's new stars
+        included) and appends the rest. A profile without ``n_rated`` carries all."""
+        window, stars = tuple(profile.rated), tuple(profile.ratings)
+        if profile.n_rated is None:
+            return UserHistory(window, stars)
+        start = profile.n_rated - len(window)
+        if start > len(self.rated):
+            log.warning(
+                "user_id=%s history holds %d movies, profile starts at %d: %d rated movies "
+                "never reached the recommender (a profile compacted away unread)",
+                profile.user_id,
+                len(self.rated),
+                start,
+                start - len(self.rated),
+            )
+            start = len(self.rated)
+        ratings = self.ratings[:start] + stars if stars and len(self.ratings) >= start else ()
+        return UserHistory(self.rated[:start] + window, ratings)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({"r": self.rated, "y": self.ratings})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> UserHistory:
+        """Read ``to_bytes`` output.
+
+        Raises:
+            InvalidEventError: the bytes are not a history.
+        """
+        try:
+            data = orjson.loads(raw)
+            return cls(tuple(str(m) for m in data["r"]), tuple(float(y) for y in data["y"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InvalidEventError(f"user history is unreadable: {exc}") from exc
+
 
 MIN_STARS = 0.5
 MAX_STARS = 5.0
@@ -48,12 +103,20 @@ def handle_item_embeddings(
 
 def handle_user_profiles(
     batch: Sequence[Incoming[UserProfileUpdated]],
+    histories: Mapping[UserId, bytes],
     catalogue: Catalogue,
     settings: Settings,
     now: datetime,
     reranker: Reranker | None = None,
-) -> list[Outgoing]:
-    """A ``RecommendationsGenerated`` list per user of the batch, plus dead letters.
+) -> tuple[list[Outgoing], dict[UserId, UserHistory]]:
+    """A ``RecommendationsGenerated`` list per user of the batch, plus dead letters, and
+    the users' histories to store.
+
+    Every profile's window is merged, in order, into the user's stored history
+    (``UserHistory.merged``; ``histories`` holds the stored bytes of at least the
+    batch's users); the merged history is what the list excludes and what the rating
+    model and the user features read. An unreadable stored history is logged and
+    started again from the profile's window.
 
     Profiles are coalesced by user: only the last valid profile of a user in the batch
     gets a list (at full replay speed one list per rating would swamp the output, and
@@ -81,9 +144,14 @@ def handle_user_profiles(
     out: list[Outgoing] = []
     dim = catalogue.dim
     latest: dict[UserId, UserProfileUpdated] = {}
+    updated: dict[UserId, UserHistory] = {}
     n_valid = 0
     for incoming in batch:
         profile = incoming.event
+        user = profile.user_id
+        if user not in updated:
+            updated[user] = _stored(histories.get(user), user)
+        updated[user] = updated[user].merged(profile)
         try:
             check_vector(np.asarray(profile.vector), dim, f"user {profile.user_id} profile vector")
         except UnprocessableEventError as exc:
@@ -93,16 +161,17 @@ def handle_user_profiles(
         latest.pop(profile.user_id, None)  # keep users in the order of their last profile
         latest[profile.user_id] = profile
     if not latest:
-        return out
+        return out, updated
 
     profiles = list(latest.values())
+    history = [updated[p.user_id] for p in profiles]
     if dim is None:
         log.warning("catalogue is empty; publishing empty lists users=%d", len(profiles))
         lists: list[list[ScoredItem]] = [[] for _ in profiles]
     else:
         lists = recommend_batch(
             np.stack([np.asarray(p.vector, dtype=np.float32) for p in profiles]),
-            [p.rated for p in profiles],
+            [h.rated for h in history],
             catalogue,
             k=settings.top_k,
             n_candidates=settings.n_candidates,
@@ -113,9 +182,9 @@ def handle_user_profiles(
             else reranker.sources.user_features(
                 [p.n_ratings for p in profiles],
                 [p.mean_rating for p in profiles],
-                [p.rated for p in profiles],
+                [h.rated for h in history],
             ),
-            histories=[(p.rated, p.ratings) for p in profiles],
+            histories=[(h.rated, h.ratings) for h in history],
             users=[p.user_id for p in profiles],
         )
     item_version = catalogue.model_version
@@ -156,7 +225,18 @@ def handle_user_profiles(
         n_valid - len(profiles),
         len(out) - len(profiles),
     )
-    return out
+    return out, updated
+
+
+def _stored(raw: bytes | None, user: UserId) -> UserHistory:
+    if raw is None:
+        return UserHistory()
+    try:
+        return UserHistory.from_bytes(raw)
+    except InvalidEventError as exc:
+        # Derived state: the profiles' windows rebuild what they can.
+        log.error("user_id=%s stored history dropped: %s", user, exc)
+        return UserHistory()
 
 
 def newcomers_recommendations(

@@ -60,6 +60,10 @@ def _reject(incoming: Rating, reason: str) -> Outgoing:
     return dead_letter(incoming.source, reason, SERVICE)
 
 
+PROFILE_WINDOW = 50
+"""How many of the user's latest rated movies a profile carries at least: all those
+rated since the user's previous profile, and never fewer than this."""
+
 RECENT_EVENTS = 128
 """How many of a user's latest ``event_id`` a record keeps to recognise a copy."""
 
@@ -187,6 +191,8 @@ class _Batch:
         self.was_parked: dict[UserId, tuple[Rating, ...]] = {}
         self.recent: dict[UserId, tuple[EventId, ...]] = {}
         """Each admitted user's ``UserRecord.recent`` after this batch."""
+        self.n_rated_before: dict[UserId, int] = {}
+        """How many movies each admitted user had rated before this batch."""
         self.applied: dict[UserId, Rating] = {}
         """The last rating applied to each user in this batch (the profile's cause)."""
         self.replayed: dict[UserId, Rating] = {}
@@ -258,6 +264,7 @@ class _Batch:
             else:
                 parked.append(incoming)
         self.current[user] = state
+        self.n_rated_before[user] = len(state.rated)
         self.pending[user] = todo
         self.parked[user] = tuple(parked)
         self.was_parked[user] = record.parked
@@ -331,8 +338,12 @@ class _Batch:
             cause_published_at=incoming.source.published_at(self.now),
         )
 
-    def profile(self, user: UserId, cause: Rating) -> UserProfileUpdated:
+    def profile(self, user: UserId, cause: Rating, *, whole: bool = False) -> UserProfileUpdated:
+        """The user's profile as of this batch; its ``rated`` window holds every movie
+        rated in the batch and at least ``PROFILE_WINDOW`` (``whole``: all of them)."""
         state = self.current[user]
+        added = len(state.rated) - self.n_rated_before[user]
+        window = len(state.rated) if whole else max(PROFILE_WINDOW, added)
         vector = self.updater.vector(state)
         if vector is None:  # only reachable with an updater that breaks its contract
             raise ReelstreamError(f"user {user!r} has ratings but no vector")
@@ -341,8 +352,9 @@ class _Batch:
             vector=vector,
             n_ratings=state.n_ratings,
             mean_rating=self.updater.mean_rating(state),
-            rated=list(state.rated),
-            ratings=list(state.ratings),
+            rated=list(state.rated[-window:]),
+            ratings=list(state.ratings[-window:]),
+            n_rated=len(state.rated),
             model_version=self.version,
             cause_event_id=cause.event.event_id,
             # Without a broker timestamp the latency clock starts now (never negative).
@@ -430,12 +442,14 @@ def handle_ratings(
         # Event ids alone do not make a record worth writing: they go with the next change.
         if cause is not None or work.parked[user] != work.was_parked[user]:
             updated[user] = UserRecord(work.current[user], work.parked[user], work.recent[user])
+        whole = cause is None
         if cause is None:
             cause = work.replayed.get(user)
             if cause is None:
                 continue
+            # The lost profile's window may have been wider than the usual one.
             log.info("republishing profile user_id=%s after a re-delivered rating", user)
-        work.out.append(Outgoing(USER_PROFILES, work.profile(user, cause)))
+        work.out.append(Outgoing(USER_PROFILES, work.profile(user, cause, whole=whole)))
     if work.n_replayed:
         log.info("skipped re-delivered ratings already applied n=%d", work.n_replayed)
     return work.out, updated

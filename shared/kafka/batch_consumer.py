@@ -97,9 +97,10 @@ class BatchConsumer:
         ready_file: rewritten while healthy (see the module docstring).
         table: per-key state restored and committed with the batches (optional). With
             a table and several ``sources`` the topics are read co-partitioned: range
-            assignment gives partition p of each to the same instance, so the keys of
-            partition p of every source share the table's partition p (the sources
-            must have the same number of partitions and be keyed alike).
+            assignment (``consumer_config``) gives partition p of each to the same
+            instance, so the keys of partition p of every source share the table's
+            partition p (the sources must have the same number of partitions and be
+            keyed alike).
         has_work: when it returns True the handler is called even with no message
             (e.g. for ratings parked in ``table`` whose movie vector has arrived).
         healthy: extra health condition of the worker (e.g. its readers are alive).
@@ -143,6 +144,11 @@ class BatchConsumer:
         self._beat = time.monotonic()
         self.processed = 0
         self.dead_lettered = 0
+
+    @property
+    def assignment(self) -> frozenset[Position]:
+        """The (topic, partition) pairs this instance holds now."""
+        return frozenset(self._assigned)
 
     @property
     def transactional_id(self) -> str:
@@ -373,8 +379,6 @@ class BatchConsumer:
         }
         if self._settings.instance_id is not None:
             config["group.instance.id"] = f"{self._service}-{self._settings.instance_id}"
-        if self._table is not None and len(self._specs) > 1:
-            config["partition.assignment.strategy"] = "range"  # co-partitioned sources
         return config
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -42,7 +42,11 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "receive.message.max.bytes": MAX_RECEIVE_BYTES,
-        "partition.assignment.strategy": "cooperative-sticky",
+        # Eager range assignment: partition p of co-partitioned topics goes to one
+        # member, and every broker completes it. A cooperative rebalance needs a second
+        # round after the revocation, which the local noida-db never starts: the
+        # partitions taken from the first member when a second joined stayed unowned.
+        "partition.assignment.strategy": "range",
         "isolation.level": "read_committed",
     }
     config.update(overrides)

@@ -36,6 +36,7 @@ from shared.events import (
     new_event_id,
 )
 from shared.handlers.recommender import (
+    UserHistory,
     handle_item_embeddings,
     handle_user_profiles,
     newcomers_recommendations,
@@ -89,14 +90,16 @@ def profile(
     mean_rating: float = 3.8,
     published_at: datetime | None = None,
     ratings: list[float] | None = None,
+    n_rated: int | None = None,
 ) -> UserProfileUpdated:
     return UserProfileUpdated(
         user_id=user,
         vector=unit(vector),
-        n_ratings=len(rated or []),
+        n_ratings=len(rated or []) if n_rated is None else n_rated,
         mean_rating=mean_rating,
         rated=rated or [],
         ratings=ratings or [],
+        n_rated=n_rated,
         model_version="mean-v1",
         cause_event_id=new_event_id(),
         cause_published_at=published_at or datetime.now(UTC),
@@ -107,6 +110,18 @@ def profile(
 def incoming(event: Event, offset: int = 0) -> Incoming:
     source = Source("user-profiles", 0, offset, b"k", b'{"raw": true}', None)
     return Incoming(event, source)
+
+
+def handle(
+    batch: list[Incoming],
+    catalogue: Catalogue,
+    settings: Settings,
+    now: datetime,
+    reranker: Reranker | None = None,
+) -> list[Outgoing]:
+    """``handle_user_profiles`` from no stored history; its outputs."""
+    out, _ = handle_user_profiles(batch, {}, catalogue, settings, now, reranker)
+    return out
 
 
 def lists(out: list[Outgoing]) -> list[RecommendationsGenerated]:
@@ -135,7 +150,7 @@ def settings() -> Settings:
 
 def test_a_profile_gets_a_list_that_excludes_what_it_rated(catalogue: Catalogue) -> None:
     p = profile("7", axis(0), ["seen"], mean_rating=9.0, published_at=NOW - timedelta(seconds=2))
-    [rec] = lists(handle_user_profiles([incoming(p)], catalogue, settings(), NOW))
+    [rec] = lists(handle([incoming(p)], catalogue, settings(), NOW))
     assert rec.user_id == "7" and rec.cause_event_id == p.cause_event_id
     assert rec.items[0].movie_id == "hit"
     assert "seen" not in {i.movie_id for i in rec.items} and len(rec.items) == 5
@@ -166,7 +181,7 @@ def test_with_a_reranker_the_profiles_ratings_give_the_predicted_stars(
     reranker = Reranker(ranker, CandidateSources(ItemStats()), rating_model)
     rated = profile("7", axis(0), ["seen", "r3"], ratings=[5.0, 1.5])
 
-    [rec] = lists(handle_user_profiles([incoming(rated)], catalogue, settings(), NOW, reranker))
+    [rec] = lists(handle([incoming(rated)], catalogue, settings(), NOW, reranker))
 
     listed = [i.movie_id for i in rec.items]
     expected = reranker.predict_ratings(catalogue, (["seen", "r3"], [5.0, 1.5]), listed)
@@ -178,7 +193,7 @@ def test_with_a_reranker_the_profiles_ratings_give_the_predicted_stars(
 def test_the_last_profile_of_a_user_in_a_batch_wins(catalogue: Catalogue) -> None:
     first, second = profile("1", axis(0)), profile("1", axis(3), ["hit"])
     other = profile("2", axis(5), mean_rating=0.1)
-    out = handle_user_profiles(
+    out = handle(
         [incoming(first, 0), incoming(other, 1), incoming(second, 2)], catalogue, settings(), NOW
     )
     recs = lists(out)
@@ -195,22 +210,48 @@ def test_a_profile_of_another_dimension_is_dead_lettered_and_the_rest_served(
 ) -> None:
     bad = profile("1", axis(0, dim=8))
     good = profile("2", axis(0))
-    out = handle_user_profiles([incoming(bad, 4), incoming(good, 5)], catalogue, settings(), NOW)
+    out = handle([incoming(bad, 4), incoming(good, 5)], catalogue, settings(), NOW)
     [letter] = letters(out)
     assert "dimension 8" in letter.error and "dimension is 16" in letter.error
     assert (letter.service, letter.offset) == ("recommender", 4)
     assert [r.user_id for r in lists(out)] == ["2"]
 
 
+def test_profiles_windows_build_the_history_that_lists_exclude(
+    catalogue: Catalogue, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = profile("1", axis(0), ["hit", "a"], n_rated=2, ratings=[5.0, 3.0])
+    # The second profile's window holds the last 2 of 3 rated movies; "a" re-rated.
+    second = profile("1", axis(0), ["a", "near"], n_rated=3, ratings=[1.0, 4.0])
+    out, stored = handle_user_profiles([incoming(first, 0)], {}, catalogue, settings(), NOW)
+    assert stored["1"] == UserHistory(("hit", "a"), (5.0, 3.0))
+    raw = {u: h.to_bytes() for u, h in stored.items()}
+
+    out, stored = handle_user_profiles([incoming(second, 1)], raw, catalogue, settings(), NOW)
+
+    assert stored["1"] == UserHistory(("hit", "a", "near"), (5.0, 1.0, 4.0))
+    assert UserHistory.from_bytes(stored["1"].to_bytes()) == stored["1"]
+    [rec] = lists(out)
+    assert not {"hit", "a", "near"} & {i.movie_id for i in rec.items}
+    # Merging the same window again changes nothing (a profile published twice).
+    assert stored["1"].merged(second) == stored["1"]
+    # A window that starts past the stored history: what it holds is kept, the gap said.
+    gap = profile("1", axis(0), ["far"], n_rated=6, ratings=[2.0])
+    assert stored["1"].merged(gap).rated == ("hit", "a", "near", "far")
+    assert "2 rated movies never reached the recommender" in caplog.text
+    # A profile without n_rated carries every rated movie.
+    assert UserHistory(("x",), (1.0,)).merged(profile("1", axis(0), ["y"])).rated == ("y",)
+
+
 def test_an_empty_catalogue_still_publishes_the_list_with_no_items() -> None:
     p = profile("3", axis(0))
-    [rec] = lists(handle_user_profiles([incoming(p)], Catalogue(), settings(), NOW))
+    [rec] = lists(handle([incoming(p)], Catalogue(), settings(), NOW))
     assert rec.items == [] and rec.model_version.startswith("user=mean-v1;item=none;")
 
 
 def test_latency_is_never_negative(catalogue: Catalogue) -> None:
     p = profile("4", axis(2), published_at=NOW + timedelta(seconds=1))
-    [rec] = lists(handle_user_profiles([incoming(p)], catalogue, settings(), NOW))
+    [rec] = lists(handle([incoming(p)], catalogue, settings(), NOW))
     assert rec.latency_ms == 0.0
 
 

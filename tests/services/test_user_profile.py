@@ -35,6 +35,7 @@ from shared.events import (
     encode,
 )
 from shared.handlers.user_profile import (
+    PROFILE_WINDOW,
     RECENT_EVENTS,
     SERVICE,
     TABLE,
@@ -925,3 +926,19 @@ def test_restarts_while_ratings_wait_for_their_movie_lose_none(
             profiles = profiles_until(settings, counts)
         for user in users:
             assert max(p.n_ratings for p in profiles if p.user_id == user) == counts[user]
+
+
+def test_a_profile_carries_a_window_of_the_latest_rated_movies() -> None:
+    vectors = catalogue(PROFILE_WINDOW + 12)
+    movies = list(vectors)
+    first = [incoming(rating_event("u", m, 4.0, i), i) for i, m in enumerate(movies[:-1])]
+    out, updated = handle_ratings(first, {}, vectors, UPDATER, NOW)
+    # Everything rated in the batch, though more than the window.
+    (profile,) = profiles_of(out).values()
+    assert profile.rated == movies[:-1] and profile.n_rated == len(movies) - 1
+
+    last = [incoming(rating_event("u", movies[-1], 2.0, 99), len(movies))]
+    out, _ = handle_ratings(last, stored(updated), vectors, UPDATER, NOW)
+    (profile,) = profiles_of(out).values()
+    assert profile.rated == movies[-PROFILE_WINDOW:] and profile.n_rated == len(movies)
+    assert profile.ratings[-1] == 2.0 and len(profile.ratings) == PROFILE_WINDOW

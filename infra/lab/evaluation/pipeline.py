@@ -53,6 +53,7 @@ from shared.events import (
 from shared.exceptions import ReelstreamError
 from shared.handlers.item_embedding import ItemEvent, handle_items
 from shared.handlers.recommender import (
+    UserHistory,
     handle_item_embeddings,
     handle_user_profiles,
     newcomers_recommendations,
@@ -127,6 +128,9 @@ class PipelineModel:
         self._vectors = ItemVectors(self._settings)
         self._states: dict[UserId, bytes] = {}
         self._items: dict[MovieId, bytes] = {}
+        # The recommender's table of users' rated movies, and the same decoded.
+        self._histories: dict[UserId, bytes] = {}
+        self._history: dict[UserId, UserHistory] = {}
         self._lists: dict[UserId, RecommendationsGenerated] = {}
         self._profiles: dict[UserId, UserProfileUpdated] = {}
         self._offsets: dict[str, int] = {}
@@ -170,7 +174,8 @@ class PipelineModel:
         profile = self._profiles.get(user_id)
         fallback = self._cold_prediction if profile is None else profile.mean_rating
         if self._reranker is not None and movie_id in self.catalogue:
-            history = ((), ()) if profile is None else (profile.rated, profile.ratings)
+            rated = self._history.get(user_id, UserHistory())
+            history = (rated.rated, rated.ratings)
             stars = self._reranker.predict_ratings(self.catalogue, history, [movie_id])
             if stars is not None:
                 return float(stars[0])
@@ -185,7 +190,9 @@ class PipelineModel:
                 self._reranker.ranker.predict_rating(
                     np.asarray(profile.vector, dtype=np.float32),
                     self._reranker.sources.user_features(
-                        [profile.n_ratings], [profile.mean_rating], [profile.rated]
+                        [profile.n_ratings],
+                        [profile.mean_rating],
+                        [self._history[user_id].rated],
                     )[0],
                     index.vectors([movie_id]),
                     self._reranker.sources.features(self.catalogue, [movie_id], user_id),
@@ -207,7 +214,8 @@ class PipelineModel:
         profile = self._profiles.get(user_id)
         if profile is None:
             return None
-        return Snapshot(np.asarray(profile.vector, dtype=np.float32), tuple(profile.rated))
+        rated = self._history[user_id].rated
+        return Snapshot(np.asarray(profile.vector, dtype=np.float32), rated)
 
     @property
     def settings(self) -> Settings:
@@ -244,13 +252,17 @@ class PipelineModel:
         ]
         for profile in profiles:
             self._profiles[profile.user_id] = profile
-        lists = handle_user_profiles(
+        lists, histories = handle_user_profiles(
             self._incoming("user-profiles", profiles),
+            self._histories,
             self.catalogue,
             self._settings,
             _now(),
             self._reranker,
         )
+        for user, history in histories.items():
+            self._histories[user] = history.to_bytes()
+            self._history[user] = history
         for out in self._checked(lists):
             if isinstance(out.event, RecommendationsGenerated):
                 self._lists[out.event.user_id] = out.event
