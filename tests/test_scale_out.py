@@ -22,9 +22,6 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from services.item_embedding.__main__ import ItemEmbeddingWorker
-from services.recommender.__main__ import RecommenderWorker
-from services.user_profile.__main__ import UserProfileWorker
 from shared.config import Settings
 from shared.events import (
     ITEM_EMBEDDINGS,
@@ -43,6 +40,9 @@ from shared.events import (
 from shared.kafka.client import make_producer
 from shared.models.item_encoder import ConcatItemEncoder
 from shared.models.text import TextEncoder
+from shared.workers.item_embedding import ItemEmbeddingWorker
+from shared.workers.recommender import RecommenderWorker
+from shared.workers.user_profile import UserProfileWorker
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import read_topic
 

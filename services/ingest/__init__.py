@@ -1,4 +1,1 @@
-"""The ingest service: MovieLens replay, one-off publishing and the HTTP gateway."""
-
-SERVICE = "ingest"
-"""Service name: ready file, logs."""
+"""The ingest service's entry point (``shared.ingest``)."""

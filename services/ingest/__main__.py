@@ -1,7 +1,8 @@
-"""``python -m services.ingest <command>``; see ``services.ingest.cli``."""
+"""``python -m services.ingest <command>``; see ``shared.ingest.cli``."""
 
 import sys
 
-from services.ingest.cli import main
+from shared.ingest.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from infra.broker import free_port
-from services.ingest import SERVICE
-from services.ingest.http import Gateway
 from shared.config import Settings
 from shared.events import MOVIES, RATINGS, MoviePublished, RatingSubmitted
+from shared.ingest import SERVICE
+from shared.ingest.gateway import Gateway
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import read_topic
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.item_embedding.__main__ import make_handler
 from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
@@ -38,6 +37,7 @@ from shared.kafka.table import ChangelogTable
 from shared.models.item_encoder import ConcatItemEncoder
 from shared.models.text import TextEncoder
 from shared.retrieval.qdrant_store import QdrantStore
+from shared.workers.item_embedding import make_handler
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import produce_raw, read_topic
 

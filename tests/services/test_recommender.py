@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from services.recommender.__main__ import RecommenderWorker
 from shared.config import Settings
 from shared.events import (
     DEAD_LETTERS,
@@ -48,6 +47,7 @@ from shared.models.ranker import Ranker, TwoTowerNet
 from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
 from shared.models.recommend import CandidateSources, Reranker
 from shared.retrieval.catalogue import Catalogue
+from shared.workers.recommender import RecommenderWorker
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import produce_raw, read_topic
 

@@ -27,10 +27,10 @@ from typing import Any
 from aiohttp import web
 from confluent_kafka import KafkaError, Message, Producer
 
-from services.ingest import SERVICE
 from shared.config import Settings
 from shared.events import MOVIES, RATINGS, TopicSpec, decode, encode
 from shared.exceptions import InvalidEventError
+from shared.ingest import SERVICE
 from shared.kafka.client import make_producer
 from shared.kafka.message import Outgoing
 from shared.kafka.publisher import DeliveryError

@@ -23,11 +23,11 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaException
 
-from services.ingest import SERVICE
 from shared.config import Settings
 from shared.data import DatasetError, load_movielens
 from shared.events import MOVIES, RATINGS, TopicSpec, decode, encode
 from shared.exceptions import ConfigurationError, InvalidEventError
+from shared.ingest import SERVICE
 from shared.kafka.message import Outgoing
 from shared.kafka.publisher import DeliveryError, Publisher
 from shared.logs import configure_logging
@@ -222,7 +222,7 @@ def _instant(text: str) -> float | str:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from services.ingest.http import serve
+    from shared.ingest.gateway import serve
 
     asyncio.run(serve(settings, host=args.host, port=args.port))
     return 0

@@ -1,0 +1,90 @@
+"""The item-embedding worker: every movie's vector, from its content
+and its raters.
+
+Reads ``movies`` and ``item-feedback`` co-partitioned in micro-batches
+(``handle_items``): movies are encoded in one call per batch (in the consumer thread:
+there is no event loop to block), the tastes of new movies' raters move their vectors
+(``Settings.item_pull``), and every changed vector is upserted into Qdrant and published
+on ``item-embeddings``. Per-movie records live in a ``ChangelogTable`` restored from
+``Settings.changelog(SERVICE, TABLE)``. Stops cleanly on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from typing import cast
+
+# Every model is read from local files; make the Hugging Face libraries refuse to reach
+# the network rather than stall or download at run time. Set before they are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from shared.config import Settings
+from shared.events import ITEM_FEEDBACK, MOVIES, Event
+from shared.handlers.item_embedding import SERVICE, TABLE, ItemEvent, handle_items
+from shared.kafka.batch_consumer import BatchConsumer, BatchHandler
+from shared.kafka.message import Incoming, Outgoing
+from shared.kafka.table import ChangelogTable
+from shared.models.deployed import build_deployed_item_encoder
+from shared.models.item_encoder import ItemEncoder
+from shared.retrieval.qdrant_store import QdrantStore
+
+log = logging.getLogger(__name__)
+
+
+def make_handler(
+    settings: Settings, encoder: ItemEncoder, store: QdrantStore, table: ChangelogTable
+) -> BatchHandler:
+    """``handle_items`` as a ``BatchConsumer`` handler that keeps its records in ``table``."""
+
+    def handler(batch: list[Incoming[Event]]) -> list[Outgoing]:
+        # The consumer reads only movies and item-feedback, both keyed by movie_id.
+        events = cast(list[Incoming[ItemEvent]], batch)
+        partitions = {i.event.movie_id: i.source.partition for i in events}
+        records = {m: raw for m in partitions if (raw := table.get(m.encode())) is not None}
+        out, updated = handle_items(
+            events, records, encoder, store, datetime.now(UTC), item_pull=settings.item_pull
+        )
+        for movie_id, record in updated.items():
+            partition = partitions[movie_id]
+            if partition is not None:
+                table.put(movie_id.encode(), record.to_bytes(), partition)
+        return out
+
+    return handler
+
+
+class ItemEmbeddingWorker:
+    """The item-embedding loop and its clean stop; ``run`` blocks until ``stop``.
+
+    Args:
+        settings: broker, topics, batch size, ``item_pull``, Qdrant, var dir.
+        encoder: the item encoder (default: the deployed one).
+
+    Raises:
+        ConfigurationError: the deployed encoder or Qdrant cannot be set up.
+    """
+
+    def __init__(self, settings: Settings, encoder: ItemEncoder | None = None) -> None:
+        self.encoder = encoder or build_deployed_item_encoder(settings)
+        self.store = QdrantStore(settings, self.encoder.dim)
+        self.table = ChangelogTable(settings, settings.changelog(SERVICE, TABLE))
+        self.consumer = BatchConsumer(
+            settings,
+            SERVICE,
+            [MOVIES, ITEM_FEEDBACK],
+            make_handler(settings, self.encoder, self.store, self.table),
+            ready_file=settings.ready_file(SERVICE),
+            table=self.table,
+        )
+
+    def run(self) -> None:
+        try:
+            self.consumer.run()
+        finally:
+            self.store.close()
+
+    def stop(self) -> None:
+        self.consumer.stop()
