@@ -592,6 +592,56 @@ def check_static_membership(target: Target) -> Outcome:
         other.close()
 
 
+def _second_member_shares(target: Target, strategy: str) -> Outcome:
+    """A second member joins a group whose first member holds 4 partitions: within 20 s
+    each must hold 2, every partition owned once."""
+    name, group = _unique(f"join-{strategy}"), _unique("group")
+    create_topic(target.bootstrap, name, partitions=4)
+    config = _group_config(target.bootstrap, group, 10000)
+    config["partition.assignment.strategy"] = strategy
+    members: list[Consumer] = []
+    try:
+
+        def held() -> list[list[int]]:
+            for member in members:
+                member.poll(0.05)
+            return [sorted(tp.partition for tp in m.assignment()) for m in members]
+
+        members.append(Consumer(config))
+        members[0].subscribe([name])
+        if not _wait(lambda: held() == [[0, 1, 2, 3]], 30, 0):
+            return failed(f"the first member never held the 4 partitions ({held()})")
+        members.append(Consumer(config))
+        members[1].subscribe([name])
+        joined = time.monotonic()
+        if not _wait(
+            lambda: (
+                sorted(p for h in held() for p in h) == [0, 1, 2, 3]
+                and all(len(h) == 2 for h in held())
+            ),
+            20,
+            0,
+        ):
+            return failed(f"20 s after a second member joined they held {held()}")
+        return passed(
+            f"each holds 2 of 4 partitions {time.monotonic() - joined:.1f} s after the join"
+        )
+    finally:
+        for member in members:
+            member.close()
+
+
+def check_range_join(target: Target) -> Outcome:
+    """Eager range assignment shares the partitions with a member that joins."""
+    return _second_member_shares(target, "range")
+
+
+def check_cooperative_join(target: Target) -> Outcome:
+    """Incremental (cooperative-sticky) assignment shares them too: the partitions the
+    first member gives up go to the new one in a second rebalance."""
+    return _second_member_shares(target, "cooperative-sticky")
+
+
 def _transactional_producer(bootstrap: str) -> Producer:
     producer = Producer(
         {
@@ -1106,6 +1156,13 @@ CHECKS: tuple[Check, ...] = (
         check_static_membership,
         True,
         90,
+    ),
+    Check("range_join", "a joining member gets its share (range)", check_range_join, True),
+    Check(
+        "cooperative_join",
+        "a joining member gets its share (cooperative-sticky)",
+        check_cooperative_join,
+        False,
     ),
     Check("transactions", "transactions: commit shows, abort hides", check_transactions, True),
     Check("txn_offsets", "send_offsets_to_transaction", check_transactional_offsets, True),
