@@ -29,6 +29,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -152,8 +153,12 @@ class BatchConsumer:
 
     @property
     def transactional_id(self) -> str:
-        """One per instance: a restarted instance fences its previous incarnation."""
-        return f"{self._group}-{self._settings.instance_id or 'solo'}"
+        """One per instance: with ``Settings.instance_id`` a restarted instance fences
+        its previous incarnation; without one each process has its own (host and pid),
+        so that instances started alike (``docker compose --scale``) never fence each
+        other, and a zombie's commits are fenced by the group's generation instead."""
+        instance = self._settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        return f"{self._group}-{instance}"
 
     def stop(self) -> None:
         """Ask the loop to finish its batch, commit and return."""
