@@ -1,16 +1,22 @@
-"""The root of every error reelstream raises on purpose."""
+"""The root of every error reelstream raises on purpose, and its kinds.
 
+``ReelstreamError`` and ``InvalidEventError`` are the wire contract's
+(``shared.events.errors``), exported here with the others.
+"""
 
-class ReelstreamError(Exception):
-    """Base class of reelstream's own errors."""
+from shared.events.errors import InvalidEventError, ReelstreamError
+
+__all__ = [
+    "ConfigurationError",
+    "InvalidEventError",
+    "NumericalError",
+    "ReelstreamError",
+    "UnprocessableEventError",
+]
 
 
 class ConfigurationError(ReelstreamError):
     """Settings, files or checkpoints that do not fit together."""
-
-
-class InvalidEventError(ReelstreamError):
-    """A message that is not a valid event of its topic. The message is the reason."""
 
 
 class UnprocessableEventError(ReelstreamError):

@@ -50,6 +50,7 @@ from infra.lab.training.ranker import ExampleBuilder, RankerExamples, save_ranke
 from infra.lab.training.rating import prequential_rmse, save_rating_model
 from infra.lab.training.residual import save_residual, train_residual
 from shared.config import Settings
+from shared.convert import movies_of, ratings_of
 from shared.data.movielens import ML100K_GENRES, MovieLens, load_movielens
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.exceptions import ConfigurationError
@@ -333,7 +334,7 @@ def train_all(
     else:
         encoder = load_fusion_encoder(models_dir / ITEM_ENCODER, text, image)
         config = read_config(models_dir / ITEM_ENCODER, FUSION_KIND)
-    ids, vectors = encode_catalogue(encoder, dataset.movies)
+    ids, vectors = encode_catalogue(encoder, movies_of(dataset.movies))
     record["stages"]["item_encoder"] = {
         "version": config["version"],
         "seconds": time.perf_counter() - began,
@@ -409,7 +410,7 @@ def train_all(
         kconfig = stage_config(models_dir, "ranker", RANKER_KIND, config["version"])
 
     began = time.perf_counter()
-    fit = fit_rating_factors(val.train, seed=seed, progress=progress)
+    fit = fit_rating_factors(ratings_of(val.train), seed=seed, progress=progress)
     rating_model = save_rating_model(
         models_dir / RATING_MODEL,
         fit,

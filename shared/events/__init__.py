@@ -1,5 +1,6 @@
-"""The wire contract: event models, their serde and the topic registry."""
+"""The wire contract: event models, their serde, its errors and the topic registry."""
 
+from shared.events.errors import InvalidEventError
 from shared.events.record import (
     NEWCOMERS_USER_ID,
     DeadLetter,
@@ -43,6 +44,7 @@ __all__ = [
     "USER_PROFILES",
     "DeadLetter",
     "Event",
+    "InvalidEventError",
     "ItemEmbedded",
     "ItemRated",
     "MoviePublished",

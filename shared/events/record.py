@@ -15,9 +15,10 @@ import binascii
 import numbers
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -33,7 +34,8 @@ from pydantic import (
     model_validator,
 )
 
-from shared.types import Vector
+Vector: TypeAlias = npt.NDArray[np.float32]
+"""A 1-D float32 array."""
 
 MAX_VECTOR_DIM = 4096
 

@@ -7,8 +7,8 @@ from typing import TypeVar
 import orjson
 from pydantic import ValidationError
 
+from shared.events.errors import InvalidEventError
 from shared.events.record import Event
-from shared.exceptions import InvalidEventError
 
 E = TypeVar("E", bound=Event)
 

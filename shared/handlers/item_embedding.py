@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from shared.convert import movie_of
 from shared.events import (
     ITEM_EMBEDDINGS,
     ItemEmbedded,
@@ -193,7 +194,7 @@ def handle_items(
                 changed.add(event.movie_id)
     chosen = [m for m in latest.values() if record(m.event.movie_id, m) is not None]
     if chosen:
-        encoded = encoder.encode([incoming.event for incoming in chosen])
+        encoded = encoder.encode([movie_of(incoming.event) for incoming in chosen])
         for chosen_movie, vector in zip(chosen, encoded, strict=True):
             movie = chosen_movie.event
             content = ItemEmbedded(

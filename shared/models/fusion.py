@@ -37,8 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from shared.events import MoviePublished
-from shared.events.record import Modality
+from shared.domain import Modality, Movie
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.checkpoint import load_checkpoint, load_into
 from shared.models.image import ImageEncoder, load_posters
@@ -115,7 +114,7 @@ def year_feature(year: int | None) -> float:
 
 
 def metadata_inputs(
-    movies: Sequence[MoviePublished], buckets: int
+    movies: Sequence[Movie], buckets: int
 ) -> tuple[Matrix, list[list[int]], list[list[float]], np.ndarray]:
     """Dense metadata rows, people buckets and weights per movie, and the metadata mask."""
     dense = np.zeros((len(movies), META_DENSE_DIM), dtype=np.float32)
@@ -141,7 +140,7 @@ def metadata_inputs(
 
 
 def content_inputs(
-    movies: Sequence[MoviePublished],
+    movies: Sequence[Movie],
     text_encoder: TextEncoder,
     image_encoder: ImageEncoder | None,
     *,
@@ -412,7 +411,7 @@ class FusionItemEncoder:
         (always true for a checkpoint that does not list them)."""
         return self._rated is None or movie_id in self._rated
 
-    def encode(self, movies: Sequence[MoviePublished]) -> list[EncodedItem]:
+    def encode(self, movies: Sequence[Movie]) -> list[EncodedItem]:
         """One vector per movie, with the modalities that contributed to it.
 
         Raises:
@@ -513,7 +512,7 @@ def load_fusion_encoder(
 
 
 def encode_catalogue(
-    encoder: ItemEncoder, movies: Sequence[MoviePublished], batch_size: int = 256
+    encoder: ItemEncoder, movies: Sequence[Movie], batch_size: int = 256
 ) -> tuple[list[MovieId], Matrix]:
     """(movie ids, [n, encoder.dim] float32 matrix) of the movies, in order."""
     ids = [m.movie_id for m in movies]

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from shared.config import Settings
-from shared.events import MoviePublished
+from shared.domain import Movie
 from shared.exceptions import ConfigurationError, NumericalError, ReelstreamError
 from shared.models.device import resolve_device
 from shared.types import Matrix
@@ -532,7 +532,7 @@ POSTER_WORKERS = 8
 
 
 def load_posters(
-    movies: Sequence[MoviePublished], poster_dir: Path | None = None
+    movies: Sequence[Movie], poster_dir: Path | None = None
 ) -> list[Image.Image | None]:
     """Each movie's poster image, or None when it has none or it cannot be loaded or is
     refused (the image modality is then masked for that movie, and the reason logged).

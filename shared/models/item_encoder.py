@@ -18,8 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from shared.config import Settings
-from shared.events import MoviePublished
-from shared.events.record import Modality
+from shared.domain import Modality, Movie
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.device import resolve_device
 from shared.models.image import ImageEncoder, load_image_encoder, load_posters
@@ -70,7 +69,7 @@ class ItemEncoder(Protocol):
         """Modalities this encoder can use (a given movie may lack some of them)."""
         ...
 
-    def encode(self, movies: Sequence[MoviePublished]) -> list[EncodedItem]:
+    def encode(self, movies: Sequence[Movie]) -> list[EncodedItem]:
         """One encoded item per movie, in order; a batch gives the same vectors as
         encoding each movie alone.
 
@@ -188,7 +187,7 @@ class ConcatItemEncoder:
         image = "image on" if self._image is not None else f"image off ({self._image_off_reason})"
         return f"text on, metadata on, {image}"
 
-    def encode(self, movies: Sequence[MoviePublished]) -> list[EncodedItem]:
+    def encode(self, movies: Sequence[Movie]) -> list[EncodedItem]:
         """Encode a batch; one text forward pass and one image forward pass for all of it.
 
         Raises:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from shared.data.movielens import ML100K_GENRES
-from shared.events import People
+from shared.domain import People
 from shared.types import Vector
 
 GENRE_FEATURES: tuple[str, ...] = (*ML100K_GENRES, "other")

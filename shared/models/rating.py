@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from shared.events import RatingSubmitted
+from shared.domain import Rating
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.checkpoint import load_checkpoint, load_into, state_digest
 from shared.models.item_stats import ItemStats
@@ -146,7 +146,7 @@ def corating_similarity(
 
 
 def fit_rating_factors(
-    ratings: Sequence[RatingSubmitted],
+    ratings: Sequence[Rating],
     *,
     dim: int = 16,
     ridge: float = 10.0,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.events import MoviePublished
+from shared.domain import Movie
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.types import Matrix
 
@@ -43,7 +43,7 @@ def _names(people: Sequence[str]) -> list[str]:
     return kept[:MAX_PEOPLE_PER_ROLE]
 
 
-def movie_text(movie: MoviePublished) -> str:
+def movie_text(movie: Movie) -> str:
     """The text the text encoder reads for a movie.
 
     Title and year first (the part every movie has), then genres, people and the

@@ -11,6 +11,8 @@ update), so its byte form is compact: short JSON keys, the vector as base64 floa
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,7 +22,6 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import orjson
 
-from shared.events import decode_vector, encode_vector
 from shared.exceptions import InvalidEventError, NumericalError
 from shared.types import MovieId, Vector
 
@@ -34,6 +35,32 @@ DEFAULT_PRIOR_RATING = 3.5
 
 DEFAULT_PRIOR_STRENGTH = 5.0
 """How many phantom ratings of ``DEFAULT_PRIOR_RATING`` the shrunk mean starts from."""
+
+MAX_STATE_DIM = 4096
+"""Most entries of a stored state's vector."""
+
+
+def _vector_text(vector: Vector) -> str:
+    # Base64 of the little-endian float32 bytes.
+    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _vector_of(value: Any) -> Vector:
+    # ``_vector_text`` output back: 1-D, at most MAX_STATE_DIM entries, finite.
+    if not isinstance(value, str):
+        raise ValueError("vector must be base64 float32 text")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"vector is not valid base64: {exc}") from exc
+    if len(raw) % 4:
+        raise ValueError("vector byte length is not a multiple of 4 (float32)")
+    array = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not 0 < array.size <= MAX_STATE_DIM:
+        raise ValueError(f"vector must be 1-D with 1..{MAX_STATE_DIM} entries")
+    if not np.isfinite(array).all():
+        raise ValueError("vector contains NaN or infinity")
+    return array
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +128,7 @@ class UserState:
             "y": list(self.ratings),
         }
         if self.vector is not None:
-            data["v"] = encode_vector(self.vector)
+            data["v"] = _vector_text(self.vector)
             data["w"] = self.weight
         if self.last_at is not None:
             data["t"] = (self.last_at - _EPOCH) // _MICROSECOND
@@ -122,7 +149,7 @@ class UserState:
             data = orjson.loads(raw)
             if not isinstance(data, dict):
                 raise TypeError(f"expected a JSON object, got {type(data).__name__}")
-            vector = decode_vector(data["v"]) if "v" in data else None
+            vector = _vector_of(data["v"]) if "v" in data else None
             micros = data.get("t")
             rated = tuple(str(m) for m in data["r"])
             if "y" in data:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from infra.lab.training.fusion import FusionConfig
+from shared.convert import movies_of
 from shared.events import MoviePublished, People, RatingSubmitted
 from shared.models.item_encoder import ItemEncoder
 
@@ -68,4 +69,4 @@ RATINGS = make_ratings()
 
 
 def vectors(encoder: ItemEncoder, movies: list[MoviePublished]) -> np.ndarray:
-    return np.stack([item.vector for item in encoder.encode(movies)])
+    return np.stack([item.vector for item in encoder.encode(movies_of(movies))])

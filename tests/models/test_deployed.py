@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from shared.config import Settings
-from shared.events import MoviePublished
+from shared.domain import Movie
 from shared.models.deployed import (
     ITEM_ENCODER,
     RANKER,
@@ -50,8 +50,8 @@ def test_the_committed_checkpoints_are_deployed_together(models_dir: Path) -> No
     assert reranker.rating_model is not None
     assert reranker.rating_model.model_version.startswith("fold-in-")
 
-    movie = MoviePublished(movie_id="1", title="Toy Story", year=1995, genres=["Animation"])
-    unseen = MoviePublished(movie_id="new-9001", title="A film nobody rated", year=2026)
+    movie = Movie(movie_id="1", title="Toy Story", year=1995, genres=("Animation",))
+    unseen = Movie(movie_id="new-9001", title="A film nobody rated", year=2026)
     [item, new] = encoder.encode([movie, unseen])
     assert item.vector.shape == (encoder.dim,)
     # The encoder was trained on TRAIN's ratings, Toy Story's among them.

@@ -11,6 +11,7 @@ from PIL import Image
 
 from infra.lab.training.fusion import save_fusion, train_fusion
 from shared.config import Settings
+from shared.convert import movies_of
 from shared.events import MoviePublished, People
 from shared.exceptions import ConfigurationError
 from shared.models.checkpoint import CONFIG_FILE
@@ -94,14 +95,15 @@ def test_a_movie_without_metadata_is_embedded_from_its_text_alone(
     people_only = MoviePublished(
         movie_id="901", title="Another film", people=People(directors=["director 1"])
     )
-    items = encoder.encode([bare, people_only, MOVIES[0]])
+    items = encoder.encode(movies_of([bare, people_only, MOVIES[0]]))
     assert [i.modalities for i in items] == [["text"], ["text", "metadata"], ["text", "metadata"]]
     for item in items:
         assert np.isfinite(item.vector).all()
         assert np.linalg.norm(item.vector) == pytest.approx(1.0, abs=1e-5)
     # The metadata branch changes the vector: it is used, not ignored.
-    with_meta = encoder.encode([make_movie(0)])[0].vector
-    without = encoder.encode([make_movie(0, genres=[], year=None, people=People())])[0].vector
+    with_meta = encoder.encode(movies_of([make_movie(0)]))[0].vector
+    stripped = make_movie(0, genres=[], year=None, people=People())
+    without = encoder.encode(movies_of([stripped]))[0].vector
     assert not np.allclose(with_meta, without, atol=1e-4)
 
 
@@ -111,7 +113,7 @@ def test_an_unseen_movie_gets_a_vector_from_its_content(encoder: FusionItemEncod
         title="A brand new release",
         people=People(directors=["someone new"], cast=["a new face"]),
     )
-    vector = encoder.encode([unseen])[0].vector
+    vector = encoder.encode(movies_of([unseen]))[0].vector
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
     catalogue = vectors(encoder, MOVIES)
     assert (catalogue @ vector).max() < 1.0 - 1e-4
@@ -129,9 +131,9 @@ def test_the_encoder_says_which_movies_it_learned_from_ratings(
     half, half_config, _ = train_fusion(MOVIES, some, text, config=SMALL, seed=0, progress=False)
     assert half_config[RATED_KEY] == rated and len(rated) == 30
     half_encoder = FusionItemEncoder(half, half_config, text)
-    flags = [item.rated_in_training for item in half_encoder.encode(MOVIES)]
+    flags = [item.rated_in_training for item in half_encoder.encode(movies_of(MOVIES))]
     assert flags == [m.movie_id in rated for m in MOVIES]
-    assert not encoder.encode([make_movie(777)])[0].rated_in_training
+    assert not encoder.encode(movies_of([make_movie(777)]))[0].rated_in_training
 
     # The list is data, not weights: a checkpoint without it loads under the same
     # version, and then counts every movie as learned, so no vector is ever moved.
@@ -141,7 +143,7 @@ def test_the_encoder_says_which_movies_it_learned_from_ratings(
     (directory / CONFIG_FILE).write_text(json.dumps(raw))
     older = load_fusion_encoder(directory, text)
     assert older.model_version == encoder.model_version
-    assert older.encode([make_movie(777)])[0].rated_in_training
+    assert older.encode(movies_of([make_movie(777)]))[0].rated_in_training
 
 
 def test_save_and_load_give_the_same_vectors_and_version(
@@ -156,7 +158,7 @@ def test_save_and_load_give_the_same_vectors_and_version(
     assert loaded.model_version == encoder.model_version
     assert loaded.dim == encoder.dim
     np.testing.assert_array_equal(vectors(loaded, MOVIES[:5]), vectors(encoder, MOVIES[:5]))
-    ids, matrix = encode_catalogue(loaded, MOVIES[:7])
+    ids, matrix = encode_catalogue(loaded, movies_of(MOVIES[:7]))
     assert ids == [m.movie_id for m in MOVIES[:7]]
     np.testing.assert_array_equal(matrix, vectors(encoder, MOVIES[:7]))
 
@@ -202,14 +204,16 @@ def test_posters_feed_the_image_modality_and_bad_ones_are_masked(
     encoder = FusionItemEncoder(net, config, text, image)
     assert encoder.modalities_enabled == ["text", "image", "metadata"]
     broken = make_movie(5, poster=str(tmp_path / "missing.png"))
-    items = encoder.encode([movies[0], movies[1], broken])
+    items = encoder.encode(movies_of([movies[0], movies[1], broken]))
     assert [i.modalities for i in items] == [
         ["text", "image", "metadata"],
         ["text", "metadata"],
         ["text", "metadata"],
     ]
     # The poster is used: the same movie without it gets another vector.
-    assert not np.allclose(items[0].vector, encoder.encode([make_movie(0)])[0].vector, atol=1e-4)
+    assert not np.allclose(
+        items[0].vector, encoder.encode(movies_of([make_movie(0)]))[0].vector, atol=1e-4
+    )
     batch = vectors(encoder, movies[:4])
     single = np.stack([vectors(encoder, [m])[0] for m in movies[:4]])
     np.testing.assert_allclose(batch, single, atol=1e-5)
@@ -217,7 +221,7 @@ def test_posters_feed_the_image_modality_and_bad_ones_are_masked(
     # Without an image encoder the image of every movie is masked, not zero-filled.
     masked = FusionItemEncoder(net, config, text)
     assert masked.modalities_enabled == ["text", "metadata"]
-    assert masked.encode([movies[0]])[0].modalities == ["text", "metadata"]
+    assert masked.encode(movies_of([movies[0]]))[0].modalities == ["text", "metadata"]
 
     # A checkpoint trained on one CLIP is refused with another.
     save_fusion(tmp_path / "fusion", net, config)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from shared.config import Settings
-from shared.events import MoviePublished
+from shared.domain import Movie
 from shared.exceptions import ConfigurationError
 from shared.models.image import (
     MAX_POSTER_REDIRECTS,
@@ -289,10 +289,10 @@ def test_the_tiny_clip_encoder_takes_the_poster_dir_from_settings_and_masks_refu
     clip = load_image_encoder(tiny_clip_settings(tmp_path / "clip", poster_dir=poster_dir))
     assert clip is not None and clip.poster_dir == poster_dir
     movies = [
-        MoviePublished(movie_id="1", title="Inside", poster="poster.png"),
-        MoviePublished(movie_id="2", title="Outside", poster=str(tmp_path / "secret.png")),
-        MoviePublished(movie_id="3", title="Internal", poster="http://127.0.0.1:9/poster.png"),
-        MoviePublished(movie_id="4", title="None"),
+        Movie(movie_id="1", title="Inside", poster="poster.png"),
+        Movie(movie_id="2", title="Outside", poster=str(tmp_path / "secret.png")),
+        Movie(movie_id="3", title="Internal", poster="http://127.0.0.1:9/poster.png"),
+        Movie(movie_id="4", title="None"),
     ]
     with caplog.at_level(logging.WARNING, logger="shared.models.image"):
         images = load_posters(movies, clip.poster_dir)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from shared.config import Settings
-from shared.events import MoviePublished, People
+from shared.domain import Movie, People
 from shared.exceptions import ConfigurationError
 from shared.models.image import ImageEncoder, load_image_encoder
 from shared.models.item_encoder import (
@@ -49,21 +51,21 @@ def poster(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def movie(movie_id: str, title: str, **fields: object) -> MoviePublished:
-    return MoviePublished.model_validate({"movie_id": movie_id, "title": title, **fields})
+def movie(movie_id: str, title: str, **fields: Any) -> Movie:
+    return Movie(movie_id=movie_id, title=title, **fields)
 
 
 FULL = movie(
     "1",
     "Toy Story",
     year=1995,
-    genres=["Animation", "Children's", "Comedy"],
+    genres=("Animation", "Children's", "Comedy"),
     overview="Toys come to life when people are not around.",
-    people=People(directors=["m.06pj8"], cast=["m.0bln8", "m.0c1pj"], writers=["m.0d4wn"]),
+    people=People(directors=("m.06pj8",), cast=("m.0bln8", "m.0c1pj"), writers=("m.0d4wn",)),
 )
 TITLE_ONLY = movie("2", "GoldenEye")
-PEOPLE_ONLY = movie("3", "Four Rooms", people=People(directors=["Quentin Tarantino"]))
-GENRES_ONLY = movie("4", "Get Shorty", genres=["Action", "Comedy", "Drama"])
+PEOPLE_ONLY = movie("3", "Four Rooms", people=People(directors=("Quentin Tarantino",)))
+GENRES_ONLY = movie("4", "Get Shorty", genres=("Action", "Comedy", "Drama"))
 MOVIES = [FULL, TITLE_ONLY, PEOPLE_ONLY, GENRES_ONLY]
 
 
@@ -150,10 +152,10 @@ def test_similar_movies_are_closer(text: TextEncoder) -> None:
                 "5",
                 "Toy Story 2",
                 year=1999,
-                genres=["Animation", "Comedy"],
-                people=People(directors=["m.06pj8"], cast=["m.0bln8"]),
+                genres=("Animation", "Comedy"),
+                people=People(directors=("m.06pj8",), cast=("m.0bln8",)),
             ),
-            movie("6", "Heat", year=1995, genres=["Crime", "Thriller"]),
+            movie("6", "Heat", year=1995, genres=("Crime", "Thriller")),
         ]
     )
     assert toy.vector @ toy2.vector > toy.vector @ heat.vector
@@ -176,7 +178,7 @@ def test_image_block_layout_and_version(text: TextEncoder, image: ImageEncoder) 
 
 def test_poster_path_versus_no_poster(text: TextEncoder, image: ImageEncoder, poster: Path) -> None:
     encoder = ConcatItemEncoder(text, image)
-    with_poster = FULL.model_copy(update={"poster": str(poster)})
+    with_poster = replace(FULL, poster=str(poster))
     pictured, bare = encoder.encode([with_poster, FULL])
     assert pictured.modalities == ["text", "image", "metadata"]
     assert bare.modalities == ["text", "metadata"]
@@ -192,8 +194,8 @@ def test_the_same_poster_inline_or_on_disk_gives_the_same_vector(
     inline = "data:image/png;base64," + base64.b64encode(poster.read_bytes()).decode()
     on_disk, in_line = encoder.encode(
         [
-            FULL.model_copy(update={"poster": str(poster)}),
-            FULL.model_copy(update={"poster": inline}),
+            replace(FULL, poster=str(poster)),
+            replace(FULL, poster=inline),
         ]
     )
     np.testing.assert_allclose(on_disk.vector, in_line.vector, atol=1e-6)
@@ -203,7 +205,7 @@ def test_batch_equals_single_with_posters(
     text: TextEncoder, image: ImageEncoder, poster: Path
 ) -> None:
     encoder = ConcatItemEncoder(text, image)
-    movies = [FULL.model_copy(update={"poster": str(poster)}), TITLE_ONLY, GENRES_ONLY]
+    movies = [replace(FULL, poster=str(poster)), TITLE_ONLY, GENRES_ONLY]
     batch = encoder.encode(movies)
     for movie_, item in zip(movies, batch, strict=True):
         (single,) = encoder.encode([movie_])
@@ -258,7 +260,7 @@ def test_posters_beyond_the_first_chunk_are_encoded_in_place(
     # Regression guard for chunked poster loading: rows must map back to their movies.
     encoder = ConcatItemEncoder(text, image)
     movies = [movie(str(i), f"Movie {i}") for i in range(70)]
-    movies[66] = movies[66].model_copy(update={"poster": str(poster)})
+    movies[66] = replace(movies[66], poster=str(poster))
     items = encoder.encode(movies)
     assert [i for i, item in enumerate(items) if "image" in item.modalities] == [66]
     (single,) = encoder.encode([movies[66]])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from shared.data.movielens import ML100K_GENRES
-from shared.events import People
+from shared.domain import People
 from shared.models.metadata import (
     GENRE_FEATURES,
     PEOPLE_DIM,
@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 # ML-100K's knowledge-graph people are Freebase ids; ids and names hash alike.
 TOY_STORY_PEOPLE = People(
-    directors=["m.06pj8"],
-    cast=["m.0bln8", "m.0c1pj", "m.02_jjm", "m.0h0wd9"],
-    writers=["m.0d4wn"],
+    directors=("m.06pj8",),
+    cast=("m.0bln8", "m.0c1pj", "m.02_jjm", "m.0h0wd9"),
+    writers=("m.0d4wn",),
 )
 
 
@@ -84,14 +84,14 @@ def test_people_tokens_are_role_prefixed_and_leads_weigh_more() -> None:
 
 
 def test_same_person_in_another_role_is_another_feature() -> None:
-    as_director = people_tokens(People(directors=["Clint Eastwood"]))
-    as_actor = people_tokens(People(cast=["Clint Eastwood"]))
+    as_director = people_tokens(People(directors=("Clint Eastwood",)))
+    as_actor = people_tokens(People(cast=("Clint Eastwood",)))
     assert as_director[0][0] != as_actor[0][0]
 
 
 def test_names_ignore_case_and_spacing() -> None:
-    a = people_features(People(directors=["Steven  Spielberg"]))
-    b = people_features(People(directors=["steven spielberg "]))
+    a = people_features(People(directors=("Steven  Spielberg",)))
+    b = people_features(People(directors=("steven spielberg ",)))
     assert a is not None and b is not None
     np.testing.assert_array_equal(a, b)
 
@@ -109,9 +109,9 @@ def test_people_hashing_is_pinned() -> None:
 
 def test_people_hashing_does_not_depend_on_the_process_hash_seed() -> None:
     code = (
-        "from shared.events import People;"
+        "from shared.domain import People;"
         "from shared.models.metadata import people_features;"
-        "print(people_features(People(directors=['m.06pj8'], cast=['m.0bln8', 'm.0c1pj']),"
+        "print(people_features(People(directors=('m.06pj8',), cast=('m.0bln8', 'm.0c1pj')),"
         " 32).tolist())"
     )
     outputs = set()
@@ -123,14 +123,14 @@ def test_people_hashing_does_not_depend_on_the_process_hash_seed() -> None:
         assert result.returncode == 0, result.stderr
         outputs.add(result.stdout)
     assert len(outputs) == 1
-    here = people_features(People(directors=["m.06pj8"], cast=["m.0bln8", "m.0c1pj"]), 32)
+    here = people_features(People(directors=("m.06pj8",), cast=("m.0bln8", "m.0c1pj")), 32)
     assert here is not None
     assert outputs.pop().strip() == str(here.tolist())
 
 
 def test_no_people_is_none_not_zeros() -> None:
     assert people_features(People()) is None
-    assert people_features(People(cast=["", "  "])) is None
+    assert people_features(People(cast=("", "  "))) is None
 
 
 def test_other_dimensions() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from infra.lab.training.rating import prequential_rmse, save_rating_model
+from shared.convert import ratings_of
 from shared.data.movielens import MovieLens, load_movielens
 from shared.events import RatingSubmitted
 from shared.exceptions import ConfigurationError, NumericalError
@@ -55,14 +56,12 @@ def rating(user: str, movie: str, stars: float, minutes: int = 0) -> RatingSubmi
 
 
 def toy_model(params: RatingParams | None = None) -> RatingModel:
-    fit = fit_rating_factors(
-        [
-            rating(u, m, 1.0 + (int(u) * 7 + int(m) * 3) % 5)
-            for u in ("1", "2", "3", "4")
-            for m in ("1", "2", "3")
-        ],
-        dim=2,
-    )
+    ratings = [
+        rating(u, m, 1.0 + (int(u) * 7 + int(m) * 3) % 5)
+        for u in ("1", "2", "3", "4")
+        for m in ("1", "2", "3")
+    ]
+    fit = fit_rating_factors(ratings_of(ratings), dim=2)
     return RatingModel(fit.movie_ids, fit.factors, params or RatingParams(), (1.0, 5.0), "toy")
 
 
@@ -78,7 +77,7 @@ def test_on_real_ratings_the_user_offset_and_the_fold_in_lower_the_error(
 ) -> None:
     # Genre vectors are too coarse for the kNN term (it is tested on its own below).
     train, test = movielens.ratings[:30_000], movielens.ratings[30_000:33_000]
-    fit = fit_rating_factors(train)
+    fit = fit_rating_factors(ratings_of(train))
     vectors = genre_vectors(movielens)
 
     def rmse(params: RatingParams) -> float:
@@ -143,7 +142,7 @@ def test_a_movie_rated_like_a_loved_one_is_predicted_higher() -> None:
             rating(str(u), "c", 3.0 - taste),
             rating(str(u), "d", 3.0),
         ]
-    fit = fit_rating_factors(train, dim=1, similarity_shrink=0.0)
+    fit = fit_rating_factors(ratings_of(train), dim=1, similarity_shrink=0.0)
     params = RatingParams(neighbours=0, factor_ridge=1e12)
     neighbours = (fit.neighbour_rows, fit.neighbour_similarity)
     with_term = RatingModel(fit.movie_ids, fit.factors, params, (1.0, 5.0), "t", neighbours)
@@ -162,7 +161,7 @@ def test_a_movie_rated_like_a_loved_one_is_predicted_higher() -> None:
 
 
 def test_fitting_is_seeded(movielens: MovieLens) -> None:
-    ratings = movielens.ratings[:5_000]
+    ratings = ratings_of(movielens.ratings[:5_000])
     a, b = fit_rating_factors(ratings, seed=3), fit_rating_factors(ratings, seed=3)
     np.testing.assert_array_equal(a.factors, b.factors)
     assert a.movie_ids == b.movie_ids
@@ -226,7 +225,7 @@ def test_bad_inputs_are_refused() -> None:
 
 def test_a_checkpoint_round_trips_and_a_broken_one_is_refused(tmp_path: Path) -> None:
     ratings = [rating(str(u), str(m), 1.0 + (u + m) % 5) for u in range(6) for m in range(5)]
-    fit = fit_rating_factors(ratings, dim=3)
+    fit = fit_rating_factors(ratings_of(ratings), dim=3)
     params = RatingParams(recency=0.1, neighbours=2)
     saved = save_rating_model(tmp_path / "rating", fit, params, {"item_encoder_version": "x"})
     loaded = load_rating_model(tmp_path / "rating")

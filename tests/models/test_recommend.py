@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from shared.domain import Rating
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.exceptions import ConfigurationError
 from shared.models.item_stats import (
@@ -437,11 +438,8 @@ def test_recommend_batch_with_a_reranker_never_returns_an_excluded_movie() -> No
 
 def small_rating_model() -> RatingModel:
     """Item factors fitted on a few made-up ratings of the first catalogue movies."""
-    moment = datetime(1990, 6, 1, tzinfo=UTC)
     ratings = [
-        RatingSubmitted(
-            user_id=str(u), movie_id=f"m{m}", rating=1.0 + (u * m) % 5, occurred_at=moment
-        )
+        Rating(user_id=str(u), movie_id=f"m{m}", rating=1.0 + (u * m) % 5)
         for u in range(8)
         for m in range(10)
     ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from shared.events import MoviePublished, People
+from shared.domain import Movie, People
 from shared.exceptions import ConfigurationError
 from shared.models.text import TextEncoder, is_freebase_id, movie_text
 
@@ -17,29 +18,29 @@ def encoder() -> TextEncoder:
     return TextEncoder()
 
 
-def movie(movie_id: str, title: str, **fields: object) -> MoviePublished:
-    return MoviePublished.model_validate({"movie_id": movie_id, "title": title, **fields})
+def movie(movie_id: str, title: str, **fields: Any) -> Movie:
+    return Movie(movie_id=movie_id, title=title, **fields)
 
 
 STAR_WARS = movie(
     "50",
     "Star Wars",
     year=1977,
-    genres=["Action", "Adventure", "Sci-Fi"],
+    genres=("Action", "Adventure", "Sci-Fi"),
     overview="A farm boy joins rebels to fight the evil Galactic Empire in space.",
 )
 EMPIRE = movie(
     "172",
     "The Empire Strikes Back",
     year=1980,
-    genres=["Action", "Adventure", "Sci-Fi"],
+    genres=("Action", "Adventure", "Sci-Fi"),
     overview="The rebels flee the Empire's starships while Luke trains as a Jedi in space.",
 )
 SENSE = movie(
     "275",
     "Sense and Sensibility",
     year=1995,
-    genres=["Drama", "Romance"],
+    genres=("Drama", "Romance"),
     overview="Two sisters of an English family seek love and marriage after losing their home.",
 )
 
@@ -95,10 +96,10 @@ def test_movie_text_reads_everything_but_freebase_ids() -> None:
         "1",
         "Toy Story",
         year=1995,
-        genres=["Animation", "Comedy"],
+        genres=("Animation", "Comedy"),
         overview="Toys come to life.",
         people=People(
-            directors=["John Lasseter"], cast=["Tom Hanks", "m.0c1pj"], writers=["/m/0d4wn"]
+            directors=("John Lasseter",), cast=("Tom Hanks", "m.0c1pj"), writers=("/m/0d4wn",)
         ),
     )
     text = movie_text(film)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from shared.config import Settings
+from shared.convert import movies_of
 from shared.events import (
     DEAD_LETTERS,
     ITEM_EMBEDDINGS,
@@ -118,7 +119,7 @@ def test_handle_movies_embeds_upserts_and_publishes(
     assert first.vector.shape == (encoder.dim,)
     assert np.linalg.norm(first.vector) == pytest.approx(1.0, abs=1e-5)
     # Vectors equal the encoder's own output for the same movies.
-    expected = encoder.encode(MOVIES_)
+    expected = encoder.encode(movies_of(MOVIES_))
     for event, item in zip(events, expected, strict=True):
         np.testing.assert_allclose(event.vector, item.vector, atol=1e-5)
 

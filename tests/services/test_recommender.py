@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from shared.config import Settings
+from shared.domain import Rating
 from shared.events import (
     DEAD_LETTERS,
     ITEM_EMBEDDINGS,
@@ -169,9 +170,7 @@ def test_with_a_reranker_the_profiles_ratings_give_the_predicted_stars(
     ranker = Ranker(TwoTowerNet(DIM, embed_dim=8, hidden=16, feature_hidden=8, rating_hidden=8))
     fit = fit_rating_factors(
         [
-            RatingSubmitted(
-                user_id=str(u), movie_id=f"r{m}", rating=1.0 + (u + 2 * m) % 5, occurred_at=NOW
-            )
+            Rating(user_id=str(u), movie_id=f"r{m}", rating=1.0 + (u + 2 * m) % 5)
             for u in range(6)
             for m in range(8)
         ],

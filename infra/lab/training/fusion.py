@@ -32,6 +32,7 @@ from torch.nn import functional
 from tqdm import tqdm
 
 from infra.lab.training.checkpoint import save_checkpoint
+from shared.convert import movies_of
 from shared.events import MoviePublished, RatingSubmitted
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.fusion import (
@@ -411,7 +412,7 @@ def train_fusion(
     rng = np.random.default_rng(seed)
     arch = _arch_config(cfg, text_encoder, image_encoder)
     inputs = content_inputs(
-        movies,
+        movies_of(movies),
         text_encoder,
         image_encoder,
         people_buckets=cfg.people_buckets,
