@@ -32,6 +32,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, TopicPartition
 
+from infra import stack
 from shared.config import Settings
 from shared.data.movielens import MovieLens, load_movielens
 from shared.events import NEWCOMERS_USER_ID, RECOMMENDATIONS, RatingSubmitted
@@ -89,18 +90,16 @@ class Collector:
 
 
 def service_pids(settings: Settings) -> dict[str, int]:
-    """Pids of the running stack's services (and the local broker), from var/run."""
+    """Pids of the running stack's services (and of its broker when the stack runs
+    one), from its supervisord."""
     pids: dict[str, int] = {}
-    run_dir = settings.var_dir / "run"
     for name in SERVICES:
-        path = run_dir / f"{name}.pid"
-        if path.exists():
-            pids[name] = int(path.read_text().strip())
-    broker_state = run_dir / "broker.json"
-    if broker_state.exists():
-        control = settings.var_dir / "broker" / "noida.control.json"
-        if control.exists():
-            pids["broker (noida-db)"] = int(json.loads(control.read_text())["pid"])
+        pid = stack.program_pid(settings, name)
+        if pid is not None:
+            pids[name] = pid
+    broker_pid = stack.program_pid(settings, stack.BROKER)
+    if broker_pid is not None:
+        pids["broker (noida-db)"] = broker_pid
     return pids
 
 
@@ -132,7 +131,7 @@ def run(
 ) -> dict[str, Any]:
     pids = service_pids(settings)
     if not pids:
-        sys.exit("no running stack found under var/run: start it with `make up`")
+        sys.exit("no running stack (supervisord) found: start it with `make up`")
     before = {name: proc_usage(pid) for name, pid in pids.items()}
     expected = last_event_per_user(dataset.ratings)
 
