@@ -25,12 +25,14 @@ import pytest
 from shared.config import Settings
 from shared.events import (
     ITEM_EMBEDDINGS,
+    ITEM_FEATURES,
     MOVIES,
     RATINGS,
     RECOMMENDATIONS,
     USER_PROFILES,
     Event,
     ItemEmbedded,
+    ItemFeaturesUpdated,
     MoviePublished,
     RatingSubmitted,
     RecommendationsGenerated,
@@ -144,6 +146,7 @@ def instances(
 class Outcome:
     users: dict[str, UserProfileUpdated]
     movies: dict[str, ItemEmbedded]
+    statistics: dict[str, ItemFeaturesUpdated]
     lists: list[RecommendationsGenerated]
 
 
@@ -196,6 +199,17 @@ def run(
                 items = read_topic(settings, ITEM_EMBEDDINGS, movies_done, timeout_s=180)
                 second_alive()
         first_alive()
+        rated_per_movie = {m: sum(r.movie_id == m for r in stream) for m in moves}
+        statistics = read_topic(
+            settings,
+            ITEM_FEATURES,
+            lambda e: all(
+                m in (last := latest(e, ItemFeaturesUpdated, "movie_id")) and last[m].n_ratings == n
+                for m, n in rated_per_movie.items()
+                if n
+            ),
+            timeout_s=120,
+        )
         lists = read_topic(
             settings,
             RECOMMENDATIONS,
@@ -207,6 +221,7 @@ def run(
     return Outcome(
         latest(users, UserProfileUpdated, "user_id"),
         latest(items, ItemEmbedded, "movie_id"),
+        latest(statistics, ItemFeaturesUpdated, "movie_id"),
         [e for e in lists if isinstance(e, RecommendationsGenerated)],
     )
 
@@ -244,5 +259,17 @@ def test_two_instances_of_each_processor_end_where_one_does(
         other = two.movies[movie_id]
         assert item.online_ratings == other.online_ratings
         np.testing.assert_allclose(item.vector, other.vector, atol=1e-5, err_msg=movie_id)
+    assert set(one.statistics) == set(two.statistics)
+    for movie_id, stats in one.statistics.items():
+        other_stats = two.statistics[movie_id]
+        assert (stats.n_ratings, stats.rating_sum) == (
+            other_stats.n_ratings,
+            other_stats.rating_sum,
+        )
+        assert stats.log_decayed == pytest.approx(other_stats.log_decayed, abs=1e-9)
+        assert stats.log_fast_decayed == pytest.approx(other_stats.log_fast_decayed, abs=1e-9)
+        assert dict(zip(stats.co_rated, stats.co_counts, strict=True)) == dict(
+            zip(other_stats.co_rated, other_stats.co_counts, strict=True)
+        ), movie_id
     check_lists(one, stream)
     check_lists(two, stream)

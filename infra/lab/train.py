@@ -66,8 +66,7 @@ from shared.models.device import resolve_device
 from shared.models.fusion import KIND as FUSION_KIND
 from shared.models.fusion import FusionItemEncoder, encode_catalogue, load_fusion_encoder
 from shared.models.image import load_image_encoder
-from shared.models.item_stats import ItemStats
-from shared.models.online_cf import OnlineBPR
+from shared.models.item_stats import ItemStats, co_rated
 from shared.models.rating import RatingParams, fit_rating_factors
 from shared.models.recommend import CandidateSources, retrieve_batch
 from shared.models.residual import KIND as RESIDUAL_KIND
@@ -82,7 +81,7 @@ log = logging.getLogger("infra.lab.train")
 RANKER_RECENT_SHARE = 0.3
 """The ranker learns from the last 30% of the fit window's ratings only. The replay
 still starts at the first rating, so the earlier ones warm up the profiles and the
-online features (``ItemStats``, ``OnlineBPR``) first: the examples then look like what
+online features (``ItemStats``) first: the examples then look like what
 the recommender scores after all of TRAIN. Chosen on validation (NDCG@10 among the
 candidates, four epochs: 0.1240 from every rating, 0.1239 from the last 70%, 0.1253
 from the last 50%, 0.1255 from the last 30% (0.1252 and 0.1253 with two other seeds),
@@ -147,7 +146,7 @@ def ranker_examples(
     first: int = 0,
 ) -> tuple[RankerExamples, list[int]]:
     """Replay ``ratings`` in order through ``updater`` and the online features of
-    ``sources`` (``ItemStats``, ``OnlineBPR``); one example per rating from position
+    ``sources`` (``ItemStats``); one example per rating from position
     ``first`` on of a user who already has a profile: their state and features before
     the rating, and the candidates the recommender would have scored for them then
     (``retrieve_batch``, the recommender's own function). The ratings before ``first``
@@ -179,18 +178,20 @@ def ranker_examples(
                 vector,
                 user_features[0],
                 row,
-                sources.features(catalogue, [rating.movie_id], user)[0],
+                sources.features(catalogue, [rating.movie_id], history)[0],
                 rating.rating,
                 [rows[c] for c in candidates],
-                sources.features(catalogue, candidates, user),
+                sources.features(catalogue, candidates, history),
             )
             positions.append(position)
         states[user] = updater.learn_one(
             state, item_vectors[row], rating.rating, rating.occurred_at
         )
-        rated.setdefault(user, []).append(rating.movie_id)
-        rated_sets.setdefault(user, set()).add(rating.movie_id)
-        sources.learn([rating])
+        history = rated.setdefault(user, [])
+        sources.learn([rating], [co_rated(history, rating.movie_id)])
+        if rating.movie_id not in rated_sets.setdefault(user, set()):
+            history.append(rating.movie_id)
+            rated_sets[user].add(rating.movie_id)
     return builder.build(), positions
 
 
@@ -364,8 +365,7 @@ def train_all(
     began = time.perf_counter()
     if first <= STAGES.index("ranker"):
         rows = {m: i for i, m in enumerate(ids)}
-        online_cf = OnlineBPR(seed=seed)
-        sources = CandidateSources(ItemStats(), online_cf=online_cf)
+        sources = CandidateSources(ItemStats())
         examples, positions = ranker_examples(
             split.train,
             updater,
@@ -384,7 +384,6 @@ def train_all(
             vectors,
             validation=val_rows,
             item_stats_params=sources.item_stats.params(),
-            online_cf_params=online_cf.params(),
             seed=seed,
             progress=progress,
         )

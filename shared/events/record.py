@@ -296,6 +296,48 @@ class ItemRated(Event):
     """The user model that made ``taste``."""
     cause_published_at: Timestamp
     """Broker timestamp of the rating."""
+    co_rated: list[Id] = []
+    """The rater's latest earlier-rated movies (up to 10), oldest first: the movies this
+    rating counts as co-rated with this one."""
+
+
+class ItemFeaturesUpdated(Event):
+    """A movie's online rating statistics (topic ``item-features``, key ``movie_id``,
+    compacted), published by the item side after each batch that rated the movie.
+
+    The decayed counts are ``log2`` of ``Σ 2^(t_i / half-life)`` over the movie's
+    ratings' times ``t_i`` in days since the Unix epoch: read at time ``T`` the decayed
+    count is ``2^(log_decayed - T / half_life_days)``.
+    """
+
+    movie_id: Id
+    n_ratings: int = Field(ge=0)
+    rating_sum: float = Field(ge=0.0, allow_inf_nan=False)
+    """Sum of the movie's ratings in stars."""
+    log_decayed: float = Field(allow_inf_nan=False)
+    log_fast_decayed: float = Field(allow_inf_nan=False)
+    half_life_days: float = Field(gt=0.0, allow_inf_nan=False)
+    fast_half_life_days: float = Field(gt=0.0, allow_inf_nan=False)
+    last_rated_at: Timestamp
+    """``occurred_at`` of the movie's newest rating."""
+    co_rated: list[Id] = []
+    """The movies most often among its raters' latest earlier-rated movies, most first
+    (up to 50)."""
+    co_counts: list[Annotated[int, Field(ge=1)]] = []
+    """How often each of ``co_rated`` was, same order."""
+    last_rating_event_id: Id
+    """``event_id`` of the latest rating these statistics took in (the cause of lists
+    they change, such as the newcomers' list)."""
+    updated_at: Timestamp
+    """When the item side published these statistics."""
+
+    @model_validator(mode="after")
+    def _co_counts_match(self) -> ItemFeaturesUpdated:
+        if len(self.co_counts) != len(self.co_rated):
+            raise ValueError(
+                f"{len(self.co_rated)} co-rated movies but {len(self.co_counts)} counts"
+            )
+        return self
 
 
 class UserProfileUpdated(Event):

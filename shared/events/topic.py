@@ -12,6 +12,7 @@ from shared.events.record import (
     DeadLetter,
     Event,
     ItemEmbedded,
+    ItemFeaturesUpdated,
     ItemRated,
     MoviePublished,
     RatingSubmitted,
@@ -43,6 +44,7 @@ MOVIES = TopicSpec("movies", MoviePublished, "movie_id", compacted=True, user_fa
 RATINGS = TopicSpec("ratings", RatingSubmitted, "user_id", compacted=False, user_facing=True)
 ITEM_EMBEDDINGS = TopicSpec("item-embeddings", ItemEmbedded, "movie_id", compacted=True)
 ITEM_FEEDBACK = TopicSpec("item-feedback", ItemRated, "movie_id", compacted=False)
+ITEM_FEATURES = TopicSpec("item-features", ItemFeaturesUpdated, "movie_id", compacted=True)
 USER_PROFILES = TopicSpec("user-profiles", UserProfileUpdated, "user_id", compacted=True)
 RECOMMENDATIONS = TopicSpec(
     "recommendations", RecommendationsGenerated, "user_id", compacted=False, user_facing=True
@@ -54,6 +56,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     RATINGS,
     ITEM_EMBEDDINGS,
     ITEM_FEEDBACK,
+    ITEM_FEATURES,
     USER_PROFILES,
     RECOMMENDATIONS,
     DEAD_LETTERS,

@@ -1,16 +1,19 @@
 """Pure batch handler of the item-embedding service, the owner of every movie's vector.
 
 ``movies`` and ``item-feedback`` in (both keyed by movie, read co-partitioned), the
-movies' vectors out on ``item-embeddings`` and in Qdrant. No Kafka, no clock: the caller
-passes the stored records and ``now`` and writes the returned records back. The same
-function runs in the service's consumer loop, in the offline evaluation and in tests.
+movies' vectors out on ``item-embeddings`` and in Qdrant, and their online rating
+statistics out on ``item-features``. No Kafka, no clock: the caller passes the stored
+records and ``now`` and writes the returned records back. The same function runs in the
+service's consumer loop, in the offline evaluation and in tests.
 
 A movie's record (``ItemRecord``) holds its content embedding, as the item encoder made
-it, and the sum of the tastes of the users who rated it (``ItemRated.taste``). The vector
-served is ``normalise(content + item_pull * sum of tastes)`` for a movie the encoder did
-not learn from ratings (``rated_in_training`` false), and the content vector otherwise.
-A sum does not depend on the order the tastes arrive in, so the vector is the same
-whichever user-profile instance sent them first, and however they were batched.
+it, the sum of the tastes of the users who rated it (``ItemRated.taste``) and its rating
+statistics (``MovieStats``: counts, decayed counts, co-rating counts). The vector served
+is ``normalise(content + item_pull * sum of tastes)`` for a movie the encoder did not
+learn from ratings (``rated_in_training`` false), and the content vector otherwise.
+Sums do not depend on the order the ratings arrive in, so the vector and the statistics
+are the same whichever user-profile instance sent them first, and however they were
+batched.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import orjson
 
-from shared.convert import movie_of
+from shared.convert import item_features_of, movie_of
 from shared.events import (
     ITEM_EMBEDDINGS,
+    ITEM_FEATURES,
     ItemEmbedded,
     ItemRated,
     MoviePublished,
@@ -37,6 +41,11 @@ from shared.events import (
 from shared.exceptions import InvalidEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
 from shared.models.item_encoder import ItemEncoder
+from shared.models.item_stats import (
+    DEFAULT_FAST_HALF_LIFE_DAYS,
+    DEFAULT_HALF_LIFE_DAYS,
+    MovieStats,
+)
 from shared.retrieval.qdrant_store import QdrantStore
 from shared.types import EventId, MovieId
 
@@ -50,6 +59,10 @@ TABLE = "item-state"
 
 RECENT_EVENTS = 256
 """How many of a movie's latest ``rating_event_id`` a record keeps to recognise a copy."""
+
+HALF_LIVES = (DEFAULT_HALF_LIFE_DAYS, DEFAULT_FAST_HALF_LIFE_DAYS)
+"""The half-lives (days) of the decayed counts the service keeps and publishes; the
+ranker's features must be trained with the same (the recommender checks)."""
 
 ItemEvent = MoviePublished | ItemRated
 
@@ -70,6 +83,8 @@ class ItemRecord:
     partition): a message at or below it was re-delivered after a crash."""
     recent: tuple[EventId, ...] = ()
     """``rating_event_id`` of the last ``RECENT_EVENTS`` ratings taken in, oldest first."""
+    stats: MovieStats = field(default_factory=MovieStats)
+    """The movie's rating statistics (decayed over ``HALF_LIVES``)."""
 
     def served(self, item_pull: float, now: datetime) -> ItemEmbedded | None:
         """The ``ItemEmbedded`` to serve (None without content): the content vector,
@@ -103,6 +118,7 @@ class ItemRecord:
                 "n": self.n_tastes,
                 "offset": self.seen_offset,
                 "recent": self.recent,
+                "stats": _stats_json(self.stats),
             }
         )
 
@@ -125,6 +141,7 @@ class ItemRecord:
                 n_tastes=int(data["n"]),
                 seen_offset=data["offset"],
                 recent=tuple(str(e) for e in data["recent"]),
+                stats=_stats_from_json(data.get("stats")),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InvalidEventError(f"item record is unreadable: {exc}") from exc
@@ -145,13 +162,15 @@ def handle_items(
     - A movie published twice in one batch is embedded once, from its last message
       (``movies`` is compacted: the latest value is the movie). Encoding runs once for
       the whole batch; ``published_at`` is the broker time of the movie's message.
-    - An ``ItemRated`` with a ``taste`` adds it to the movie's record (one without
-      changes nothing here). One at or below the record's ``seen_offset``, or whose
-      ``rating_event_id`` is among the record's ``recent``, is a copy and is skipped. A
-      taste of another dimension than the movie's vector is dead-lettered.
+    - An ``ItemRated`` adds its rating to the movie's statistics and its ``taste``, if
+      it has one, to the movie's record. One at or below the record's ``seen_offset``,
+      or whose ``rating_event_id`` is among the record's ``recent``, is a copy and is
+      skipped. A taste of another dimension than the movie's vector is dead-lettered
+      (the rating still counts).
     - Every movie whose served vector may have changed (new content, new tastes) is
       upserted into Qdrant and published on ``item-embeddings``, once per batch;
-      ``embedded_at`` is ``now``.
+      ``embedded_at`` is ``now``. Every movie rated in the batch has its statistics
+      published on ``item-features``, once per batch.
 
     Returns:
         ``(outputs, updated)``: item embeddings and dead letters to publish, and the new
@@ -179,7 +198,8 @@ def handle_items(
                 return None
         return current[movie_id]
 
-    changed: set[MovieId] = set()
+    changed: set[MovieId] = set()  # the served vector may have moved
+    rated: dict[MovieId, None] = {}  # the statistics moved; in order of first rating
     latest: dict[MovieId, Incoming[MoviePublished]] = {}
     for one in batch:
         event = one.event
@@ -187,11 +207,13 @@ def handle_items(
             # Re-inserting moves a repeated id to its last position, keeping offset order.
             latest.pop(event.movie_id, None)
             latest[event.movie_id] = Incoming(event, one.source)
-        elif event.taste is not None and (item := record(event.movie_id, one)):
-            moved = _rated(item, event, one, out)
-            if moved is not item:
-                current[event.movie_id] = moved
-                changed.add(event.movie_id)
+        elif item := record(event.movie_id, one):
+            after = _rated(item, event, one, out)
+            if after is not item:
+                current[event.movie_id] = after
+                rated[event.movie_id] = None
+                if after.n_tastes != item.n_tastes:
+                    changed.add(event.movie_id)
     chosen = [m for m in latest.values() if record(m.event.movie_id, m) is not None]
     if chosen:
         encoded = encoder.encode([movie_of(incoming.event) for incoming in chosen])
@@ -214,18 +236,29 @@ def handle_items(
     if len(chosen) < sum(isinstance(i.event, MoviePublished) for i in batch):
         log.debug("movies=%d after folding duplicates", len(chosen))
 
-    updated = {m: current[m] for m in current if m in changed}
-    served = [s for r in updated.values() if (s := r.served(item_pull, now)) is not None]
+    served = [
+        s
+        for m, r in current.items()
+        if m in changed and (s := r.served(item_pull, now)) is not None
+    ]
     if served:
         store.upsert(served)
     out.extend(Outgoing(ITEM_EMBEDDINGS, item) for item in served)
-    return out, updated
+    out.extend(
+        Outgoing(
+            ITEM_FEATURES,
+            item_features_of(m, current[m].stats, *HALF_LIVES, now, current[m].recent[-1]),
+        )
+        for m in rated
+    )
+    return out, {m: current[m] for m in current if m in changed or m in rated}
 
 
 def _rated(
     item: ItemRecord, event: ItemRated, incoming: Incoming[Any], out: list[Outgoing]
 ) -> ItemRecord:
-    """``item`` with the taste of ``event`` added; ``item`` itself for a copy."""
+    """``item`` with the rating of ``event`` (and its taste, if any) added; ``item``
+    itself for a copy."""
     offset = incoming.source.offset
     if offset is not None and item.seen_offset is not None and offset <= item.seen_offset:
         return item
@@ -238,8 +271,10 @@ def _rated(
         return item
     seen = item.seen_offset if offset is None else offset
     recent = (*item.recent, event.rating_event_id)[-RECENT_EVENTS:]
+    stats = item.stats.added(event.rating, event.occurred_at, event.co_rated, *HALF_LIVES)
     taste = event.taste
-    assert taste is not None  # the caller passes only ratings with a taste
+    if taste is None:
+        return replace(item, seen_offset=seen, recent=recent, stats=stats)
     dim = None if item.content is None else item.content.vector.shape[0]
     if (dim is not None and taste.shape[0] != dim) or (
         item.taste is not None and taste.shape[0] != item.taste.shape[0]
@@ -252,12 +287,51 @@ def _rated(
                 SERVICE,
             )
         )
-        return replace(item, seen_offset=seen, recent=recent)
+        return replace(item, seen_offset=seen, recent=recent, stats=stats)
     total = taste.astype(np.float64) if item.taste is None else item.taste + taste
-    return replace(item, taste=total, n_tastes=item.n_tastes + 1, seen_offset=seen, recent=recent)
+    return replace(
+        item,
+        taste=total,
+        n_tastes=item.n_tastes + 1,
+        seen_offset=seen,
+        recent=recent,
+        stats=stats,
+    )
 
 
 def _broker_time(timestamp_ms: int | None) -> datetime | None:
     if timestamp_ms is None or timestamp_ms < 0:
         return None
     return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
+
+
+def _stats_json(stats: MovieStats) -> list[Any] | None:
+    """A record's statistics as JSON (None before any rating: ``-inf`` is not JSON)."""
+    if stats.count == 0:
+        return None
+    return [
+        stats.count,
+        stats.rating_sum,
+        stats.log_decayed,
+        stats.log_fast_decayed,
+        stats.last_day,
+        stats.co,
+    ]
+
+
+def _stats_from_json(data: Any) -> MovieStats:
+    """``_stats_json`` read back (``KeyError``, ``TypeError`` or ``ValueError`` when it
+    is not)."""
+    if data is None:
+        return MovieStats()
+    count, rating_sum, log_decayed, log_fast, last_day, co = data
+    if not isinstance(co, dict):
+        raise TypeError("co-rating counts must be a JSON object")
+    return MovieStats(
+        count=int(count),
+        rating_sum=float(rating_sum),
+        log_decayed=float(log_decayed),
+        log_fast_decayed=float(log_fast),
+        last_day=float(last_day),
+        co={str(m): int(n) for m, n in co.items()},
+    )

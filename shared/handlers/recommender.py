@@ -11,18 +11,19 @@ import numpy as np
 import orjson
 
 from shared.config import Settings
+from shared.convert import movie_stats_of
 from shared.events import (
     NEWCOMERS_USER_ID,
     RECOMMENDATIONS,
     ItemEmbedded,
-    RatingSubmitted,
+    ItemFeaturesUpdated,
     RecommendationsGenerated,
     RecommendedItem,
     UserProfileUpdated,
 )
 from shared.exceptions import InvalidEventError, UnprocessableEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
-from shared.models.item_stats import ItemStats
+from shared.models.item_stats import CO_RATED_WINDOW, ItemStats
 from shared.models.recommend import Reranker, ScoredItem, newcomer_list, recommend_batch
 from shared.retrieval.catalogue import Catalogue, check_vector
 from shared.types import MovieId, UserId
@@ -98,6 +99,28 @@ def handle_item_embeddings(
     out: list[Outgoing] = []
     for refusal in refusals:
         out.append(dead_letter(batch[refusal.position].source, str(refusal.error), SERVICE))
+    return out
+
+
+def handle_item_features(
+    batch: Sequence[Incoming[ItemFeaturesUpdated]], item_stats: ItemStats
+) -> list[Outgoing]:
+    """Put a batch of movies' published statistics into ``item_stats``; returns dead
+    letters for those decayed over other half-lives than ``item_stats`` reads (the
+    ranker was trained on other features than the item side computes)."""
+    out: list[Outgoing] = []
+    expected = (item_stats.half_life_days, item_stats.fast_half_life_days)
+    for incoming in batch:
+        event = incoming.event
+        if (event.half_life_days, event.fast_half_life_days) != expected:
+            reason = (
+                f"statistics decayed over half-lives {event.half_life_days:g}/"
+                f"{event.fast_half_life_days:g} days; the ranker reads "
+                f"{expected[0]:g}/{expected[1]:g}"
+            )
+            out.append(dead_letter(incoming.source, reason, SERVICE))
+            continue
+        item_stats.put(event.movie_id, movie_stats_of(event))
     return out
 
 
@@ -185,7 +208,7 @@ def handle_user_profiles(
                 [h.rated for h in history],
             ),
             histories=[(h.rated, h.ratings) for h in history],
-            users=[p.user_id for p in profiles],
+            recents=[h.rated[-CO_RATED_WINDOW:] for h in history],
         )
     item_version = catalogue.model_version
     ranker_version = "none" if reranker is None else reranker.ranker.model_version
@@ -244,12 +267,12 @@ def newcomers_recommendations(
     catalogue: Catalogue,
     settings: Settings,
     now: datetime,
-    cause: Incoming[RatingSubmitted],
+    cause: Incoming[ItemFeaturesUpdated],
 ) -> RecommendationsGenerated | None:
     """The list of users with no rating yet (``user_id`` ``NEWCOMERS_USER_ID``): the
-    ``settings.top_k`` movies rated most of late (``newcomer_list``), as of the ratings
-    ``item_stats`` has learned, the last of which is ``cause``. ``latency_ms`` runs from
-    that rating's broker timestamp (``now`` without one). None while no catalogue movie
+    ``settings.top_k`` movies rated most of late (``newcomer_list``), as of the
+    statistics in ``item_stats``, the last of which came with ``cause``. ``latency_ms``
+    runs from its broker timestamp (``now`` without one). None while no catalogue movie
     has been rated."""
     scored = newcomer_list(item_stats, catalogue, settings.top_k)
     if not scored:
@@ -267,9 +290,9 @@ def newcomers_recommendations(
             for item in scored
         ],
         model_version=(
-            f"newcomers=trending-h{item_stats.half_life:g};item={catalogue.model_version}"
+            f"newcomers=trending-h{item_stats.half_life_days:g}d;item={catalogue.model_version}"
         ),
-        cause_event_id=cause.event.event_id,
+        cause_event_id=cause.event.last_rating_event_id,
         generated_at=now,
         latency_ms=max(0.0, latency_ms),
     )

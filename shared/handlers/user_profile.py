@@ -35,6 +35,7 @@ from shared.events import (
 )
 from shared.exceptions import InvalidEventError, ReelstreamError
 from shared.kafka.message import Incoming, Outgoing, Source, dead_letter
+from shared.models.item_stats import co_rated
 from shared.models.updater import UserState, UserUpdater
 from shared.types import EventId, MovieId, UserId, Vector
 
@@ -336,6 +337,7 @@ class _Batch:
             taste=None if profile is None else taste(profile, self.centre),
             model_version=self.version,
             cause_published_at=incoming.source.published_at(self.now),
+            co_rated=co_rated(before.rated, event.movie_id),
         )
 
     def profile(self, user: UserId, cause: Rating, *, whole: bool = False) -> UserProfileUpdated:
@@ -500,3 +502,4 @@ class ParkedUsers:
         return {
             user for user, (movie, until) in self._heads.items() if movie in vectors or now >= until
         }
+

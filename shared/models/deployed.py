@@ -120,11 +120,7 @@ def build_reranker(settings: Settings) -> Reranker | None:
         log.info("ranker: trained %s from %s", ranker.model_version, path)
         return Reranker(
             ranker,
-            CandidateSources(
-                ranker.new_item_stats(),
-                **ranker.candidate_pools,
-                online_cf=ranker.new_online_cf(),
-            ),
+            CandidateSources(ranker.new_item_stats(), **ranker.candidate_pools),
             build_rating_model(settings),
         )
     log.info("ranker: none, candidates ranked by cosine (%s)", _why(settings, RANKER))

@@ -1,22 +1,28 @@
-"""Online features of items and users for the ranker, updated per rating in O(1).
+"""Online features of items and users for the ranker.
 
-``ItemStats`` follows every rating event (``learn_one``) and keeps, per movie, two
-exponentially decayed rating counts (recent popularity over a long and a short
-half-life), the total count and the rating sum, plus the global rating sum and count
-and the stream's event time (the latest ``occurred_at`` seen). ``features`` turns them,
-with the movies' release years, into the ranker's item-feature columns;
-``user_features`` does the same for a user's rating count and mean and the item biases
-of what they rated. Nothing here needs torch, so the recommender service can keep an
-``ItemStats`` per process and snapshot it (``to_bytes``) cheaply.
+A movie's online statistics (``MovieStats``) are its rating count and sum, two decayed
+counts of its ratings in event time (over a long and a short half-life, in days) and
+how often each other movie was among the recent movies of its raters (co-rating
+counts). They depend only on the movie's own ratings, not on the order they arrive in
+(up to float rounding), so the item side, where each movie's ratings are in one
+partition, keeps them per movie and publishes them on ``item-features``; a reader
+``put``s them into an ``ItemStats``. Offline, ``ItemStats.learn_one`` builds the same
+from a rating stream. Nothing here needs torch.
+
+``ItemStats`` derives what spans movies on read: the global rating mean and count, the
+stream's time (the newest ``occurred_at`` of any rating) and the decayed totals. Its
+``features`` turn a movie's statistics, with its release year, into the ranker's item
+feature columns; ``user_features`` does the same for a user's rating count and mean
+and the item biases of what they rated.
 
 Item feature columns (``ITEM_FEATURE_NAMES``, float32):
 
-0. ``log_recent_share``: ``log1p(1000 * decayed count / decayed total) / FEATURE_SCALE``,
-   i.e. the movie's share of the recent (decayed) ratings, per 1,000 ratings. A share
-   rather than a raw decayed count, so that the value means the same at the start of a
-   stream (little decayed mass) as in steady state (about ``half_life / ln 2`` events).
-1. ``log_fast_share``: the same over the short half-life (default 500 events): what is
-   being rated right now, e.g. a new release in its first days.
+0. ``log_recent_share``: ``log1p(1000 * decayed count / decayed total) / FEATURE_SCALE``:
+   the movie's share of the recent ratings, per 1,000, where a rating ``half_life_days``
+   older than the stream's time weighs 1/2. A share rather than a raw decayed count, so
+   that it means the same whatever the stream's rate.
+1. ``log_fast_share``: the same over the short half-life (default 1 day): what is being
+   rated right now, e.g. a new release in its first days.
 2. ``log_count``: ``log1p(ratings of the movie ever) / FEATURE_SCALE``.
 3. ``mean_offset``: the movie's shrunk mean rating minus the global mean, in stars:
    ``(sum + k * mu) / (n + k) - mu = (sum - n * mu) / (n + k)`` with ``k`` the prior
@@ -27,9 +33,13 @@ Item feature columns (``ITEM_FEATURE_NAMES``, float32):
 6. ``new_release``: 1.0 when the stream's time is less than a year past the start of the
    release year (this year's movies), else 0.0.
 
-The stream's time is event time (the newest ``occurred_at`` learned), not the wall
-clock, so a replay of 1998 ratings sees 1998's new releases as new. A movie never seen
-gets the features of a movie with no ratings: ``[0, 0, 0, 0, 1, age, new]``.
+The stream's time is event time, not the wall clock, so a replay of 1998 ratings sees
+1998's new releases as new. A movie never seen gets the features of a movie with no
+ratings: ``[0, 0, 0, 0, 1, age, new]``.
+
+The pair feature (``PAIR_FEATURE_NAMES``), of a user and a candidate: ``co_score``, how
+often the candidate was rated by users who had lately rated what this user lately rated
+(``ItemStats.co_scores``), standardised over the user's candidates.
 
 User feature columns (``USER_FEATURE_NAMES``, float32):
 
@@ -46,14 +56,13 @@ User feature columns (``USER_FEATURE_NAMES``, float32):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import numpy as np
-import orjson
 
-from shared.exceptions import InvalidEventError, NumericalError
+from shared.exceptions import NumericalError
 from shared.models.updater import DEFAULT_PRIOR_RATING
 from shared.types import Matrix, MovieId
 
@@ -70,10 +79,9 @@ ITEM_FEATURE_NAMES: tuple[str, ...] = (
 
 N_ITEM_FEATURES = len(ITEM_FEATURE_NAMES)
 
-PAIR_FEATURE_NAMES: tuple[str, ...] = ("cf_score",)
+PAIR_FEATURE_NAMES: tuple[str, ...] = ("co_score",)
 """Feature columns of a (user, movie) pair rather than of the movie alone, appended to
-the item features of each candidate: ``cf_score``, the user's online BPR score of the
-movie standardised over the movies it knows (``shared.models.online_cf``)."""
+the item features of each candidate (see the module docstring)."""
 
 N_PAIR_FEATURES = len(PAIR_FEATURE_NAMES)
 
@@ -97,12 +105,22 @@ SHARE_PER = 1000.0
 NEW_USER_RATINGS = 5
 """A user with fewer ratings than this has ``new_user = 1``."""
 
-DEFAULT_HALF_LIFE = 5_000.0
-"""Events after which a rating's weight in the decayed count halves (the half-life
-chosen for ``OnlinePopularity`` on a validation split of TRAIN)."""
+DEFAULT_HALF_LIFE_DAYS = 10.0
+"""Days after which a rating's weight in the decayed count halves: about the span of
+5,000 ratings at MovieLens-100K's mean rate (465 a day)."""
 
-DEFAULT_FAST_HALF_LIFE = 500.0
-"""Half-life of the second, short-memory decayed count (``log_fast_share``)."""
+DEFAULT_FAST_HALF_LIFE_DAYS = 1.0
+"""Half-life of the second, short-memory decayed count (``log_fast_share``): about 500
+MovieLens-100K ratings."""
+
+CO_RATED_WINDOW = 10
+"""How many of a rater's latest earlier-rated movies a rating counts as co-rated with
+the movie (``ItemRated.co_rated``), and how many of a user's latest rated movies
+``co_scores`` reads."""
+
+CO_TOP = 50
+"""How many co-rated movies a movie's published statistics keep: its most co-rated
+(``MovieStats.top_co``)."""
 
 MAX_AGE_YEARS = 50.0
 """Ages beyond this many years count as this old (``log_age``)."""
@@ -111,58 +129,112 @@ DEFAULT_PRIOR_STRENGTH = 10.0
 """Pseudo-ratings at the global mean in a movie's shrunk mean (as the bias baseline's
 item shrinkage)."""
 
-_RENORMALISE_AT = 1e100
-"""When the growing increment passes this, every raw count is rescaled (before float
-overflow); amortised O(1) per event."""
+SECONDS_PER_DAY = 86_400.0
 
 
-class _Decay:
-    """An exponentially decayed counter per key, O(1) per event.
-
-    Before each event every count is multiplied by ``gamma = 2^(-1/half_life)``, then the
-    event's key grows by 1, so an event ``half_life`` events old weighs 1/2. Instead of
-    shrinking every count, the increment grows by ``1/gamma`` per event and raw counts
-    are divided by it on read; the caller's raw counts and the total are rescaled
-    together (``rescale``) when the increment passes ``1e100``.
-    """
-
-    def __init__(self, half_life: float) -> None:
-        self.half_life = half_life
-        self.growth = 2.0 ** (1.0 / half_life)
-        self.increment = 1.0
-        self.raw_total = 0.0  # Σ of all raw increments: the decayed total times increment
-
-    def step(self) -> float:
-        """Advance one event; returns the raw amount to add to the event's key."""
-        self.increment *= self.growth
-        self.raw_total += self.increment
-        return self.increment
-
-    def share(self, raw: float) -> float:
-        """``log_*_share`` of a key with raw count ``raw``."""
-        # raw / raw_total: the increment cancels, so no division by it is needed.
-        return math.log1p(SHARE_PER * raw / self.raw_total) / FEATURE_SCALE
+def days(moment: datetime) -> float:
+    """``moment`` as days since the Unix epoch (an aware datetime)."""
+    return moment.timestamp() / SECONDS_PER_DAY
 
 
-def _fractional_year(moment: datetime) -> float:
-    """``2024.5`` for the middle of 2024 (UTC)."""
-    start = datetime(moment.year, 1, 1, tzinfo=moment.tzinfo)
-    end = datetime(moment.year + 1, 1, 1, tzinfo=moment.tzinfo)
+def co_rated(rated: Sequence[MovieId], movie_id: MovieId) -> list[MovieId]:
+    """The ``CO_RATED_WINDOW`` latest of ``rated`` (a user's rated movies, oldest first,
+    each once) other than ``movie_id``: what a rating of ``movie_id`` counts as co-rated
+    with it."""
+    # Each movie is in ``rated`` once, so one more than the window is enough.
+    return [m for m in rated[-(CO_RATED_WINDOW + 1) :] if m != movie_id][-CO_RATED_WINDOW:]
+
+
+def _log2_add(a: float, b: float) -> float:
+    """``log2(2**a + 2**b)`` without overflow (``-inf`` is log2 of 0)."""
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    high, low = (a, b) if a >= b else (b, a)
+    return high + math.log2(1.0 + 2.0 ** (low - high))
+
+
+def _fractional_year(day: float) -> float:
+    """``2024.5`` for the middle of 2024 (UTC), from days since the epoch."""
+    moment = datetime.fromtimestamp(day * SECONDS_PER_DAY, tz=UTC)
+    start = datetime(moment.year, 1, 1, tzinfo=UTC)
+    end = datetime(moment.year + 1, 1, 1, tzinfo=UTC)
     return moment.year + (moment - start).total_seconds() / (end - start).total_seconds()
 
 
-class ItemStats:
-    """Online per-movie rating statistics and the ranker's item features.
+@dataclass(frozen=True)
+class MovieStats:
+    """One movie's online rating statistics (see the module docstring).
 
-    Decay is counted in events (``_Decay``): a rating ``half_life`` events old weighs 1/2
-    in the long-memory count and a rating ``fast_half_life`` events old weighs 1/2 in the
-    short one.
+    The decayed counts are kept as ``log2`` of ``Σ 2^(t_i / half_life)`` over the
+    movie's ratings' times ``t_i`` (days since the epoch): a sum, so the order of the
+    ratings does not matter, and a logarithm, so it never overflows. Read at the stream's
+    time ``T`` the decayed count is ``2^(log - T / half_life)``.
+    """
+
+    count: int = 0
+    rating_sum: float = 0.0
+    log_decayed: float = -math.inf
+    """``log2 Σ 2^(t_i / half_life_days)``; ``-inf`` without ratings."""
+    log_fast_decayed: float = -math.inf
+    """The same over ``fast_half_life_days``."""
+    last_day: float | None = None
+    """The newest rating's ``occurred_at`` in days since the epoch."""
+    co: Mapping[MovieId, int] = field(default_factory=dict)
+    """Per other movie, how many of this movie's raters had it among their
+    ``CO_RATED_WINDOW`` latest earlier-rated movies (all of them, or the ``CO_TOP``
+    most co-rated where the statistics were published)."""
+
+    def added(
+        self,
+        rating: float,
+        occurred_at: datetime,
+        co_rated: Iterable[MovieId],
+        half_life_days: float,
+        fast_half_life_days: float,
+    ) -> MovieStats:
+        """These statistics with one more rating of ``rating`` stars.
+
+        Raises:
+            NumericalError: ``rating`` is NaN or infinite.
+        """
+        if not math.isfinite(rating):
+            raise NumericalError(f"rating is not finite: {rating}")
+        day = days(occurred_at)
+        co = dict(self.co)
+        for other in co_rated:
+            co[other] = co.get(other, 0) + 1
+        return MovieStats(
+            count=self.count + 1,
+            rating_sum=self.rating_sum + float(rating),
+            log_decayed=_log2_add(self.log_decayed, day / half_life_days),
+            log_fast_decayed=_log2_add(self.log_fast_decayed, day / fast_half_life_days),
+            last_day=day if self.last_day is None else max(self.last_day, day),
+            co=co,
+        )
+
+    def top_co(self, n: int = CO_TOP) -> dict[MovieId, int]:
+        """The ``n`` most co-rated movies and their counts (ties: the smaller id first),
+        most co-rated first."""
+        ranked = sorted(self.co.items(), key=lambda pair: (-pair[1], pair[0]))
+        return dict(ranked[:n])
+
+    def published(self) -> MovieStats:
+        """These statistics with only the ``CO_TOP`` most co-rated movies, as they are
+        published: reading them gives the same features as these."""
+        return replace(self, co=self.top_co())
+
+
+class ItemStats:
+    """Every movie's ``MovieStats`` and the ranker's features read from them.
 
     Args:
-        half_life: events after which a rating's weight halves (default 5,000, > 0).
+        half_life_days: days after which a rating's weight in the decayed count halves
+            (default 10, > 0).
         prior_strength: pseudo-ratings at the global mean in a movie's shrunk mean
             (default 10, >= 0).
-        fast_half_life: the short-memory count's half-life (default 500, > 0).
+        fast_half_life_days: the short-memory count's half-life (default 1 day, > 0).
 
     Raises:
         ValueError: a parameter is out of range.
@@ -170,25 +242,28 @@ class ItemStats:
 
     def __init__(
         self,
-        half_life: float = DEFAULT_HALF_LIFE,
+        half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
         prior_strength: float = DEFAULT_PRIOR_STRENGTH,
-        fast_half_life: float = DEFAULT_FAST_HALF_LIFE,
+        fast_half_life_days: float = DEFAULT_FAST_HALF_LIFE_DAYS,
     ) -> None:
-        for name, value in (("half_life", half_life), ("fast_half_life", fast_half_life)):
+        for name, value in (
+            ("half_life_days", half_life_days),
+            ("fast_half_life_days", fast_half_life_days),
+        ):
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be > 0 events, got {value!r}")
+                raise ValueError(f"{name} must be > 0 days, got {value!r}")
         if not (math.isfinite(prior_strength) and prior_strength >= 0):
             raise ValueError(f"prior_strength must be >= 0, got {prior_strength!r}")
-        self.half_life = float(half_life)
-        self.fast_half_life = float(fast_half_life)
+        self.half_life_days = float(half_life_days)
+        self.fast_half_life_days = float(fast_half_life_days)
         self.prior_strength = float(prior_strength)
-        self._slow = _Decay(self.half_life)
-        self._fast = _Decay(self.fast_half_life)
+        self._items: dict[MovieId, MovieStats] = {}
         self._n = 0
         self._sum = 0.0
-        self._now: float | None = None  # the stream's time: newest occurred_at, in years
-        # movie -> [raw slow count, raw fast count, count, rating sum]; updated in place.
-        self._items: dict[MovieId, list[float]] = {}
+        self._last_day: float | None = None
+        self._top_co: dict[MovieId, dict[MovieId, int]] = {}
+        # Read-side caches of the decayed counts, rebuilt when a movie changes.
+        self._decayed: tuple[list[MovieId], np.ndarray, np.ndarray] | None = None
 
     # --- state ------------------------------------------------------------------------------
 
@@ -196,45 +271,44 @@ class ItemStats:
         """The constructor arguments: ``ItemStats(**stats.params())`` starts an equal,
         empty one (stored in ranker checkpoints so services build the same features)."""
         return {
-            "half_life": self.half_life,
+            "half_life_days": self.half_life_days,
             "prior_strength": self.prior_strength,
-            "fast_half_life": self.fast_half_life,
+            "fast_half_life_days": self.fast_half_life_days,
         }
+
+    def __len__(self) -> int:
+        """Movies with statistics."""
+        return len(self._items)
+
+    def get(self, movie_id: MovieId) -> MovieStats | None:
+        """The movie's statistics (None when it has none)."""
+        return self._items.get(movie_id)
 
     @property
     def n_ratings(self) -> int:
-        """Ratings learned so far."""
+        """Ratings of every movie."""
         return self._n
 
     @property
     def global_mean(self) -> float:
-        """Mean of every rating learned, in stars (``DEFAULT_PRIOR_RATING`` before any)."""
+        """Mean of every rating, in stars (``DEFAULT_PRIOR_RATING`` before any)."""
         return self._sum / self._n if self._n else DEFAULT_PRIOR_RATING
 
     @property
+    def stream_day(self) -> float | None:
+        """The stream's time in days since the epoch (the newest ``occurred_at`` of any
+        rating), or None before any."""
+        return self._last_day
+
+    @property
     def stream_year(self) -> float | None:
-        """The stream's time as a fractional year (newest ``occurred_at`` learned), or
-        None before any rating with a time."""
-        return self._now
+        """The stream's time as a fractional year, or None before any rating."""
+        return None if self._last_day is None else _fractional_year(self._last_day)
 
     def count(self, movie_id: MovieId) -> int:
         """Ratings of the movie so far (0 when never seen)."""
         entry = self._items.get(movie_id)
-        return 0 if entry is None else int(entry[2])
-
-    def decayed_count(self, movie_id: MovieId) -> float:
-        """Σ over the movie's ratings of ``gamma^(events since)`` (the newest weighs 1)."""
-        entry = self._items.get(movie_id)
-        return 0.0 if entry is None else entry[0] / self._slow.increment
-
-    def decayed_total(self) -> float:
-        """``decayed_count`` summed over every movie."""
-        return self._slow.raw_total / self._slow.increment
-
-    def fast_decayed_count(self, movie_id: MovieId) -> float:
-        """``decayed_count`` over ``fast_half_life``."""
-        entry = self._items.get(movie_id)
-        return 0.0 if entry is None else entry[1] / self._fast.increment
+        return 0 if entry is None else entry.count
 
     def shrunk_mean(self, movie_id: MovieId) -> float:
         """The movie's mean rating in stars shrunk towards the global mean ``mu`` with
@@ -242,11 +316,13 @@ class ItemStats:
         without ratings."""
         return self.global_mean + self._offset(self._items.get(movie_id))
 
-    def _offset(self, entry: list[float] | None) -> float:
-        """``shrunk_mean - global_mean`` of a movie's entry (0 without ratings)."""
-        if entry is None or entry[2] + self.prior_strength == 0:
+    def _offset(self, entry: MovieStats | None) -> float:
+        """``shrunk_mean - global_mean`` of a movie's statistics (0 without ratings)."""
+        if entry is None or entry.count + self.prior_strength == 0:
             return 0.0
-        return (entry[3] - entry[2] * self.global_mean) / (entry[2] + self.prior_strength)
+        return (entry.rating_sum - entry.count * self.global_mean) / (
+            entry.count + self.prior_strength
+        )
 
     def offsets(self, movie_ids: Sequence[MovieId]) -> np.ndarray:
         """``shrunk_mean - global_mean`` of each movie (0.0 for a movie without ratings),
@@ -264,85 +340,158 @@ class ItemStats:
         items = self._items
         return sum(self._offset(items.get(m)) for m in movie_ids) / len(movie_ids)
 
-    # --- learning ---------------------------------------------------------------------------
+    # --- updates ----------------------------------------------------------------------------
+
+    def put(self, movie_id: MovieId, stats: MovieStats) -> None:
+        """Replace the movie's statistics (as read from ``item-features``)."""
+        old = self._items.get(movie_id)
+        if old is not None:
+            self._n -= old.count
+            self._sum -= old.rating_sum
+        self._items[movie_id] = stats
+        self._n += stats.count
+        self._sum += stats.rating_sum
+        if stats.last_day is not None and (
+            self._last_day is None or stats.last_day > self._last_day
+        ):
+            self._last_day = stats.last_day
+        self._top_co.pop(movie_id, None)
+        self._decayed = None
 
     def learn_one(
-        self, movie_id: MovieId, rating: float, occurred_at: datetime | None = None
+        self,
+        movie_id: MovieId,
+        rating: float,
+        occurred_at: datetime,
+        co_rated: Iterable[MovieId] = (),
     ) -> None:
-        """Decay every count and add one rating of ``rating`` stars to the movie; an
-        ``occurred_at`` later than the stream's time moves it forward.
+        """Add one rating of ``rating`` stars to the movie; ``co_rated``: the rater's
+        latest earlier-rated movies (``CO_RATED_WINDOW`` of them).
 
         Raises:
             NumericalError: ``rating`` is NaN or infinite (nothing is changed).
         """
-        if not math.isfinite(rating):
-            raise NumericalError(f"rating is not finite: {rating}")
-        entry = self._items.get(movie_id)
-        if entry is None:
-            entry = self._items[movie_id] = [0.0, 0.0, 0.0, 0.0]
-        entry[0] += self._slow.step()
-        entry[1] += self._fast.step()
-        entry[2] += 1.0
-        entry[3] += float(rating)
-        self._n += 1
-        self._sum += float(rating)
-        if occurred_at is not None:
-            year = _fractional_year(occurred_at)
-            if self._now is None or year > self._now:
-                self._now = year
-        for column, decay in ((0, self._slow), (1, self._fast)):
-            if decay.increment > _RENORMALISE_AT:
-                scale = decay.increment
-                for values in self._items.values():
-                    values[column] /= scale
-                decay.raw_total /= scale
-                decay.increment = 1.0
+        entry = self._items.get(movie_id) or MovieStats()
+        self.put(
+            movie_id,
+            entry.added(
+                rating, occurred_at, co_rated, self.half_life_days, self.fast_half_life_days
+            ),
+        )
 
     def learn_many(
         self,
         movie_ids: Sequence[MovieId],
         ratings: Sequence[float],
-        occurred_at: Sequence[datetime | None] | None = None,
+        occurred_at: Sequence[datetime],
+        co_rated: Sequence[Iterable[MovieId]] | None = None,
     ) -> None:
-        """``learn_one`` for each (movie, rating[, time]) in order; the same result.
+        """``learn_one`` for each (movie, rating, time[, co-rated]) in order.
 
         Raises:
             ValueError: the sequences differ in length (nothing is changed).
             NumericalError: a rating is NaN or infinite (nothing is changed).
         """
-        times = [None] * len(movie_ids) if occurred_at is None else list(occurred_at)
-        if not len(movie_ids) == len(ratings) == len(times):
+        co = [()] * len(movie_ids) if co_rated is None else list(co_rated)
+        if not len(movie_ids) == len(ratings) == len(occurred_at) == len(co):
             raise ValueError(
-                f"{len(movie_ids)} movie ids, {len(ratings)} ratings and {len(times)} times"
+                f"{len(movie_ids)} movie ids, {len(ratings)} ratings, {len(occurred_at)} "
+                f"times and {len(co)} co-rated lists"
             )
         if not all(math.isfinite(r) for r in ratings):
             raise NumericalError("a rating is not finite")
-        for movie_id, rating, moment in zip(movie_ids, ratings, times, strict=True):
-            self.learn_one(movie_id, rating, moment)
+        for movie_id, rating, moment, others in zip(
+            movie_ids, ratings, occurred_at, co, strict=True
+        ):
+            self.learn_one(movie_id, rating, moment, others)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def _decayed_counts(self) -> tuple[list[MovieId], np.ndarray, np.ndarray]:
+        """Every movie and its two decayed counts at the stream's time."""
+        if self._decayed is None:
+            ids = list(self._items)
+            now = self._last_day or 0.0
+            slow = np.fromiter(
+                (s.log_decayed for s in self._items.values()), dtype=np.float64, count=len(ids)
+            )
+            fast = np.fromiter(
+                (s.log_fast_decayed for s in self._items.values()), dtype=np.float64, count=len(ids)
+            )
+            self._decayed = (
+                ids,
+                np.exp2(slow - now / self.half_life_days),
+                np.exp2(fast - now / self.fast_half_life_days),
+            )
+        return self._decayed
+
+    def decayed_count(self, movie_id: MovieId) -> float:
+        """Σ over the movie's ratings of ``2^(-age / half_life_days)``, ages in days from
+        the stream's time (a rating at the stream's time weighs 1)."""
+        entry = self._items.get(movie_id)
+        if entry is None or self._last_day is None:
+            return 0.0
+        return float(2.0 ** (entry.log_decayed - self._last_day / self.half_life_days))
+
+    def decayed_total(self) -> float:
+        """``decayed_count`` summed over every movie."""
+        return float(self._decayed_counts()[1].sum())
+
+    def fast_decayed_count(self, movie_id: MovieId) -> float:
+        """``decayed_count`` over ``fast_half_life_days``."""
+        entry = self._items.get(movie_id)
+        if entry is None or self._last_day is None:
+            return 0.0
+        return float(2.0 ** (entry.log_fast_decayed - self._last_day / self.fast_half_life_days))
 
     def trending(self, n: int) -> list[MovieId]:
         """The ``n`` movies with the highest (long-memory) decayed count, highest first
-        (ties: the movie first rated earlier). Costs one pass over the rated movies."""
-        return self._top(0, n)
+        (ties: the smaller id first). Costs one pass over the rated movies."""
+        return self._top(1, n)
 
     def rising(self, n: int) -> list[MovieId]:
         """``trending`` by the short-memory count: the movies rated most in the last few
-        ``fast_half_life`` events, such as a new release that just came out."""
-        return self._top(1, n)
+        ``fast_half_life_days``, such as a new release that just came out."""
+        return self._top(2, n)
 
     def _top(self, column: int, n: int) -> list[MovieId]:
         if n <= 0 or not self._items:
             return []
-        ids = list(self._items)
-        counts = np.fromiter(
-            (v[column] for v in self._items.values()), dtype=np.float64, count=len(ids)
-        )
+        decayed = self._decayed_counts()
+        ids, counts = decayed[0], decayed[column]
         n = min(n, len(ids))
+        keys = np.asarray(ids, dtype=object)
         top = np.argpartition(-counts, n - 1)[:n] if n < len(ids) else np.arange(len(ids))
-        order = top[np.lexsort((top, -counts[top]))]
+        order = sorted(top.tolist(), key=lambda i: (-counts[i], keys[i]))
         return [ids[i] for i in order]
 
-    # --- features ---------------------------------------------------------------------------
+    def co_scores(self, recent: Sequence[MovieId], movie_ids: Sequence[MovieId]) -> np.ndarray:
+        """Per movie, ``Σ_r co(movie, r) / sqrt(n_movie * n_r)`` over ``recent`` (a user's
+        latest rated movies; the last ``CO_RATED_WINDOW`` are read), with ``co`` the
+        movie's ``CO_TOP`` most co-rated and ``n`` the rating counts; then standardised
+        over ``movie_ids`` (zero mean, unit deviation; all 0 when they are all equal).
+        float64 ``(len(movie_ids),)``."""
+        out = np.zeros(len(movie_ids), dtype=np.float64)
+        window = list(recent)[-CO_RATED_WINDOW:]
+        if not window or not movie_ids:
+            return out
+        items = self._items
+        counts = {r: items[r].count for r in window if r in items and items[r].count > 0}
+        if not counts:
+            return out
+        for row, movie_id in enumerate(movie_ids):
+            entry = items.get(movie_id)
+            if entry is None or entry.count == 0:
+                continue
+            top = self._top_co.get(movie_id)
+            if top is None:
+                top = self._top_co[movie_id] = entry.top_co()
+            total = sum(top.get(r, 0) / math.sqrt(n) for r, n in counts.items())
+            out[row] = total / math.sqrt(entry.count)
+        std = float(out.std())
+        if std == 0.0 or not math.isfinite(std):
+            return np.zeros_like(out)
+        return (out - out.mean()) / std
 
     def features(
         self, movie_ids: Sequence[MovieId], years: Sequence[int | None] | None = None
@@ -359,79 +508,32 @@ class ItemStats:
         out = np.zeros((len(movie_ids), N_ITEM_FEATURES), dtype=np.float64)
         out[:, 4] = 1.0
         items = self._items
-        for row, movie_id in enumerate(movie_ids):
-            entry = items.get(movie_id)
-            if entry is None:
-                continue
-            out[row, 0] = self._slow.share(entry[0])
-            out[row, 1] = self._fast.share(entry[1])
-            out[row, 2] = math.log1p(entry[2]) / FEATURE_SCALE
-            out[row, 3] = self._offset(entry)
-            out[row, 4] = 0.0
-        if years is not None and self._now is not None:
+        if items and self._last_day is not None:
+            _, slow, fast = self._decayed_counts()
+            slow_total, fast_total = float(slow.sum()), float(fast.sum())
+            for row, movie_id in enumerate(movie_ids):
+                entry = items.get(movie_id)
+                if entry is None or entry.count == 0:
+                    continue
+                out[row, 0] = _share(self.decayed_count(movie_id), slow_total)
+                out[row, 1] = _share(self.fast_decayed_count(movie_id), fast_total)
+                out[row, 2] = math.log1p(entry.count) / FEATURE_SCALE
+                out[row, 3] = self._offset(entry)
+                out[row, 4] = 0.0
+        now = self.stream_year
+        if years is not None and now is not None:
             for row, year in enumerate(years):
                 if year is None:
                     continue
-                age = min(max(self._now - year, 0.0), MAX_AGE_YEARS)
+                age = min(max(now - year, 0.0), MAX_AGE_YEARS)
                 out[row, 5] = math.log1p(age) / FEATURE_SCALE
-                out[row, 6] = 1.0 if self._now - year < 1.0 else 0.0
+                out[row, 6] = 1.0 if now - year < 1.0 else 0.0
         return out.astype(np.float32)
 
-    # --- snapshot ---------------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
-        """Compact JSON: parameters, decay state, global sums, the stream's time and
-        ``movie -> [raw slow, raw fast, count, sum]``. Floats round-trip exactly (orjson
-        writes the shortest exact form)."""
-        return orjson.dumps(
-            {
-                "p": self.params(),
-                "d": [
-                    [self._slow.increment, self._slow.raw_total],
-                    [self._fast.increment, self._fast.raw_total],
-                ],
-                "n": self._n,
-                "s": self._sum,
-                "now": self._now,
-                "i": self._items,
-            }
-        )
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> ItemStats:
-        """Read ``to_bytes`` output.
-
-        Raises:
-            InvalidEventError: the bytes are not an item-stats snapshot.
-        """
-        try:
-            data: Any = orjson.loads(raw)
-            if not isinstance(data, dict):
-                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
-            params = data["p"]
-            if not isinstance(params, dict):
-                raise TypeError("params must be a JSON object")
-            stats = cls(**{k: float(v) for k, v in params.items()})
-            (slow_inc, slow_total), (fast_inc, fast_total) = data["d"]
-            stats._slow.increment, stats._slow.raw_total = float(slow_inc), float(slow_total)
-            stats._fast.increment, stats._fast.raw_total = float(fast_inc), float(fast_total)
-            stats._n = int(data["n"])
-            stats._sum = float(data["s"])
-            stats._now = None if data["now"] is None else float(data["now"])
-            items = data["i"]
-            if not isinstance(items, dict):
-                raise TypeError("items must be a JSON object")
-            for movie_id, values in items.items():
-                if len(values) != 4:
-                    raise ValueError(f"movie {movie_id!r} needs [raw, raw fast, count, sum]")
-                stats._items[str(movie_id)] = [float(v) for v in values]
-            if stats._items and not (stats._slow.raw_total > 0 and stats._fast.raw_total > 0):
-                raise ValueError("decayed totals must be > 0 when there are items")
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise InvalidEventError(
-                f"not an item-stats snapshot: {type(exc).__name__}: {exc}"
-            ) from exc
-        return stats
+def _share(decayed: float, total: float) -> float:
+    """``log_*_share`` of a movie's decayed count out of ``total``."""
+    return math.log1p(SHARE_PER * decayed / total) / FEATURE_SCALE if total > 0 else 0.0
 
 
 def user_features(n_ratings: int, mean_rating: float, rated_offset: float = 0.0) -> np.ndarray:

@@ -5,14 +5,15 @@ constant 1 appended, and an item tower, the sum of an MLP over the item vector a
 small MLP over the item's online features (``shared.models.item_stats`` documents the
 feature columns). The relevance of an item to a user is
 
-    score(u, i) = <e_u, e_i> + w * <u, v_i> + w_cf * cf(u, i)
+    score(u, i) = <e_u, e_i> + w * <u, v_i> + w_co * co(u, i)
 
 with a learned weight ``w`` on the plain cosine of the profile and item vectors: the
 ranker starts from what retrieval already knows and learns corrections (popularity,
 recency, activity) on top; the constant in ``e_u`` gives each item a user-independent
-bias from its features. ``cf(u, i)`` is the pair feature ``cf_score``, the user's
-online BPR score of the movie as a z-score (``shared.models.online_cf``), with its own
-learned weight ``w_cf``: the collaborative signal of who rated what lately, which
+bias from its features. ``co(u, i)`` is the pair feature ``co_score``, how often the
+movie was rated by users who had lately rated what the user lately rated, as a z-score
+(``ItemStats.co_scores``), with its own
+learned weight ``w_co``: the collaborative signal of who rated what together, which
 content vectors do not carry. Without it the score is one dot product of two towers
 (``[e_u, w u]`` and ``[e_i, v]``), and the item tower is split so that the vector part
 is computed once per item and only the cheap feature part per candidate.
@@ -46,7 +47,6 @@ from shared.models.item_stats import (
     USER_FEATURE_NAMES,
     ItemStats,
 )
-from shared.models.online_cf import OnlineBPR
 from shared.models.updater import DEFAULT_PRIOR_RATING
 from shared.types import Matrix, Vector
 
@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 KIND = "two-tower-ranker"
 """Checkpoint kind of a ``TwoTowerNet``."""
 
-VERSION_PREFIX = "two-tower-v3"
-"""Versions read ``two-tower-v3-<8 hex of the weights' digest>``."""
+VERSION_PREFIX = "two-tower-v4"
+"""Versions read ``two-tower-v4-<8 hex of the weights' digest>``."""
 
 MIN_RATING = 0.5
 """Lowest star rating; predicted ratings are clipped to [``MIN_RATING``, ``MAX_RATING``]."""
@@ -219,7 +219,7 @@ class TwoTowerNet(nn.Module):
 
 
 def weights_version(net: TwoTowerNet) -> str:
-    """``two-tower-v3-<8 hex>``: a digest of the weights, so two trainings differ."""
+    """``two-tower-v4-<8 hex>``: a digest of the weights, so two trainings differ."""
     return f"{VERSION_PREFIX}-{state_digest(net)[:8]}"
 
 
@@ -251,8 +251,6 @@ class Ranker:
         candidate_pools: how many candidates each extra pool added in training
             (``CandidateSources`` fields ``n_trending``, ``n_new``, ``n_rising``; default:
             its defaults); serving builds its sources with the same.
-        online_cf_params: ``OnlineBPR`` parameters of the ``cf_score`` feature the net
-            was trained with (default: its defaults); ``new_online_cf`` builds one.
     """
 
     def __init__(
@@ -261,13 +259,11 @@ class Ranker:
         model_version: str | None = None,
         item_stats_params: dict[str, float] | None = None,
         candidate_pools: dict[str, int] | None = None,
-        online_cf_params: dict[str, float] | None = None,
     ) -> None:
         self.net = net.eval()
         self.model_version = model_version or weights_version(net)
         self.item_stats_params = dict(item_stats_params or ItemStats().params())
         self.candidate_pools = dict(candidate_pools or {})
-        self.online_cf_params = dict(online_cf_params or OnlineBPR().params())
 
     @property
     def dim(self) -> int:
@@ -277,11 +273,6 @@ class Ranker:
     def new_item_stats(self) -> ItemStats:
         """An empty ``ItemStats`` with the parameters the net was trained with."""
         return ItemStats(**self.item_stats_params)
-
-    def new_online_cf(self) -> OnlineBPR:
-        """An empty ``OnlineBPR`` with the parameters the net's ``cf_score`` was
-        computed with."""
-        return OnlineBPR.from_params(self.online_cf_params)
 
     def _inputs(
         self,
@@ -443,8 +434,6 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
         stats_params = {k: float(v) for k, v in dict(config["item_stats"]).items()}
         ItemStats(**stats_params)
         pools = {str(k): int(v) for k, v in dict(config.get("candidate_pools", {})).items()}
-        cf_params = {str(k): float(v) for k, v in dict(config["online_cf"]).items()}
-        OnlineBPR.from_params(cf_params)
         names = (tuple(config["user_feature_names"]), tuple(config["item_feature_names"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigurationError(
@@ -461,6 +450,6 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
             f"the item encoder gives {expected_dim}-d"
         )
     load_into(net, state, Path(directory))
-    ranker = Ranker(net, str(config["version"]), stats_params, pools, cf_params)
+    ranker = Ranker(net, str(config["version"]), stats_params, pools)
     log.info("ranker loaded version=%s dim=%d dir=%s", ranker.model_version, dim, directory)
     return ranker

@@ -17,7 +17,6 @@ from typing import Protocol
 import numpy as np
 
 from shared.models.item_stats import N_PAIR_FEATURES, ItemStats, user_features_batch
-from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import Ranker
 from shared.models.rating import RatingModel
 from shared.retrieval.catalogue import Catalogue
@@ -55,9 +54,8 @@ class ScoredItem:
 @dataclass(frozen=True)
 class CandidateSources:
     """Where candidates come from besides the cosine neighbours of the user vector, and
-    the online features the ranker reads of them: ``item_stats`` (popularity, mean
-    rating, stream time) and ``online_cf`` (the users' BPR scores of movies) learn each
-    rating as it arrives (``learn``)."""
+    the online features the ranker reads of them (``item_stats``: popularity, mean
+    rating, co-rating counts, stream time)."""
 
     item_stats: ItemStats
     n_trending: int = 100
@@ -67,21 +65,19 @@ class CandidateSources:
     """Candidates added from the latest release years, so a new movie can be listed
     before its ratings or its neighbours' pull bring it close to anyone."""
     n_rising: int = 0
-    """Candidates added from the most-rated movies of the last few hundred ratings
+    """Candidates added from the most-rated movies of the last day or so
     (``ItemStats.rising``): a release everyone is rating now, long before its
     long-memory count makes it trending."""
-    online_cf: OnlineBPR | None = None
-    """The ``cf_score`` candidate feature's model; None scores every pair 0 (the mean)."""
 
-    def learn(self, ratings: Sequence[Rating]) -> None:
-        """Every online feature learns these ratings, in order."""
+    def learn(self, ratings: Sequence[Rating], co_rated: Sequence[Sequence[MovieId]]) -> None:
+        """The item statistics learn these ratings, in order; ``co_rated``: per rating,
+        the rater's latest earlier-rated movies (``ItemRated.co_rated``)."""
         self.item_stats.learn_many(
             [r.movie_id for r in ratings],
             [r.rating for r in ratings],
             [r.occurred_at for r in ratings],
+            co_rated,
         )
-        if self.online_cf is not None:
-            self.online_cf.learn_many([r.user_id for r in ratings], [r.movie_id for r in ratings])
 
     def pools(self, catalogue: Catalogue, spare: int) -> list[tuple[list[MovieId], int]]:
         """The extra candidate sources of one batch, as ``(movies in order, how many to
@@ -96,15 +92,18 @@ class CandidateSources:
         return pools
 
     def features(
-        self, catalogue: Catalogue, movie_ids: Sequence[MovieId], user_id: UserId | None = None
+        self,
+        catalogue: Catalogue,
+        movie_ids: Sequence[MovieId],
+        recent: Sequence[MovieId] = (),
     ) -> Matrix:
-        """The ranker's candidate features of catalogue movies for a user, as of now:
-        ``(len(movie_ids), N_CANDIDATE_FEATURES)``, the item features then the user's
-        ``cf_score`` of each (0 without ``online_cf`` or ``user_id``)."""
+        """The ranker's candidate features of catalogue movies for a user who lately
+        rated ``recent`` (oldest first), as of now: ``(len(movie_ids),
+        N_CANDIDATE_FEATURES)``, the item features then the ``co_score`` of each (0 for
+        every movie without ``recent``)."""
         items = self.item_stats.features(movie_ids, catalogue.years(movie_ids))
         pair = np.zeros((len(movie_ids), N_PAIR_FEATURES), dtype=np.float32)
-        if self.online_cf is not None and user_id is not None:
-            pair[:, 0] = self.online_cf.standardised_scores(user_id, movie_ids)
+        pair[:, 0] = self.item_stats.co_scores(recent, movie_ids)
         return np.concatenate([items, pair], axis=1)
 
     def user_features(
@@ -205,7 +204,7 @@ def recommend(
     reranker: Reranker | None = None,
     user_features: np.ndarray | None = None,
     history: History | None = None,
-    user_id: UserId | None = None,
+    recent: Sequence[MovieId] | None = None,
 ) -> list[ScoredItem]:
     """The list of one user; same result as the matching row of ``recommend_batch``."""
     query = np.asarray(user_vector, dtype=np.float32).reshape(1, -1)
@@ -220,7 +219,7 @@ def recommend(
         reranker=reranker,
         user_features=features,
         histories=None if history is None else [history],
-        users=None if user_id is None else [user_id],
+        recents=None if recent is None else [recent],
     )[0]
 
 
@@ -307,7 +306,7 @@ def recommend_batch(
     reranker: Reranker | None = None,
     user_features: Matrix | None = None,
     histories: Sequence[History] | None = None,
-    users: Sequence[UserId] | None = None,
+    recents: Sequence[Sequence[MovieId]] | None = None,
 ) -> list[list[ScoredItem]]:
     """Lists of up to ``k`` items for each row of ``user_vectors``, with one index search.
 
@@ -330,8 +329,8 @@ def recommend_batch(
         histories: per user, the rated movies and their stars: the listed items'
             predicted ratings come from the reranker's rating model with them
             (``Reranker.predict_ratings``), from the ranker's rating head without.
-        users: per row, the user's id, for the ranker's ``cf_score`` feature (0 for
-            every candidate without).
+        recents: per row, the user's latest rated movies, oldest first, for the ranker's
+            ``co_score`` feature (0 for every candidate without).
 
     Raises:
         ConfigurationError: the vectors' dimension is not the catalogue's, or
@@ -351,8 +350,8 @@ def recommend_batch(
         raise ValueError("a reranker needs one row of user_features per user vector")
     if histories is not None and len(histories) != len(queries):
         raise ValueError(f"{len(queries)} user vectors but {len(histories)} histories")
-    if users is not None and len(users) != len(queries):
-        raise ValueError(f"{len(queries)} user vectors but {len(users)} user ids")
+    if recents is not None and len(recents) != len(queries):
+        raise ValueError(f"{len(queries)} user vectors but {len(recents)} recent lists")
     sources = None if reranker is None else reranker.sources
     retrieved = retrieve_batch(queries, excludes, catalogue, max(n_candidates, k), sources)
     lists: list[list[ScoredItem]] = []
@@ -375,9 +374,9 @@ def recommend_batch(
             queries[row : row + 1],
             np.asarray(user_features[row : row + 1], dtype=np.float32),
             vectors[None, :, :],
-            reranker.sources.features(catalogue, candidates, None if users is None else users[row])[
-                None, :, :
-            ],
+            reranker.sources.features(
+                catalogue, candidates, () if recents is None else recents[row]
+            )[None, :, :],
         )
         order = mmr(relevance_scale(logits[0]), vectors, k, mmr_lambda)
         listed = [candidates[i] for i in order]

@@ -1,14 +1,17 @@
 """The recommender worker: user profiles in, recommendation lists out.
 
-Wiring only: a ``TopicReader`` hydrates the catalogue from the whole of
-``item-embeddings`` and keeps following it; once it has caught up, a ``BatchConsumer``
-turns ``user-profiles`` into ``recommendations`` with ``handle_user_profiles``, keeping
-each user's rated movies (the profiles carry a recent window) in a ``ChangelogTable``
-restored from ``Settings.changelog(SERVICE, TABLE)``. A second
-reader follows the whole of ``ratings`` to keep the online item features (popularity,
-mean rating; with a trained ranker also its online BPR) and, once it has caught up,
-publishes the newcomers' list (``newcomers_recommendations``, key
-``NEWCOMERS_USER_ID``) whenever its movies change.
+Wiring only. Two ``TopicReader`` threads hold what every instance needs whole, as global
+tables read from compacted topics: the catalogue (``item-embeddings``) and the movies'
+online rating statistics (``item-features``, into the reranker's ``ItemStats``). Once
+both have caught up, a ``BatchConsumer`` turns this instance's share of
+``user-profiles`` into ``recommendations`` with ``handle_user_profiles``, keeping each
+user's rated movies (the profiles carry a recent window) in a ``ChangelogTable``
+restored from ``Settings.changelog(SERVICE, TABLE)``.
+
+The newcomers' list (``newcomers_recommendations``, key ``NEWCOMERS_USER_ID``) has one
+writer: the instance that holds partition 0 of ``user-profiles`` publishes it from its
+consumer loop, in the same batch as any lists, whenever the statistics changed its
+movies.
 """
 
 from __future__ import annotations
@@ -22,18 +25,19 @@ from typing import cast
 from shared.config import Settings
 from shared.events import (
     ITEM_EMBEDDINGS,
-    RATINGS,
+    ITEM_FEATURES,
     RECOMMENDATIONS,
     USER_PROFILES,
     Event,
     ItemEmbedded,
-    RatingSubmitted,
+    ItemFeaturesUpdated,
     UserProfileUpdated,
 )
 from shared.handlers.recommender import (
     SERVICE,
     TABLE,
     handle_item_embeddings,
+    handle_item_features,
     handle_user_profiles,
     newcomers_recommendations,
 )
@@ -51,14 +55,17 @@ from shared.types import MovieId
 log = logging.getLogger(__name__)
 
 CATCH_UP_TIMEOUT_S = 300.0
-"""Longest wait (seconds) for the catalogue to load before serving anyway."""
+"""Longest wait (seconds) for the global tables to load before serving anyway."""
 
 PROGRESS_EVERY_S = 5.0
 """How often (seconds) catch-up progress is logged."""
 
+NEWCOMERS_PARTITION = 0
+"""The ``user-profiles`` partition whose holder publishes the newcomers' list."""
+
 
 class RecommenderWorker:
-    """The recommender's reader thread, consumer loop and their clean stop.
+    """The recommender's reader threads, consumer loop and their clean stop.
 
     ``run`` blocks until ``stop`` (from a signal handler or another thread).
     """
@@ -74,25 +81,26 @@ class RecommenderWorker:
         """The online item features (the ranker's when there is one)."""
         self._catch_up_timeout_s = catch_up_timeout_s
         self._stopping = threading.Event()
-        # The reader thread gets its own producer: the consumer loop's flush must only
-        # answer for the outputs of its own batches.
+        # The readers' dead letters go out on their own producer: the consumer loop's
+        # flush must only answer for the outputs of its own batches.
         self._reader_publisher = Publisher(settings)
         self._reader = TopicReader(
-            settings, ITEM_EMBEDDINGS, self._on_items, self._on_invalid_item, name=SERVICE
+            settings, ITEM_EMBEDDINGS, self._on_items, self._on_invalid, name=SERVICE
         )
-        # The newcomers' list: published from the ratings reader's thread and, once the
-        # catalogue is loaded, from the main one; the lock keeps one at a time.
-        self._newcomers_lock = threading.Lock()
-        self._newcomers_publisher = Publisher(settings)
-        self._newcomers_published: list[MovieId] | None = None
-        self._last_rating: Incoming[RatingSubmitted] | None = None
-        self._ratings_reader = TopicReader(
+        # The statistics change on the features reader's thread and are read by the
+        # consumer loop's: the lock keeps a batch's lists on one version of them.
+        self._features_lock = threading.Lock()
+        self._features_cause: Incoming[ItemFeaturesUpdated] | None = None
+        self._features_version = 0
+        self._newcomers_version = 0
+        self._newcomers_movies: list[MovieId] | None = None
+        self._pending_newcomers: tuple[int, list[MovieId]] | None = None
+        self._features_reader = TopicReader(
             settings,
-            RATINGS,
-            self._on_ratings,
-            self._on_invalid_rating,
-            name=f"{SERVICE}-ratings",
-            on_caught_up=self._publish_newcomers,
+            ITEM_FEATURES,
+            self._on_features,
+            self._on_invalid,
+            name=f"{SERVICE}-features",
         )
         self.table = ChangelogTable(settings, settings.changelog(SERVICE, TABLE))
         self.consumer = BatchConsumer(
@@ -102,106 +110,129 @@ class RecommenderWorker:
             self._on_profiles,
             ready_file=settings.ready_file(SERVICE),
             table=self.table,
+            has_work=self._newcomers_due,
+            after_commit=self._committed,
         )
 
     def run(self) -> None:
         self._reader.start()
-        self._ratings_reader.start()
+        self._features_reader.start()
         try:
-            if self._wait_for_catalogue():
-                if self._ratings_reader.wait_caught_up(0):
-                    self._publish_newcomers()  # now with the whole catalogue's titles
+            if self._wait_for_tables():
                 self.consumer.run()
         finally:
             self._reader.stop()
-            self._ratings_reader.stop()
+            self._features_reader.stop()
             try:
                 self._reader_publisher.flush()
             except DeliveryError as exc:
-                log.error("dead letters of item-embeddings not delivered error=%s", exc)
+                log.error("dead letters of the global tables not delivered error=%s", exc)
             log.info("stopped items=%d", len(self.catalogue))
 
     def stop(self) -> None:
         self._stopping.set()
         self.consumer.stop()
 
-    def _wait_for_catalogue(self) -> bool:
+    def _wait_for_tables(self) -> bool:
         """False when asked to stop while waiting; True otherwise (even on time-out)."""
         started = time.monotonic()
         last_report = started
         while not self._stopping.is_set():
-            if self._reader.wait_caught_up(0.5):
+            if self._reader.wait_caught_up(0.5) and self._features_reader.wait_caught_up(0):
                 log.info(
-                    "catalogue loaded items=%d dim=%s model_version=%s",
+                    "global tables loaded items=%d dim=%s model_version=%s rated_items=%d",
                     len(self.catalogue),
                     self.catalogue.dim,
                     self.catalogue.model_version,
+                    len(self.sources.item_stats),
                 )
                 return True
             now = time.monotonic()
             if now - started > self._catch_up_timeout_s:
                 log.warning(
-                    "catalogue not caught up after %.0fs; serving with items=%d",
+                    "global tables not caught up after %.0fs; serving with items=%d rated_items=%d",
                     now - started,
                     len(self.catalogue),
+                    len(self.sources.item_stats),
                 )
                 return True
             if now - last_report >= PROGRESS_EVERY_S:
                 last_report = now
-                log.info("loading catalogue items=%d", len(self.catalogue))
+                log.info(
+                    "loading global tables items=%d rated_items=%d",
+                    len(self.catalogue),
+                    len(self.sources.item_stats),
+                )
         return False
+
+    # --- the consumer loop --------------------------------------------------------------
 
     def _on_profiles(self, batch: list[Incoming[Event]]) -> list[Outgoing]:
         # The loop reads only user-profiles, and parse() validated each against its record.
         profiles = cast(list[Incoming[UserProfileUpdated]], batch)
         partitions = {p.event.user_id: p.source.partition for p in profiles}
         histories = {u: raw for u in partitions if (raw := self.table.get(u.encode())) is not None}
-        out, updated = handle_user_profiles(
-            profiles, histories, self.catalogue, self.settings, datetime.now(UTC), self.reranker
-        )
+        with self._features_lock:
+            out, updated = handle_user_profiles(
+                profiles, histories, self.catalogue, self.settings, datetime.now(UTC), self.reranker
+            )
+            out.extend(self._newcomers())
         for user, history in updated.items():
             partition = partitions[user]
             if partition is not None:
                 self.table.put(user.encode(), history.to_bytes(), partition)
         return out
 
-    def _on_ratings(self, batch: list[Incoming[Event]]) -> None:
-        # The online features only: the user-profile service owns the ratings' validation
-        # and dead letters, so a rating it will refuse (unknown movie) still counts here.
-        # The reader follows only ratings, and parse() validated each event.
-        ratings = cast(list[Incoming[RatingSubmitted]], batch)
-        if not ratings:
-            return
-        self.sources.learn([i.event for i in ratings])
-        self._last_rating = ratings[-1]
-        if self._ratings_reader.wait_caught_up(0):
-            self._publish_newcomers()
+    def _owns_newcomers(self) -> bool:
+        return (self.settings.topic(USER_PROFILES.name), NEWCOMERS_PARTITION) in (
+            self.consumer.assignment
+        )
 
-    def _publish_newcomers(self) -> None:
-        """Publish the newcomers' list if its movies changed since the last one."""
-        with self._newcomers_lock:
-            cause = self._last_rating
-            if cause is None:
-                return
-            event = newcomers_recommendations(
-                self.sources.item_stats, self.catalogue, self.settings, datetime.now(UTC), cause
+    def _newcomers_due(self) -> bool:
+        """Whether the statistics changed since the newcomers' list was last published,
+        and this instance publishes it."""
+        return self._features_version != self._newcomers_version and self._owns_newcomers()
+
+    def _newcomers(self) -> list[Outgoing]:
+        """The newcomers' list, if due and its movies changed (the caller holds the
+        features lock)."""
+        self._pending_newcomers = None
+        cause = self._features_cause
+        if cause is None or not self._newcomers_due():
+            return []
+        version = self._features_version
+        event = newcomers_recommendations(
+            self.sources.item_stats, self.catalogue, self.settings, datetime.now(UTC), cause
+        )
+        movies = [] if event is None else [item.movie_id for item in event.items]
+        self._pending_newcomers = (version, movies)
+        if event is None or movies == self._newcomers_movies:
+            return []
+        return [Outgoing(RECOMMENDATIONS, event)]
+
+    def _committed(self) -> None:
+        """The batch is out: remember the newcomers' list it carried, if any."""
+        if self._pending_newcomers is not None:
+            self._newcomers_version, self._newcomers_movies = self._pending_newcomers
+            self._pending_newcomers = None
+
+    # --- the global tables' readers -----------------------------------------------------
+
+    def _on_features(self, batch: list[Incoming[Event]]) -> None:
+        # The reader follows only item-features, and parse() validated each event.
+        features = cast(list[Incoming[ItemFeaturesUpdated]], batch)
+        with self._features_lock:
+            out = handle_isolating_failures(
+                lambda b: handle_item_features(
+                    cast(list[Incoming[ItemFeaturesUpdated]], b), self.sources.item_stats
+                ),
+                batch,
+                SERVICE,
             )
-            movies = None if event is None else [item.movie_id for item in event.items]
-            if event is None or movies == self._newcomers_published:
-                return
-            try:
-                self._newcomers_publisher.publish(Outgoing(RECOMMENDATIONS, event))
-                self._newcomers_publisher.flush()
-            except DeliveryError as exc:
-                # The next change publishes again; the readers must keep running.
-                log.error("newcomers' list not delivered error=%s", exc)
-                return
-            self._newcomers_published = movies
-            log.debug("newcomers' list published movies=%s", movies)
-
-    def _on_invalid_rating(self, source: Source, reason: str) -> None:
-        # Not ours to dead-letter: the user-profile service dead-letters bad ratings.
-        log.debug("skipping invalid rating offset=%s reason=%s", source.offset, reason)
+            if features:
+                self._features_cause = features[-1]
+                self._features_version += 1
+        self._reader_publisher.publish_all(out)
 
     def _on_items(self, batch: list[Incoming[Event]]) -> None:
         # The reader thread must survive anything, or the catalogue would silently freeze.
@@ -213,5 +244,5 @@ class RecommenderWorker:
         items = cast(list[Incoming[ItemEmbedded]], batch)
         return handle_item_embeddings(items, self.catalogue)
 
-    def _on_invalid_item(self, source: Source, reason: str) -> None:
+    def _on_invalid(self, source: Source, reason: str) -> None:
         self._reader_publisher.publish(dead_letter(source, reason, SERVICE))

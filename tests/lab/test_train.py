@@ -11,7 +11,6 @@ from infra.lab.train import ranker_examples
 from infra.lab.training.ranker import RankerExamples
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.models.item_stats import ItemStats
-from shared.models.online_cf import OnlineBPR
 from shared.models.recommend import CandidateSources
 from shared.models.updater import RatingWeightedMean
 from shared.retrieval.catalogue import Catalogue
@@ -63,7 +62,7 @@ def replay(
 ) -> tuple[RankerExamples, list[int], ItemStats]:
     built, vectors, ids = catalogue(30)
     stats = ItemStats()
-    sources = CandidateSources(stats, n_trending=5, n_new=3, online_cf=OnlineBPR(seed=0))
+    sources = CandidateSources(stats, n_trending=5, n_new=3)
     examples, positions = ranker_examples(
         ratings,
         RatingWeightedMean(),

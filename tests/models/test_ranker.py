@@ -15,7 +15,6 @@ import torch
 from infra.lab.training.ranker import save_ranker, train_ranker
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.item_stats import N_CANDIDATE_FEATURES
-from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import Ranker, TwoTowerNet, load_ranker
 from tests.models.ranker_data import DIM, ITEMS, N_ITEMS, SMALL, TRAIN, VALID, candidates
 
@@ -52,7 +51,7 @@ def test_score_is_the_towers_plus_weighted_cosine_and_pair_columns(
 ) -> None:
     net = trained[0]
     users, ufeats, cands, cfeats = candidates(VALID, 3)
-    cfeats[..., -1] = np.random.default_rng(5).normal(size=cfeats.shape[:2])  # cf_score
+    cfeats[..., -1] = np.random.default_rng(5).normal(size=cfeats.shape[:2])  # co_score
     scores = Ranker(net).score_batch(users, ufeats, cands, cfeats)
     with torch.no_grad():
         u, f = torch.from_numpy(users), torch.from_numpy(ufeats)
@@ -83,14 +82,13 @@ def test_bad_inputs_are_refused(trained: tuple[TwoTowerNet, dict, dict]) -> None
 
 def test_save_load_roundtrip(trained: tuple[TwoTowerNet, dict, dict], tmp_path: Path) -> None:
     net, config, _ = trained
-    params = {"half_life": 2000.0, "prior_strength": 5.0, "fast_half_life": 300.0}
+    params = {"half_life_days": 20.0, "prior_strength": 5.0, "fast_half_life_days": 0.5}
     config = {**config, "item_stats": params}
     save_ranker(tmp_path / "ranker", net, config)
     loaded = load_ranker(tmp_path / "ranker", expected_dim=DIM)
     assert loaded.model_version == config["version"] == Ranker(net).model_version
     assert loaded.dim == DIM
     assert loaded.new_item_stats().params() == params
-    assert loaded.new_online_cf().params() == OnlineBPR().params()
     assert torch.equal(loaded.net.cosine_weight, net.cosine_weight)
     global_mean = float(loaded.net.state_dict()["global_mean"])
     assert global_mean == pytest.approx(float(TRAIN.ratings.mean()))
@@ -120,8 +118,8 @@ def test_load_refuses_what_does_not_fit(
         ({"hidden": 8}, "does not fit"),
         ({"feature_hidden": 8}, "does not fit"),
         ({"n_item_features": N_CANDIDATE_FEATURES - 2}, "does not fit"),
-        ({"item_stats": {"half_life": -1.0}}, "does not describe"),
-        ({"online_cf": {"dim": 0}}, "does not describe"),
+        ({"item_stats": {"half_life_days": -1.0}}, "does not describe"),
+        ({"item_stats": {"half_life": 5000.0}}, "does not describe"),
     ]
     for bad, match in cases:
         path.write_text(json.dumps({**stored, **bad}))

@@ -16,9 +16,9 @@ from shared.models.item_stats import (
     N_CANDIDATE_FEATURES,
     N_ITEM_FEATURES,
     ItemStats,
+    co_rated,
     user_features_batch,
 )
-from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import Ranker, TwoTowerNet
 from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
 from shared.models.recommend import (
@@ -304,33 +304,41 @@ def rating(user: str, movie: str, day: int = 1) -> RatingSubmitted:
     )
 
 
-def test_candidate_sources_learn_feeds_every_online_feature() -> None:
+def test_candidate_sources_learn_feeds_the_item_statistics_and_co_score() -> None:
     catalogue, _ = random_catalogue(10, dated=True)
-    sources = CandidateSources(ItemStats(), online_cf=OnlineBPR(dim=4, seed=1))
+    sources = CandidateSources(ItemStats())
     # u0..u5 all rate m1 then m2: the users who rated m1 go on to m2.
-    sources.learn([rating(f"u{i}", m) for i in range(6) for m in ("m1", "m2", f"m{3 + i % 4}")])
+    history: dict[str, list[str]] = {}
+    for i in range(6):
+        for m in ("m1", "m2", f"m{3 + i % 4}"):
+            seen = history.setdefault(f"u{i}", [])
+            sources.learn([rating(f"u{i}", m)], [co_rated(seen, m)])
+            seen.append(m)
     assert sources.item_stats.count("m1") == 6
-    assert sources.online_cf is not None and sources.online_cf.n_items == 6
     ids = ["m2", "m9", "m1"]
-    features = sources.features(catalogue, ids, "u0")
+    features = sources.features(catalogue, ids, ["m1"])
     np.testing.assert_array_equal(
-        features[:, -1], sources.online_cf.standardised_scores("u0", ids).astype(np.float32)
+        features[:, -1], sources.item_stats.co_scores(["m1"], ids).astype(np.float32)
     )
-    assert features[1, -1] == 0.0  # never rated: the mean
-    np.testing.assert_array_equal(sources.features(catalogue, ids)[:, -1], 0.0)  # no user
+    # After m1, m2 (rated next by all six) scores highest; m9 was never rated.
+    assert features[0, -1] > features[1, -1] and features[0, -1] > features[2, -1]
+    np.testing.assert_array_equal(sources.features(catalogue, ids)[:, -1], 0.0)  # no history
 
 
-def test_recommend_batch_scores_the_users_own_cf_feature() -> None:
+def test_recommend_batch_scores_the_users_own_co_score() -> None:
     torch.set_num_threads(1)
     catalogue, _ = random_catalogue(30, seed=21, dated=True)
-    online = OnlineBPR(dim=4, seed=2)
-    reranker = Reranker(small_ranker(), CandidateSources(rated_stats(), online_cf=online))
+    stats = rated_stats()
+    reranker = Reranker(small_ranker(), CandidateSources(stats))
+    moment = datetime(1990, 6, 1, tzinfo=UTC)
     for i in range(40):
-        online.learn_one(f"u{i % 2}", f"m{(i * 7) % 30 if i % 2 else i % 5}")
+        movie = f"m{(i * 7) % 30}"
+        stats.learn_one(movie, 4.0, moment, [f"m{i % 5}", f"m{(i + 1) % 5}"])
     queries = users(2, seed=22)
     ufeats = reranker.sources.user_features([3, 3], [3.5, 3.5], [[], []])
+    recents = [["m0", "m1"], ["m3"]]
 
-    def ranked(ids: list[str]) -> list[list[ScoredItem]]:
+    def ranked(lists: list[list[str]]) -> list[list[ScoredItem]]:
         return recommend_batch(
             queries,
             [set(), set()],
@@ -340,23 +348,23 @@ def test_recommend_batch_scores_the_users_own_cf_feature() -> None:
             mmr_lambda=1.0,
             reranker=reranker,
             user_features=ufeats,
-            users=ids,
+            recents=lists,
         )
 
-    lists = ranked(["u0", "u1"])
+    lists = ranked(recents)
     retrieved = retrieve_batch(queries, [set(), set()], catalogue, 10, reranker.sources)
-    for row, (user, (candidates, _)) in enumerate(zip(["u0", "u1"], retrieved, strict=True)):
+    for row, (recent, (candidates, _)) in enumerate(zip(recents, retrieved, strict=True)):
         logits = reranker.ranker.score(
             queries[row],
             ufeats[row],
             catalogue.index.vectors(candidates),
-            reranker.sources.features(catalogue, candidates, user),
+            reranker.sources.features(catalogue, candidates, recent),
         )
         by_movie = dict(zip(candidates, logits, strict=True))
         for item in lists[row]:
             assert item.score == pytest.approx(float(by_movie[item.movie_id]), abs=1e-5)
-    with pytest.raises(ValueError, match="user ids"):
-        ranked(["u0"])
+    with pytest.raises(ValueError, match="recent lists"):
+        ranked([["m0"]])
 
 
 def small_ranker() -> Ranker:

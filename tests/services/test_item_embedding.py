@@ -22,10 +22,12 @@ from shared.convert import movies_of
 from shared.events import (
     DEAD_LETTERS,
     ITEM_EMBEDDINGS,
+    ITEM_FEATURES,
     ITEM_FEEDBACK,
     MOVIES,
     DeadLetter,
     ItemEmbedded,
+    ItemFeaturesUpdated,
     ItemRated,
     MoviePublished,
     People,
@@ -56,10 +58,14 @@ def movie(movie_id: str, title: str, **fields: object) -> MoviePublished:
 
 
 def embedded(outgoings: list[Outgoing]) -> list[ItemEmbedded]:
-    assert all(o.spec == ITEM_EMBEDDINGS for o in outgoings)
-    events = [o.event for o in outgoings]
-    assert all(isinstance(e, ItemEmbedded) for e in events)
-    return [e for e in events if isinstance(e, ItemEmbedded)]
+    """The item embeddings among ``outgoings`` (the rest must be movies' statistics)."""
+    assert all(o.spec in (ITEM_EMBEDDINGS, ITEM_FEATURES) for o in outgoings)
+    return [o.event for o in outgoings if isinstance(o.event, ItemEmbedded)]
+
+
+def statistics(outgoings: list[Outgoing]) -> list[ItemFeaturesUpdated]:
+    """The movies' statistics among ``outgoings``."""
+    return [o.event for o in outgoings if isinstance(o.event, ItemFeaturesUpdated)]
 
 
 def handle_movies(
@@ -167,6 +173,7 @@ def rated(movie_id: str, taste: np.ndarray | None, n: int) -> ItemRated:
         taste=taste,
         model_version="user-1",
         cause_published_at=NOW,
+        co_rated=["9"],
     )
 
 
@@ -184,6 +191,8 @@ def test_raters_tastes_move_a_new_movie_the_same_in_any_order_and_batching(
         (content,) = embedded(out)
         stored = {m: r.to_bytes() for m, r in first.items()}
 
+        features: list[ItemFeaturesUpdated] = []
+
         def apply(*batches: list[int]) -> tuple[list[ItemEmbedded], dict[str, bytes]]:
             records, published, offset = dict(stored), [], 10
             for batch in batches:
@@ -194,10 +203,16 @@ def test_raters_tastes_move_a_new_movie_the_same_in_any_order_and_batching(
                 offset += len(batch)
                 out, updated = handle_items(events, records, encoder, store, NOW, item_pull=0.5)
                 published += embedded(out)
+                features.extend(statistics(out))
                 records |= {m: r.to_bytes() for m, r in updated.items()}
             return published, records
 
         one_batch, records = apply([0, 1, 2])
+        # One statistics message per batch that rated the movie.
+        (stats,) = features
+        assert stats.movie_id == "1" and stats.n_ratings == 3 and stats.rating_sum == 12.0
+        assert stats.last_rating_event_id == "e2"
+        assert stats.co_rated == ["9"] and stats.co_counts == [3]
         (moved,) = one_batch
         expected = unit(content.vector + 0.5 * (tastes[0] + tastes[1] + tastes[2]))
         np.testing.assert_allclose(moved.vector, expected, atol=1e-6)
@@ -209,17 +224,26 @@ def test_raters_tastes_move_a_new_movie_the_same_in_any_order_and_batching(
         one_by_one, _ = apply([2], [0], [1])
         assert [e.online_ratings for e in one_by_one] == [1, 2, 3]
         np.testing.assert_allclose(one_by_one[-1].vector, moved.vector, atol=1e-6)
+        # ... and the same statistics.
+        assert [f.n_ratings for f in features[1:]] == [1, 2, 3]
+        last = features[-1]
+        assert last.model_dump(exclude={"event_id", "last_rating_event_id"}) == stats.model_dump(
+            exclude={"event_id", "last_rating_event_id"}
+        )
 
         # A copy (re-delivered, or sent again under another offset) changes nothing.
         again = [incoming(rated("1", tastes[0], 0), 12, None)]
         again.append(incoming(rated("1", tastes[1], 1), 99, None))
         out, updated = handle_items(again, records, encoder, store, NOW, item_pull=0.5)
         assert out == [] and updated == {}
-        # A rating without a taste (a movie its encoder learned, a first rating) neither.
+        # A rating without a taste (a movie its encoder learned, a first rating) counts in
+        # the statistics only.
         out, updated = handle_items(
             [incoming(rated("1", None, 7), 100, None)], records, encoder, store, NOW, item_pull=0.5
         )
-        assert out == [] and updated == {}
+        assert embedded(out) == [] and [f.n_ratings for f in statistics(out)] == [4]
+        assert updated["1"].n_tastes == 3 and updated["1"].stats.count == 4
+        records |= {m: r.to_bytes() for m, r in updated.items()}
         # A taste of another dimension is dead-lettered; the record keeps its sum.
         bad = [incoming(rated("1", np.ones(3, dtype=np.float32), 8), 101, None)]
         out, updated = handle_items(bad, records, encoder, store, NOW, item_pull=0.5)

@@ -18,18 +18,19 @@ import pytest
 import torch
 
 from shared.config import Settings
+from shared.convert import item_features_of
 from shared.domain import Rating
 from shared.events import (
     DEAD_LETTERS,
     ITEM_EMBEDDINGS,
+    ITEM_FEATURES,
     NEWCOMERS_USER_ID,
-    RATINGS,
     RECOMMENDATIONS,
     USER_PROFILES,
     DeadLetter,
     Event,
     ItemEmbedded,
-    RatingSubmitted,
+    ItemFeaturesUpdated,
     RecommendationsGenerated,
     TopicSpec,
     UserProfileUpdated,
@@ -38,6 +39,7 @@ from shared.events import (
 from shared.handlers.recommender import (
     UserHistory,
     handle_item_embeddings,
+    handle_item_features,
     handle_user_profiles,
     newcomers_recommendations,
 )
@@ -254,31 +256,56 @@ def test_latency_is_never_negative(catalogue: Catalogue) -> None:
     assert rec.latency_ms == 0.0
 
 
-def rating(user: str, movie: str, stars: float = 4.0) -> RatingSubmitted:
-    return RatingSubmitted(user_id=user, movie_id=movie, rating=stars, occurred_at=NOW)
+def features(movie: str, stats: ItemStats, offset: int = 0) -> Incoming[ItemFeaturesUpdated]:
+    """The ``item-features`` message of ``movie``'s statistics in ``stats``."""
+    found = stats.get(movie)
+    assert found is not None
+    event = item_features_of(
+        movie, found, stats.half_life_days, stats.fast_half_life_days, NOW, f"rating-{movie}"
+    )
+    return Incoming(event, Source("item-features", 0, offset, movie.encode(), b"{}", None))
 
 
 def test_the_newcomers_list_holds_the_most_rated_movies_with_their_titles(
     catalogue: Catalogue,
 ) -> None:
+    learned = ItemStats()
+    hour = timedelta(hours=1)
+    learned.learn_many(
+        ["r2", "r2", "hit", "r7"],
+        [5.0, 3.0, 4.0, 4.0],
+        [NOW - hour, NOW - hour, NOW - 2 * hour, NOW],
+    )
+    # The recommender's statistics come from item-features, not from the ratings.
     stats = ItemStats()
-    ratings = [
-        rating("a", "r2", 5.0),
-        rating("b", "r2", 3.0),
-        rating("b", "hit"),
-        rating("c", "r7"),
-    ]
-    stats.learn_many([r.movie_id for r in ratings], [r.rating for r in ratings])
-    cause = Incoming(ratings[-1], Source("ratings", 0, 3, b"c", b"{}", None))
+    batch = [features(m, learned, i) for i, m in enumerate(["hit", "r2", "r7"])]
+    assert handle_item_features(batch, stats) == []
+    cause = batch[-1]
     rec = newcomers_recommendations(stats, catalogue, settings(), NOW, cause)
     assert rec is not None and rec.user_id == NEWCOMERS_USER_ID
     # r2 was rated twice; hit and r7 once each, and the later rating weighs a little more.
     assert [i.movie_id for i in rec.items] == ["r2", "r7", "hit"]
     assert rec.items[2].title == "Movie hit"
     assert rec.items[0].predicted_rating == pytest.approx(stats.shrunk_mean("r2"))
-    assert rec.cause_event_id == ratings[-1].event_id and rec.latency_ms == 0.0
-    assert rec.model_version == "newcomers=trending-h5000;item=concat-v1"
+    assert rec.items[0].predicted_rating == pytest.approx(learned.shrunk_mean("r2"))
+    assert rec.cause_event_id == "rating-r7" and rec.latency_ms == 0.0
+    assert rec.model_version == "newcomers=trending-h10d;item=concat-v1"
     assert newcomers_recommendations(ItemStats(), catalogue, settings(), NOW, cause) is None
+
+
+def test_statistics_decayed_over_other_half_lives_are_dead_lettered() -> None:
+    learned = ItemStats(half_life_days=3.0)
+    learned.learn_one("m1", 4.0, NOW)
+    learned.learn_one("m2", 2.0, NOW)
+    stats = ItemStats()
+    other = features("m1", learned)
+    [letter] = letters(handle_item_features([other], stats))
+    assert letter.offset == 0 and "half-lives 3/1 days" in letter.error
+    assert len(stats) == 0
+    fine = ItemStats()
+    fine.learn_one("m2", 2.0, NOW)
+    assert handle_item_features([features("m2", fine, 1)], stats) == []
+    assert stats.count("m2") == 1 and stats.global_mean == 2.0
 
 
 def test_refused_items_are_dead_lettered_and_the_others_kept() -> None:
@@ -377,9 +404,10 @@ def test_the_worker_publishes_the_newcomers_list_and_follows_what_is_rated(
 ) -> None:
     settings = make_settings(top_k=3, n_candidates=10)
     publish(settings, [(ITEM_EMBEDDINGS, e) for e in seeded_items(10)])
-    # Rated before the worker starts: the list comes once the ratings are read.
-    publish(settings, [(RATINGS, rating(f"u{i}", "r4")) for i in range(3)])
-    publish(settings, [(RATINGS, rating("u9", "r1"))])
+    # Rated before the worker starts: the list comes once the statistics are read.
+    learned = ItemStats()
+    learned.learn_many(["r4"] * 3 + ["r1"], [4.0] * 4, [NOW] * 4)
+    publish(settings, [(ITEM_FEATURES, features(m, learned).event) for m in ("r4", "r1")])
 
     def newcomers(events: list[Event]) -> list[list[str]]:
         return [
@@ -392,7 +420,8 @@ def test_the_worker_publishes_the_newcomers_list_and_follows_what_is_rated(
         events = read_topic(settings, RECOMMENDATIONS, lambda ev: bool(newcomers(ev)))
         assert newcomers(events) == [["r4", "r1"]]
         # r7 is rated most of late now: a new list leads with it.
-        publish(settings, [(RATINGS, rating(f"v{i}", "r7")) for i in range(6)])
+        learned.learn_many(["r7"] * 6, [4.0] * 6, [NOW] * 6)
+        publish(settings, [(ITEM_FEATURES, features("r7", learned).event)])
         events = read_topic(settings, RECOMMENDATIONS, lambda ev: len(newcomers(ev)) >= 2)
         assert newcomers(events)[-1][0] == "r7"
         assert all(len(set(m)) == len(m) for m in newcomers(events))

@@ -12,13 +12,15 @@ order the topics would carry them:
   new movies' vectors, ``settings.item_pull``) to ``item-embeddings``, and reaches the
   catalogue before the profiles go through
   ``shared.handlers.recommender.handle_user_profiles`` (retrieve, exclude, rank, MMR)
-  to ``recommendations``.
+  to ``recommendations``. The movies' statistics that the feedback updated
+  (``item-features``) reach the recommender's ``ItemStats`` after those lists, as they
+  do through the stack, where they take one more hop than the profiles.
 
 Each user's latest ``RecommendationsGenerated`` list is kept, and that is the list a
 test event is scored against: the list the user would be holding when they rate,
 which is also what ``make eval-stream`` reads back from the real topic. A user with no
 rating yet holds the newcomers' list (``newcomers_recommendations`` of the recommender's
-handlers, from the online item features as of the ratings so far). With the current
+handlers, from the movies' statistics as of the ratings so far). With the current
 updater (rating-weighted mean of content vectors) this is the "content kNN" baseline.
 No Kafka is involved: sources are synthetic (one offset counter per topic, no broker
 timestamp), and every output is checked for dead letters, which here mean a
@@ -44,6 +46,7 @@ from shared.events import (
     DeadLetter,
     Event,
     ItemEmbedded,
+    ItemFeaturesUpdated,
     ItemRated,
     MoviePublished,
     RatingSubmitted,
@@ -55,6 +58,7 @@ from shared.handlers.item_embedding import ItemEvent, handle_items
 from shared.handlers.recommender import (
     UserHistory,
     handle_item_embeddings,
+    handle_item_features,
     handle_user_profiles,
     newcomers_recommendations,
 )
@@ -62,7 +66,7 @@ from shared.handlers.user_profile import handle_ratings
 from shared.kafka.item_vectors import ItemVectors
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.models.item_encoder import ItemEncoder
-from shared.models.item_stats import ItemStats
+from shared.models.item_stats import CO_RATED_WINDOW, ItemStats
 from shared.models.recommend import CandidateSources, Reranker
 from shared.models.updater import UserUpdater, shrunk_mean_rating
 from shared.retrieval.catalogue import Catalogue
@@ -99,9 +103,9 @@ class PipelineModel:
         updater: the user model (the user-profile service's).
         reranker: the recommender's trained ranker and online item features, or None
             (candidates ranked by cosine; online item features of its own for the
-            newcomers' list). The item features learn each rating after the lists of
-            that rating's batch are computed, as the recommender's ratings reader
-            (polling every 0.2 s) usually does.
+            newcomers' list). The movies' statistics of a batch reach them after the
+            batch's lists are computed, as through the stack, where ``item-features``
+            takes one more hop than ``user-profiles``.
         name: the name in reports.
     """
 
@@ -137,7 +141,10 @@ class PipelineModel:
         # The recommender's online item features: the reranker's, or its own without one
         # (the newcomers' list needs them either way).
         self._sources = reranker.sources if reranker is not None else CandidateSources(ItemStats())
-        self._last_rating: Incoming[RatingSubmitted] | None = None
+        # item-features as the recommender's reader gets them: after the lists of the
+        # batch that rated the movies (one more hop through the item side).
+        self._pending_features: list[ItemFeaturesUpdated] = []
+        self._last_features: Incoming[ItemFeaturesUpdated] | None = None
         self._cold_prediction = shrunk_mean_rating(updater.initial_state())
 
     # -- EvalModel ----------------------------------------------------------------------
@@ -195,7 +202,9 @@ class PipelineModel:
                         [self._history[user_id].rated],
                     )[0],
                     index.vectors([movie_id]),
-                    self._reranker.sources.features(self.catalogue, [movie_id], user_id),
+                    self._reranker.sources.features(
+                        self.catalogue, [movie_id], self._history[user_id].rated[-CO_RATED_WINDOW:]
+                    ),
                 )[0]
             )
         current = self._lists.get(user_id)
@@ -266,9 +275,11 @@ class PipelineModel:
         for out in self._checked(lists):
             if isinstance(out.event, RecommendationsGenerated):
                 self._lists[out.event.user_id] = out.event
-        self._sources.learn(ratings)
-        if incoming:
-            self._last_rating = incoming[-1]
+        features = self._incoming("item-features", self._pending_features)
+        self._pending_features = []
+        self._checked(handle_item_features(features, self._sources.item_stats))
+        if features:
+            self._last_features = features[-1]
 
     def _item_events(self, batch: Sequence[Incoming[ItemEvent]]) -> None:
         """Run ``batch`` through the item-embedding handler and its outputs on."""
@@ -285,6 +296,9 @@ class PipelineModel:
         for movie_id, record in updated.items():
             self._items[movie_id] = record.to_bytes()
         self._embedded(outgoing)
+        self._pending_features.extend(
+            o.event for o in outgoing if isinstance(o.event, ItemFeaturesUpdated)
+        )
 
     def _embedded(self, outgoing: list[Outgoing]) -> None:
         """Pass the ``item-embeddings`` among ``outgoing`` to the recommender's catalogue
@@ -299,10 +313,10 @@ class PipelineModel:
 
     def _newcomers(self) -> RecommendationsGenerated | None:
         """The recommender's newcomers' list as of the ratings applied so far."""
-        if self._last_rating is None:
+        if self._last_features is None:
             return None
         return newcomers_recommendations(
-            self._sources.item_stats, self.catalogue, self._settings, _now(), self._last_rating
+            self._sources.item_stats, self.catalogue, self._settings, _now(), self._last_features
         )
 
     def _incoming(self, topic: str, events: Sequence[E]) -> list[Incoming[E]]:

@@ -10,7 +10,7 @@ three terms:
 - a softmax over the row's own candidates against the rated one (rows whose rated item
   is among them): the hard negatives the ranker has to order at serving time;
 - a sampled softmax over in-batch negatives (towers and cosine only: another row's
-  item has no ``cf_score`` for this user) with sampling-bias correction (Yi et al.
+  item has no ``co_score`` for this user) with sampling-bias correction (Yi et al.
   2019, "Sampling-bias-corrected neural modeling for large corpus item
   recommendations"): ``log q_j``, the log-frequency of item ``j`` among the training
   examples, is subtracted from every in-batch logit, so that popular items, which show
@@ -50,7 +50,6 @@ from shared.models.item_stats import (
     USER_FEATURE_NAMES,
     ItemStats,
 )
-from shared.models.online_cf import OnlineBPR
 from shared.models.ranker import KIND, TwoTowerNet, weights_version
 from shared.types import Matrix, Vector
 
@@ -72,7 +71,7 @@ class RankerConfig:
         rating_hidden: width of the rating head's hidden layer (default 64).
         init_cosine_weight: starting weight ``w`` of the plain cosine (default 10, the
             residual updater's softmax scale).
-        init_pair_weight: starting weight of each pair column (``cf_score``, a z-score;
+        init_pair_weight: starting weight of each pair column (``co_score``, a z-score;
             default 0.5, the weight that added the most to the first ranker's logits on
             validation).
         candidate_weight: weight of the softmax over each row's candidates (default 1).
@@ -484,7 +483,6 @@ def train_ranker(
     validation: RankerExamples | None = None,
     config: RankerConfig | None = None,
     item_stats_params: dict[str, float] | None = None,
-    online_cf_params: dict[str, float] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[TwoTowerNet, dict[str, Any], dict[str, list[float]]]:
@@ -506,8 +504,6 @@ def train_ranker(
         config: hyper-parameters (default ``RankerConfig()``).
         item_stats_params: the ``ItemStats.params()`` the features were computed with,
             stored in the config so services rebuild them (default: the defaults).
-        online_cf_params: the ``OnlineBPR.params()`` of the ``cf_score`` column, stored
-            likewise (default: the defaults).
         seed: seeds torch and numpy (initial weights, shuffling, dropout).
         progress: show a tqdm bar.
 
@@ -643,7 +639,6 @@ def train_ranker(
         "user_feature_names": list(USER_FEATURE_NAMES),
         "item_feature_names": list(CANDIDATE_FEATURE_NAMES),
         "item_stats": dict(item_stats_params or ItemStats().params()),
-        "online_cf": dict(online_cf_params or OnlineBPR().params()),
         "kind": KIND,
         "version": weights_version(net),
         "hyper": asdict(config),
@@ -671,7 +666,6 @@ def save_ranker(directory: Path, net: TwoTowerNet, config: dict[str, Any]) -> Pa
     """
     full = {
         "item_stats": ItemStats().params(),
-        "online_cf": OnlineBPR().params(),
         **config,
         **net.describe(),
         "user_feature_names": list(USER_FEATURE_NAMES),

@@ -68,7 +68,7 @@ def test_training_reduces_loss_and_keeps_the_best_ndcg(
     assert history["train_rmse"][-1] < history["train_rmse"][0]
     assert min(history["val_loss"]) < history["val_loss"][0]
     assert config["kind"] == "two-tower-ranker"
-    assert config["version"].startswith("two-tower-v3-")
+    assert config["version"].startswith("two-tower-v4-")
     training = config["training"]
     best = int(np.argmax(history["val_ndcg"]))
     assert training["best_epoch"] == best

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shared.exceptions import NumericalError
-from shared.models.online_cf import OnlineBPR, bpr_step, sample_negatives
+from infra.lab.evaluation.online_cf import OnlineBPR, bpr_step, sample_negatives
 
 
 def test_a_taste_shared_by_similar_users_is_learned() -> None:

@@ -1,4 +1,4 @@
-"""Online collaborative filtering for the ranker: BPR factors learned one rating at a time.
+"""Online collaborative filtering: BPR factors learned one rating at a time (a baseline).
 
 ``OnlineBPR`` is matrix factorisation trained as a stream (Rendle et al. 2009, "BPR:
 Bayesian personalized ranking from implicit feedback", run online as in Vinagre et al.
@@ -7,14 +7,12 @@ Bayesian personalized ranking from implicit feedback", run online as in Vinagre 
 uniformly from the movies rated so far by anyone (the movies in circulation), and one
 SGD step ascends ``sum_j ln sigmoid(x_ui - x_uj)`` with L2, ``x_ui = p_u . q_i + b_i``.
 
-The ranker reads it as one candidate feature, ``cf_score``: the user's score of the
-movie standardised over every movie the model knows (``standardised_scores``), so the
-value means the same early in a stream, when factors are small, as later. It carries
-what the content vectors cannot: who rated what lately. The model starts empty and
-learns from the ``ratings`` stream, in the ranker's training replay of TRAIN as in the
-recommender service, so what the ranker learned to expect of the feature is what it
-gets when serving. ``bpr_step`` and ``sample_negatives`` are also the ranking half of
-the ``online-mf`` baseline.
+``standardised_scores`` gives a user's scores of movies standardised over every movie
+the model knows, so the value means the same early in a stream, when factors are
+small, as later. ``bpr_step`` and ``sample_negatives`` are the ranking half of the
+``online-mf`` baseline. The factors are one global state updated in rating order, so
+the services do not use it: the ranker's collaborative feature is ``co_score``, from
+per-movie co-rating counts (``shared.models.item_stats``).
 """
 
 from __future__ import annotations
