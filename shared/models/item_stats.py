@@ -122,6 +122,9 @@ CO_TOP = 50
 """How many co-rated movies a movie's published statistics keep: its most co-rated
 (``MovieStats.top_co``)."""
 
+EQUAL_SPREAD = 1e-12
+"""``co_scores`` below this relative spread count as all equal (all 0 once standardised)."""
+
 MAX_AGE_YEARS = 50.0
 """Ages beyond this many years count as this old (``log_age``)."""
 
@@ -459,11 +462,14 @@ class ItemStats:
             return []
         decayed = self._decayed_counts()
         ids, counts = decayed[0], decayed[column]
-        n = min(n, len(ids))
-        keys = np.asarray(ids, dtype=object)
-        top = np.argpartition(-counts, n - 1)[:n] if n < len(ids) else np.arange(len(ids))
-        order = sorted(top.tolist(), key=lambda i: (-counts[i], keys[i]))
-        return [ids[i] for i in order]
+        if n < len(ids):
+            # Every movie tied with the n-th, so that ties are broken by id, not position.
+            cut = np.partition(counts, len(ids) - n)[len(ids) - n]
+            chosen = np.flatnonzero(counts >= cut).tolist()
+        else:
+            chosen = list(range(len(ids)))
+        order = sorted(chosen, key=lambda i: (-counts[i], ids[i]))
+        return [ids[i] for i in order[:n]]
 
     def co_scores(self, recent: Sequence[MovieId], movie_ids: Sequence[MovieId]) -> np.ndarray:
         """Per movie, ``Σ_r co(movie, r) / sqrt(n_movie * n_r)`` over ``recent`` (a user's
@@ -488,8 +494,9 @@ class ItemStats:
                 top = self._top_co[movie_id] = entry.top_co()
             total = sum(top.get(r, 0) / math.sqrt(n) for r, n in counts.items())
             out[row] = total / math.sqrt(entry.count)
+        # Equal scores carry no signal; float rounding may leave them a spread of ~1e-17.
         std = float(out.std())
-        if std == 0.0 or not math.isfinite(std):
+        if not math.isfinite(std) or std <= EQUAL_SPREAD * max(1.0, float(np.abs(out).max())):
             return np.zeros_like(out)
         return (out - out.mean()) / std
 

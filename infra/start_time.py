@@ -1,0 +1,93 @@
+"""How long the running stack's recommender takes to start, and what it reads to start.
+
+    python -m infra.start_time [--json reports/start-time.json] [--repeats 3]
+
+Against a stack started with ``make up`` (after ``make replay LIMIT=...``): stops the
+recommender through supervisord, starts it again and times it from the start of its new
+process to its first ready file (global tables loaded, consumer assigned). Repeated
+``--repeats`` times; the record holds each time and, for context, how many messages the
+topics hold: what the recommender reads whole at start (``item-embeddings``,
+``item-features``) and what it does not (``ratings``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import TopicPartition
+
+from infra import stack
+from shared.config import Settings
+from shared.events import ITEM_EMBEDDINGS, ITEM_FEATURES, RATINGS, USER_PROFILES
+from shared.kafka.client import make_consumer
+
+READY_TIMEOUT_S = 300.0
+"""Longest wait (seconds) for the restarted recommender's ready file."""
+
+
+def messages(settings: Settings, names: list[str]) -> dict[str, int]:
+    """Messages each topic holds now (high minus low watermark, over its partitions)."""
+    consumer = make_consumer(settings, f"reelstream-start-time-{uuid.uuid4().hex}")
+    try:
+        out: dict[str, int] = {}
+        for name in names:
+            topic = settings.topic(name)
+            metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+            total = 0
+            for partition in metadata.partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=10
+                )
+                total += high - low
+            out[name] = total
+        return out
+    finally:
+        consumer.close()
+
+
+def restart_seconds(settings: Settings) -> float:
+    """Stop and start the recommender; seconds from its new process's start to ready."""
+    name = stack.RECOMMENDER.name
+    stack.stop_program(settings, name)
+    stack.start_program(settings, name, wait=False)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    began: float | None = None
+    while time.monotonic() < deadline:
+        info = stack.program_infos(settings).get(name)
+        if began is None and info is not None and info.get("statename") == "RUNNING":
+            began = stack.started_at(info)
+        if began is not None and stack.is_ready(settings, name, since=began):
+            return settings.ready_file(name).stat().st_mtime - began
+        time.sleep(0.05)
+    raise SystemExit(f"the recommender was not ready {READY_TIMEOUT_S:.0f} s after its start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the record here")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    settings = stack.absolute(Settings())
+    held = messages(
+        settings, [RATINGS.name, USER_PROFILES.name, ITEM_EMBEDDINGS.name, ITEM_FEATURES.name]
+    )
+    times = [restart_seconds(settings) for _ in range(args.repeats)]
+    record: dict[str, Any] = {
+        "command": "python -m infra.start_time",
+        "messages": held,
+        "start_s": [round(t, 2) for t in times],
+        "start_s_median": round(sorted(times)[len(times) // 2], 2),
+    }
+    print(json.dumps(record, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
