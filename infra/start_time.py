@@ -6,8 +6,9 @@ Against a stack started with ``make up`` (after ``make replay LIMIT=...``): stop
 recommender through supervisord, starts it again and times it from the start of its new
 process to its first ready file (global tables loaded, consumer assigned). Repeated
 ``--repeats`` times; the record holds each time and, for context, how many messages the
-topics hold: what the recommender reads whole at start (``item-embeddings``,
-``item-features``) and what it does not (``ratings``).
+topics hold (offsets written, and records a whole read gets after compaction): what the
+recommender reads whole at start (``item-embeddings``, ``item-features``) and what it
+does not (``ratings``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from infra import stack
 from shared.config import Settings
@@ -30,8 +31,9 @@ READY_TIMEOUT_S = 300.0
 """Longest wait (seconds) for the restarted recommender's ready file."""
 
 
-def messages(settings: Settings, names: list[str]) -> dict[str, int]:
-    """Messages each topic holds now (high minus low watermark, over its partitions)."""
+def offsets(settings: Settings, names: list[str]) -> dict[str, int]:
+    """Offsets each topic spans now (high minus low watermark, over its partitions): the
+    messages written, less those deleted by retention, not by compaction."""
     consumer = make_consumer(settings, f"reelstream-start-time-{uuid.uuid4().hex}")
     try:
         out: dict[str, int] = {}
@@ -46,6 +48,34 @@ def messages(settings: Settings, names: list[str]) -> dict[str, int]:
                 total += high - low
             out[name] = total
         return out
+    finally:
+        consumer.close()
+
+
+def records(settings: Settings, name: str) -> int:
+    """Records a whole read of the topic gets now (after compaction)."""
+    consumer = make_consumer(settings, f"reelstream-start-time-{uuid.uuid4().hex}")
+    try:
+        topic = settings.topic(name)
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        ends = {}
+        for partition in metadata.partitions:
+            _low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=10
+            )
+            if high > 0:
+                ends[partition] = high
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        count, done = 0, set()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while len(done) < len(ends) and time.monotonic() < deadline:
+            for message in consumer.consume(1000, timeout=1.0):
+                if message.error() is not None:
+                    continue
+                count += 1
+                if message.offset() + 1 >= ends[message.partition()]:
+                    done.add(message.partition())
+        return count
     finally:
         consumer.close()
 
@@ -73,13 +103,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     settings = stack.absolute(Settings())
-    held = messages(
-        settings, [RATINGS.name, USER_PROFILES.name, ITEM_EMBEDDINGS.name, ITEM_FEATURES.name]
-    )
+    names = [RATINGS.name, USER_PROFILES.name, ITEM_EMBEDDINGS.name, ITEM_FEATURES.name]
+    spans = offsets(settings, names)
+    held = {name: records(settings, name) for name in names[1:]}
     times = [restart_seconds(settings) for _ in range(args.repeats)]
     record: dict[str, Any] = {
         "command": "python -m infra.start_time",
-        "messages": held,
+        "offsets": spans,
+        "records": held,
         "start_s": [round(t, 2) for t in times],
         "start_s_median": round(sorted(times)[len(times) // 2], 2),
     }

@@ -23,6 +23,13 @@ from shared.kafka.client import make_admin
 
 log = logging.getLogger(__name__)
 
+COMPACTION = {"segment.ms": "60000", "min.cleanable.dirty.ratio": "0.1"}
+"""Settings of every compacted topic besides ``cleanup.policy``: a broker compacts only
+closed segments, so a segment rolls every minute, and a log is cleaned once a tenth of
+it is overwritten values. With the broker defaults (a segment of 1 GiB or 7 days) a
+global table such as ``item-features`` would keep every version of every movie, and a
+recommender's start would read all of them."""
+
 
 @dataclass(frozen=True)
 class TopicPlan:
@@ -42,6 +49,13 @@ def plan(settings: Settings) -> list[TopicPlan]:
     return topics
 
 
+def topic_config(topic: TopicPlan) -> dict[str, str]:
+    """The broker settings a topic is created with."""
+    if topic.compacted:
+        return {"cleanup.policy": "compact", **COMPACTION}
+    return {"cleanup.policy": "delete"}
+
+
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create the missing topics; returns the names created. Existing ones are kept."""
     admin = make_admin(settings)
@@ -54,7 +68,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
             t.name,
             num_partitions=t.partitions,
             replication_factor=1,
-            config={"cleanup.policy": "compact" if t.compacted else "delete"},
+            config=topic_config(t),
         )
         for t in wanted
     ]
