@@ -58,7 +58,7 @@ def records(settings: Settings, name: str) -> int:
     try:
         topic = settings.topic(name)
         metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-        ends = {}
+        ends: dict[int, int] = {}
         for partition in metadata.partitions:
             _low, high = consumer.get_watermark_offsets(
                 TopicPartition(topic, partition), timeout=10
@@ -66,15 +66,16 @@ def records(settings: Settings, name: str) -> int:
             if high > 0:
                 ends[partition] = high
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        count, done = 0, set()
+        count, done = 0, set[int]()
         deadline = time.monotonic() + READY_TIMEOUT_S
         while len(done) < len(ends) and time.monotonic() < deadline:
             for message in consumer.consume(1000, timeout=1.0):
                 if message.error() is not None:
                     continue
                 count += 1
-                if message.offset() + 1 >= ends[message.partition()]:
-                    done.add(message.partition())
+                offset, partition = message.offset(), message.partition()
+                if offset is not None and partition is not None and offset + 1 >= ends[partition]:
+                    done.add(partition)
         return count
     finally:
         consumer.close()

@@ -502,4 +502,3 @@ class ParkedUsers:
         return {
             user for user, (movie, until) in self._heads.items() if movie in vectors or now >= until
         }
-

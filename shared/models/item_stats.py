@@ -460,8 +460,8 @@ class ItemStats:
     def _top(self, column: int, n: int) -> list[MovieId]:
         if n <= 0 or not self._items:
             return []
-        decayed = self._decayed_counts()
-        ids, counts = decayed[0], decayed[column]
+        ids, slow, fast = self._decayed_counts()
+        counts = slow if column == 1 else fast
         if n < len(ids):
             # Every movie tied with the n-th, so that ties are broken by id, not position.
             cut = np.partition(counts, len(ids) - n)[len(ids) - n]

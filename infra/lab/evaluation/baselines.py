@@ -27,9 +27,9 @@ import numpy.typing as npt
 
 from infra.lab.evaluation.metrics import top_k
 from infra.lab.evaluation.model import DEFAULT_RATING
+from infra.lab.evaluation.online_cf import bpr_step, grow_rows, sample_negatives
 from shared.events import MoviePublished, RatingSubmitted
 from shared.exceptions import NumericalError
-from infra.lab.evaluation.online_cf import bpr_step, grow_rows, sample_negatives
 from shared.types import MovieId, UserId
 
 MIN_RATING = 0.5

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.exceptions import NumericalError
 from infra.lab.evaluation.online_cf import OnlineBPR, bpr_step, sample_negatives
+from shared.exceptions import NumericalError
 
 
 def test_a_taste_shared_by_similar_users_is_learned() -> None:
