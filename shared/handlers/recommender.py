@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,10 +24,10 @@ from shared.events import (
 )
 from shared.exceptions import InvalidEventError, UnprocessableEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
-from shared.models.item_stats import CO_RATED_WINDOW, ItemStats
+from shared.models.item_stats import CO_RATED_WINDOW, ItemStats, MovieStats
 from shared.models.recommend import Reranker, ScoredItem, newcomer_list, recommend_batch
 from shared.retrieval.catalogue import Catalogue, check_vector
-from shared.types import MovieId, UserId
+from shared.types import EventId, MovieId, UserId
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,54 @@ MIN_STARS = 0.5
 MAX_STARS = 5.0
 
 
+class StatsBefore:
+    """Each movie's statistics before its latest update from ``item-features``, and the
+    rating that update ended with.
+
+    A list caused by a rating is computed from the movies' statistics before that
+    rating. Through the stack the rating's own statistics take one more hop (the item
+    side) than its profile, so whether they had arrived when the list was computed would
+    depend on timing; ``excluding`` puts the earlier statistics back while a batch's
+    lists are computed. Holds one earlier version per movie.
+    """
+
+    def __init__(self) -> None:
+        self._before: dict[MovieId, MovieStats | None] = {}
+        self._movie_of: dict[EventId, MovieId] = {}
+        self._event_of: dict[MovieId, EventId] = {}
+
+    def record(self, movie_id: MovieId, before: MovieStats | None, event_id: EventId) -> None:
+        """``movie_id``'s statistics were ``before`` until the update ending with the
+        rating ``event_id``."""
+        earlier = self._event_of.pop(movie_id, None)
+        if earlier is not None:
+            self._movie_of.pop(earlier, None)
+        self._before[movie_id] = before
+        self._event_of[movie_id] = event_id
+        self._movie_of[event_id] = movie_id
+
+    @contextmanager
+    def excluding(self, item_stats: ItemStats, causes: Iterable[EventId]) -> Iterator[None]:
+        """Within the block, ``item_stats`` holds, for each movie whose latest update
+        ended with one of the ratings ``causes``, its statistics before that update."""
+        movies = [m for e in causes if (m := self._movie_of.get(e)) is not None]
+        current = {m: item_stats.get(m) for m in movies}
+        for m in movies:
+            _restore(item_stats, m, self._before[m])
+        try:
+            yield
+        finally:
+            for m, stats in current.items():
+                _restore(item_stats, m, stats)
+
+
+def _restore(item_stats: ItemStats, movie_id: MovieId, stats: MovieStats | None) -> None:
+    if stats is None:
+        item_stats.remove(movie_id)
+    else:
+        item_stats.put(movie_id, stats)
+
+
 def handle_item_embeddings(
     batch: Sequence[Incoming[ItemEmbedded]], catalogue: Catalogue
 ) -> list[Outgoing]:
@@ -103,11 +152,14 @@ def handle_item_embeddings(
 
 
 def handle_item_features(
-    batch: Sequence[Incoming[ItemFeaturesUpdated]], item_stats: ItemStats
+    batch: Sequence[Incoming[ItemFeaturesUpdated]],
+    item_stats: ItemStats,
+    before: StatsBefore | None = None,
 ) -> list[Outgoing]:
-    """Put a batch of movies' published statistics into ``item_stats``; returns dead
-    letters for those decayed over other half-lives than ``item_stats`` reads (the
-    ranker was trained on other features than the item side computes)."""
+    """Put a batch of movies' published statistics into ``item_stats`` (and what they
+    replace into ``before``); returns dead letters for those decayed over other
+    half-lives than ``item_stats`` reads (the ranker was trained on other features than
+    the item side computes)."""
     out: list[Outgoing] = []
     expected = (item_stats.half_life_days, item_stats.fast_half_life_days)
     for incoming in batch:
@@ -120,6 +172,10 @@ def handle_item_features(
             )
             out.append(dead_letter(incoming.source, reason, SERVICE))
             continue
+        if before is not None:
+            before.record(
+                event.movie_id, item_stats.get(event.movie_id), event.last_rating_event_id
+            )
         item_stats.put(event.movie_id, movie_stats_of(event))
     return out
 
@@ -131,6 +187,7 @@ def handle_user_profiles(
     settings: Settings,
     now: datetime,
     reranker: Reranker | None = None,
+    before: StatsBefore | None = None,
 ) -> tuple[list[Outgoing], dict[UserId, UserHistory]]:
     """A ``RecommendationsGenerated`` list per user of the batch, plus dead letters, and
     the users' histories to store.
@@ -158,6 +215,8 @@ def handle_user_profiles(
     the profile's ratings (its rating head when the profile carries none). Without one, ``score``
     is the cosine relevance and ``predicted_rating`` the profile's ``mean_rating``
     clipped to [0.5, 5] (the baseline rating predictor).
+    Each list reads the movies' statistics as they were before its cause (``before``,
+    when given, holds what ``handle_item_features`` replaced).
     ``latency_ms`` is ``now - cause_published_at`` in milliseconds, never negative
     (clocks of different hosts may disagree by a little).
 
@@ -191,25 +250,12 @@ def handle_user_profiles(
     if dim is None:
         log.warning("catalogue is empty; publishing empty lists users=%d", len(profiles))
         lists: list[list[ScoredItem]] = [[] for _ in profiles]
+    elif reranker is None:
+        lists = _recommend(profiles, history, catalogue, settings, None)
     else:
-        lists = recommend_batch(
-            np.stack([np.asarray(p.vector, dtype=np.float32) for p in profiles]),
-            [h.rated for h in history],
-            catalogue,
-            k=settings.top_k,
-            n_candidates=settings.n_candidates,
-            mmr_lambda=settings.mmr_lambda,
-            reranker=reranker,
-            user_features=None
-            if reranker is None
-            else reranker.sources.user_features(
-                [p.n_ratings for p in profiles],
-                [p.mean_rating for p in profiles],
-                [h.rated for h in history],
-            ),
-            histories=[(h.rated, h.ratings) for h in history],
-            recents=[h.rated[-CO_RATED_WINDOW:] for h in history],
-        )
+        causes = [p.cause_event_id for p in profiles]
+        with (before or StatsBefore()).excluding(reranker.sources.item_stats, causes):
+            lists = _recommend(profiles, history, catalogue, settings, reranker)
     item_version = catalogue.model_version
     ranker_version = "none" if reranker is None else reranker.ranker.model_version
     rating_version = (
@@ -249,6 +295,34 @@ def handle_user_profiles(
         len(out) - len(profiles),
     )
     return out, updated
+
+
+def _recommend(
+    profiles: Sequence[UserProfileUpdated],
+    history: Sequence[UserHistory],
+    catalogue: Catalogue,
+    settings: Settings,
+    reranker: Reranker | None,
+) -> list[list[ScoredItem]]:
+    """One ``recommend_batch`` call for the users of ``profiles``."""
+    return recommend_batch(
+        np.stack([np.asarray(p.vector, dtype=np.float32) for p in profiles]),
+        [h.rated for h in history],
+        catalogue,
+        k=settings.top_k,
+        n_candidates=settings.n_candidates,
+        mmr_lambda=settings.mmr_lambda,
+        reranker=reranker,
+        user_features=None
+        if reranker is None
+        else reranker.sources.user_features(
+            [p.n_ratings for p in profiles],
+            [p.mean_rating for p in profiles],
+            [h.rated for h in history],
+        ),
+        histories=[(h.rated, h.ratings) for h in history],
+        recents=[h.rated[-CO_RATED_WINDOW:] for h in history],
+    )
 
 
 def _stored(raw: bytes | None, user: UserId) -> UserHistory:

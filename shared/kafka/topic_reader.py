@@ -49,7 +49,8 @@ class TopicReader:
 
     ``on_invalid(source, reason)`` gets messages that do not parse; ``on_caught_up()``,
     when given, is called once, right after the first read to the end. Every callback
-    runs on the reader's thread.
+    runs on the reader's thread. ``sync`` reads the news at once, for a caller that must
+    see everything already in the topic.
     """
 
     def __init__(
@@ -72,10 +73,19 @@ class TopicReader:
         self._name = name
         self._follow_interval_s = follow_interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._caught_up = threading.Event()
+        # Rounds of "read the high watermarks, read up to them": begun and finished.
+        self._rounds = threading.Condition()
+        self._rounds_begun = 0
+        self._rounds_done = 0
         self._failing_since: float | None = None
         self._positions: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name=f"reader-{name}", daemon=True)
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     def start(self) -> TopicReader:
         self._thread.start()
@@ -83,6 +93,7 @@ class TopicReader:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout_s)
 
     def is_alive(self) -> bool:
@@ -97,6 +108,15 @@ class TopicReader:
     def wait_caught_up(self, timeout_s: float | None = None) -> bool:
         """Block until everything that was in the topic at start has been read."""
         return self._caught_up.wait(timeout_s)
+
+    def sync(self, timeout_s: float) -> bool:
+        """Block until everything in the topic when called has been handed over (a read
+        that starts after the call has reached the ends); False on time-out (the reader
+        is failing or stopped)."""
+        with self._rounds:
+            target = self._rounds_begun + 1
+            self._wake.set()
+            return self._rounds.wait_for(lambda: self._rounds_done >= target, timeout_s)
 
     def _run(self) -> None:
         delay = RETRY_FIRST_S
@@ -135,9 +155,16 @@ class TopicReader:
                 positions.setdefault(partition, OFFSET_BEGINNING)
             log.info("reader=%s topic=%s partitions=%d", self._name, self._topic, len(positions))
             while not self._stop.is_set():
+                with self._rounds:
+                    self._wake.clear()
+                    self._rounds_begun += 1
+                    this_round = self._rounds_begun
                 behind = [p for p, at in positions.items() if self._has_news(consumer, p, at)]
                 if behind:
                     self._read_to_end(consumer, behind, positions)
+                with self._rounds:
+                    self._rounds_done = this_round
+                    self._rounds.notify_all()
                 if self._failing_since is not None:
                     log.info("reader=%s following again", self._name)
                     self._failing_since = None
@@ -146,7 +173,7 @@ class TopicReader:
                     self._caught_up.set()
                     if self._on_caught_up is not None:
                         self._on_caught_up()
-                self._stop.wait(self._follow_interval_s)
+                self._wake.wait(self._follow_interval_s)
         finally:
             consumer.close()
 

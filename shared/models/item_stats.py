@@ -347,10 +347,7 @@ class ItemStats:
 
     def put(self, movie_id: MovieId, stats: MovieStats) -> None:
         """Replace the movie's statistics (as read from ``item-features``)."""
-        old = self._items.get(movie_id)
-        if old is not None:
-            self._n -= old.count
-            self._sum -= old.rating_sum
+        old = self._forget(movie_id)
         self._items[movie_id] = stats
         self._n += stats.count
         self._sum += stats.rating_sum
@@ -358,8 +355,37 @@ class ItemStats:
             self._last_day is None or stats.last_day > self._last_day
         ):
             self._last_day = stats.last_day
+        elif (
+            old is not None
+            and old.last_day is not None
+            and old.last_day == self._last_day
+            and (stats.last_day is None or stats.last_day < old.last_day)
+        ):
+            self._last_day = self._newest_day()
+
+    def remove(self, movie_id: MovieId) -> None:
+        """Forget the movie's statistics (nothing when it has none)."""
+        old = self._forget(movie_id)
+        if old is not None:
+            del self._items[movie_id]
+            if old.last_day == self._last_day:
+                self._last_day = self._newest_day()
+
+    def _forget(self, movie_id: MovieId) -> MovieStats | None:
+        """Take the movie's statistics out of the totals and caches; returns them."""
+        old = self._items.get(movie_id)
+        if old is not None:
+            self._n -= old.count
+            self._sum -= old.rating_sum
         self._top_co.pop(movie_id, None)
         self._decayed = None
+        return old
+
+    def _newest_day(self) -> float | None:
+        """The newest ``last_day`` of any movie (None without any)."""
+        return max(
+            (s.last_day for s in self._items.values() if s.last_day is not None), default=None
+        )
 
     def learn_one(
         self,

@@ -6,7 +6,9 @@ online rating statistics (``item-features``, into the reranker's ``ItemStats``).
 both have caught up, a ``BatchConsumer`` turns this instance's share of
 ``user-profiles`` into ``recommendations`` with ``handle_user_profiles``, keeping each
 user's rated movies (the profiles carry a recent window) in a ``ChangelogTable``
-restored from ``Settings.changelog(SERVICE, TABLE)``.
+restored from ``Settings.changelog(SERVICE, TABLE)``. Before each batch both readers
+read up to the topics' current ends, so a list sees everything published before its
+profile was read.
 
 The newcomers' list (``newcomers_recommendations``, key ``NEWCOMERS_USER_ID``) has one
 writer: the instance that holds partition 0 of ``user-profiles`` publishes it from its
@@ -36,6 +38,7 @@ from shared.events import (
 from shared.handlers.recommender import (
     SERVICE,
     TABLE,
+    StatsBefore,
     handle_item_embeddings,
     handle_item_features,
     handle_user_profiles,
@@ -59,6 +62,9 @@ CATCH_UP_TIMEOUT_S = 300.0
 
 PROGRESS_EVERY_S = 5.0
 """How often (seconds) catch-up progress is logged."""
+
+SYNC_TIMEOUT_S = 1.0
+"""Longest wait (seconds) for the global tables to read their news before a batch."""
 
 NEWCOMERS_PARTITION = 0
 """The ``user-profiles`` partition whose holder publishes the newcomers' list."""
@@ -90,6 +96,7 @@ class RecommenderWorker:
         # The statistics change on the features reader's thread and are read by the
         # consumer loop's: the lock keeps a batch's lists on one version of them.
         self._features_lock = threading.Lock()
+        self._stats_before = StatsBefore()
         self._features_cause: Incoming[ItemFeaturesUpdated] | None = None
         self._features_version = 0
         self._newcomers_version = 0
@@ -170,11 +177,18 @@ class RecommenderWorker:
     def _on_profiles(self, batch: list[Incoming[Event]]) -> list[Outgoing]:
         # The loop reads only user-profiles, and parse() validated each against its record.
         profiles = cast(list[Incoming[UserProfileUpdated]], batch)
+        self._sync_tables()
         partitions = {p.event.user_id: p.source.partition for p in profiles}
         histories = {u: raw for u in partitions if (raw := self.table.get(u.encode())) is not None}
         with self._features_lock:
             out, updated = handle_user_profiles(
-                profiles, histories, self.catalogue, self.settings, datetime.now(UTC), self.reranker
+                profiles,
+                histories,
+                self.catalogue,
+                self.settings,
+                datetime.now(UTC),
+                self.reranker,
+                self._stats_before,
             )
             out.extend(self._newcomers())
         for user, history in updated.items():
@@ -182,6 +196,18 @@ class RecommenderWorker:
             if partition is not None:
                 self.table.put(user.encode(), history.to_bytes(), partition)
         return out
+
+    def _sync_tables(self) -> None:
+        """Read what the global tables' topics hold now, so that a batch's lists see every
+        movie and statistic published before its profiles were read: whether they would
+        otherwise depends on the readers' timing, and the lists would too."""
+        for reader in (self._reader, self._features_reader):
+            if not reader.sync(SYNC_TIMEOUT_S):
+                log.warning(
+                    "global table not synced in %.1fs; lists may miss its news reader=%s",
+                    SYNC_TIMEOUT_S,
+                    reader.name,
+                )
 
     def _owns_newcomers(self) -> bool:
         return (self.settings.topic(USER_PROFILES.name), NEWCOMERS_PARTITION) in (
@@ -224,7 +250,9 @@ class RecommenderWorker:
         with self._features_lock:
             out = handle_isolating_failures(
                 lambda b: handle_item_features(
-                    cast(list[Incoming[ItemFeaturesUpdated]], b), self.sources.item_stats
+                    cast(list[Incoming[ItemFeaturesUpdated]], b),
+                    self.sources.item_stats,
+                    self._stats_before,
                 ),
                 batch,
                 SERVICE,

@@ -63,3 +63,30 @@ def test_reads_everything_then_follows_new_events(make_settings: SettingsFactory
     finally:
         reader.stop()
     assert not reader.is_alive()
+
+
+def test_sync_hands_over_everything_already_in_the_topic(make_settings: SettingsFactory) -> None:
+    settings = make_settings(topic_partitions=2)
+    seen: list[str] = []
+    reader = TopicReader(
+        settings,
+        ITEM_EMBEDDINGS,
+        lambda batch: seen.extend(
+            i.event.movie_id for i in batch if isinstance(i.event, ItemEmbedded)
+        ),
+        lambda source, reason: None,
+        name="test",
+        follow_interval_s=60.0,  # only sync wakes it up after the first read
+    ).start()
+    try:
+        assert reader.wait_caught_up(30)
+        for round_ in range(3):
+            published = [f"{round_}-{i}" for i in range(5)]
+            for movie_id in published:
+                produce_raw(settings, ITEM_EMBEDDINGS, item(movie_id), movie_id.encode())
+            assert reader.sync(10)
+            assert set(published) <= set(seen), f"round {round_}: not handed over at sync"
+        assert len(seen) == 15
+    finally:
+        reader.stop()
+    assert not reader.is_alive()

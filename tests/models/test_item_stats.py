@@ -465,21 +465,28 @@ def test_put_replaces_without_double_counting() -> None:
     assert stats.count("a") == 2
 
 
-def test_stream_time_only_moves_forward() -> None:
+def test_stream_time_is_the_newest_rating_held() -> None:
     stats = ItemStats()
     assert stats.stream_year is None
     stats.learn_one("a", 4.0, datetime(2024, 7, 2, tzinfo=UTC))  # mid leap year 2024
     assert stats.stream_year == pytest.approx(2024.5)
     stats.learn_one("a", 4.0, datetime(2001, 3, 1, tzinfo=UTC))  # a late straggler
     assert stats.stream_year == pytest.approx(2024.5)
-    # A put of older statistics, even replacing the newest movie's, does not go back.
-    stats.put("a", MovieStats().added(4.0, datetime(2001, 3, 1, tzinfo=UTC), (), 10.0, 1.0))
     stats.put("b", MovieStats().added(3.0, datetime(1999, 3, 1, tzinfo=UTC), (), 10.0, 1.0))
-    assert stats.stream_year == pytest.approx(2024.5)
     assert stats.stream_day == days(datetime(2024, 7, 2, tzinfo=UTC))
+    # Replacing the newest movie's statistics by older ones (the statistics before a
+    # rating, put back) takes the time back to the newest rating still held.
+    stats.put("a", MovieStats().added(4.0, datetime(2001, 3, 1, tzinfo=UTC), (), 10.0, 1.0))
+    assert stats.stream_day == days(datetime(2001, 3, 1, tzinfo=UTC))
     stats.put("b", MovieStats().added(3.0, datetime(2025, 1, 1, tzinfo=UTC), (), 10.0, 1.0))
     assert stats.stream_year == pytest.approx(2025.0)
     assert stats.n_ratings == 2
+    stats.remove("b")
+    assert stats.stream_day == days(datetime(2001, 3, 1, tzinfo=UTC))
+    assert (stats.n_ratings, len(stats), stats.get("b")) == (1, 1, None)
+    stats.remove("b")  # nothing to forget
+    stats.remove("a")
+    assert (stats.stream_day, stats.n_ratings, stats.trending(3)) == (None, 0, [])
 
 
 def test_reads_follow_updates() -> None:

@@ -37,6 +37,7 @@ from shared.events import (
     new_event_id,
 )
 from shared.handlers.recommender import (
+    StatsBefore,
     UserHistory,
     handle_item_embeddings,
     handle_item_features,
@@ -45,7 +46,7 @@ from shared.handlers.recommender import (
 )
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.kafka.publisher import Publisher
-from shared.models.item_stats import ItemStats
+from shared.models.item_stats import ItemStats, days
 from shared.models.ranker import Ranker, TwoTowerNet
 from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
 from shared.models.recommend import CandidateSources, Reranker
@@ -291,6 +292,25 @@ def test_the_newcomers_list_holds_the_most_rated_movies_with_their_titles(
     assert rec.cause_event_id == "rating-r7" and rec.latency_ms == 0.0
     assert rec.model_version == "newcomers=trending-h10d;item=concat-v1"
     assert newcomers_recommendations(ItemStats(), catalogue, settings(), NOW, cause) is None
+
+
+def test_lists_read_the_statistics_from_before_their_cause() -> None:
+    learned = ItemStats()
+    learned.learn_one("old", 4.0, NOW - timedelta(days=3))
+    stats, before = ItemStats(), StatsBefore()
+    assert handle_item_features([features("old", learned)], stats, before) == []
+    learned.learn_one("old", 2.0, NOW - timedelta(days=1))
+    learned.learn_one("new", 5.0, NOW)  # the newest rating: it sets the stream's time
+    batch = [features(m, learned, i) for i, m in enumerate(["old", "new"], start=1)]
+    assert handle_item_features(batch, stats, before) == []
+    after = (stats.get("old"), stats.get("new"), stats.stream_day, stats.n_ratings)
+
+    with before.excluding(stats, ["rating-new", "unknown"]):
+        assert stats.get("new") is None and stats.n_ratings == 2
+        assert stats.stream_day == pytest.approx(days(NOW - timedelta(days=1)))
+    with before.excluding(stats, ["rating-old"]):
+        assert stats.count("old") == 1 and stats.global_mean == pytest.approx(4.5)
+    assert (stats.get("old"), stats.get("new"), stats.stream_day, stats.n_ratings) == after
 
 
 def test_statistics_decayed_over_other_half_lives_are_dead_lettered() -> None:

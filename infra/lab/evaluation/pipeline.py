@@ -56,6 +56,7 @@ from shared.events import (
 from shared.exceptions import ReelstreamError
 from shared.handlers.item_embedding import ItemEvent, handle_items
 from shared.handlers.recommender import (
+    StatsBefore,
     UserHistory,
     handle_item_embeddings,
     handle_item_features,
@@ -144,6 +145,7 @@ class PipelineModel:
         # item-features as the recommender's reader gets them: after the lists of the
         # batch that rated the movies (one more hop through the item side).
         self._pending_features: list[ItemFeaturesUpdated] = []
+        self._stats_before = StatsBefore()
         self._last_features: Incoming[ItemFeaturesUpdated] | None = None
         self._cold_prediction = shrunk_mean_rating(updater.initial_state())
 
@@ -268,6 +270,7 @@ class PipelineModel:
             self._settings,
             _now(),
             self._reranker,
+            self._stats_before,
         )
         for user, history in histories.items():
             self._histories[user] = history.to_bytes()
@@ -277,7 +280,7 @@ class PipelineModel:
                 self._lists[out.event.user_id] = out.event
         features = self._incoming("item-features", self._pending_features)
         self._pending_features = []
-        self._checked(handle_item_features(features, self._sources.item_stats))
+        self._checked(handle_item_features(features, self._sources.item_stats, self._stats_before))
         if features:
             self._last_features = features[-1]
 

@@ -14,8 +14,15 @@ previous rating is awaited (one rating per user in flight, so no list is coalesc
 away), recorded, and only then is rating *i* published. The replay keeps the TEST order
 exactly: publishing a later rating of another user while *u* waits would let a list
 recorded for an earlier event be computed from a later one (a movie arriving
-mid-stream, online popularity), which T1 forbids. The cost is one round trip through
-the stack per TEST rating whose user's previous list is still in flight.
+mid-stream, online popularity), which T1 forbids. Rating *i* also waits until the item
+side has published the statistics of every earlier rating (``item-features``): the
+recommender reads its global tables to their ends before each batch, so the list
+caused by rating *i* then sees the statistics of every earlier rating and, by design,
+not those of rating *i* itself, as in process. The cost is about two round trips
+through the stack per TEST rating.
+
+The movies' statistics are global: ratings of earlier runs on the same stack count in
+them, so lists equal the in-process ones only on a fresh stack (``StreamResult.fresh``).
 
 Isolation on a used stack: user and event ids are namespaced by a run id
 (``<run_id>.<id>``), so user states of earlier replays or runs never mix in. Movie ids
@@ -31,7 +38,6 @@ import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from tqdm import tqdm
@@ -39,11 +45,13 @@ from tqdm import tqdm
 from shared.config import Settings
 from shared.events import (
     ITEM_EMBEDDINGS,
+    ITEM_FEATURES,
     MOVIES,
     NEWCOMERS_USER_ID,
     RATINGS,
     RECOMMENDATIONS,
     Event,
+    ItemFeaturesUpdated,
     MoviePublished,
     RatingSubmitted,
     RecommendationsGenerated,
@@ -72,6 +80,8 @@ _NEWCOMERS_KEY = NEWCOMERS_USER_ID.encode()
 _POLL_S = 0.1
 # Longest single wait on the condition: bounds the time to notice a crashed reader.
 _WAIT_SLICE_S = 0.5
+# How often (seconds) the statistics' reader looks for news: part of every TEST round trip.
+_FOLLOW_S = 0.01
 
 
 class StreamError(ReelstreamError):
@@ -114,6 +124,9 @@ class StreamResult:
     """Waits for a list that ran out (``list_timeout_s``), TRAIN and TEST together."""
     train_published: int
     test_published: int
+    fresh: bool
+    """Whether the stack had no movie statistics when the run started (no earlier
+    ratings count in this run's lists)."""
 
 
 @dataclass(frozen=True)
@@ -323,6 +336,70 @@ class _ListReader:
                 self._changed.wait(min(remaining, _WAIT_SLICE_S))
 
 
+class _FeaturesWatcher:
+    """Follows ``item-features`` and tells when the item side has published the
+    statistics of every rating published so far (each movie's ``n_ratings`` reached what
+    it held at ``start`` plus this run's ratings of it)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._changed = threading.Condition()
+        self._counts: dict[MovieId, int] = {}
+        self._expected: dict[MovieId, int] = {}
+        self._baseline: dict[MovieId, int] = {}
+        self._reader = TopicReader(
+            settings,
+            ITEM_FEATURES,
+            self._on_events,
+            self._on_invalid,
+            name="t1-stream-features",
+            follow_interval_s=_FOLLOW_S,
+        )
+
+    def start(self, timeout_s: float) -> bool:
+        """Read the topic to its end; returns whether it held no statistics (a fresh
+        stack).
+
+        Raises:
+            StreamError: the topic could not be read to its end in ``timeout_s`` seconds.
+        """
+        self._reader.start()
+        if not self._reader.wait_caught_up(timeout_s):
+            raise StreamError(f"could not read item-features to its end in {timeout_s:.0f} s")
+        with self._changed:
+            self._baseline = dict(self._counts)
+            return not self._baseline
+
+    def stop(self) -> None:
+        self._reader.stop()
+
+    def published(self, movie_id: MovieId) -> None:
+        """One more rating of ``movie_id`` was published."""
+        with self._changed:
+            before = self._expected.get(movie_id, self._baseline.get(movie_id, 0))
+            self._expected[movie_id] = before + 1
+
+    def settled(self) -> bool:
+        return all(self._counts.get(m, 0) >= n for m, n in self._expected.items())
+
+    def wait_settled(self, timeout_s: float) -> bool:
+        """Wait until every published rating's statistics are on the topic; False when
+        they are not after ``timeout_s`` seconds."""
+        with self._changed:
+            return self._changed.wait_for(self.settled, timeout_s)
+
+    def _on_events(self, batch: list[Incoming[Event]]) -> None:
+        with self._changed:
+            for incoming in batch:
+                event = incoming.event
+                if isinstance(event, ItemFeaturesUpdated):
+                    self._counts[event.movie_id] = event.n_ratings
+            self._changed.notify_all()
+
+    def _on_invalid(self, source: Source, reason: str) -> None:
+        # Not ours to dead-letter: the recommender reading this topic does that.
+        log.debug("skipping invalid item-features offset=%s reason=%s", source.offset, reason)
+
+
 def _namespaced(rating: RatingSubmitted, run_id: str) -> RatingSubmitted:
     # model_copy skips validation; run_stream has checked the lengths of the new ids.
     return rating.model_copy(
@@ -384,44 +461,6 @@ def embedded_movie_ids(
     return seen
 
 
-def _wait_until_serving(
-    publisher: Publisher, reader: _ListReader, run_id: str, movie_id: MovieId, timeout_s: float
-) -> None:
-    """Probe until the recommender answers a rating with a non-empty list.
-
-    Vectors on ``item-embeddings`` reach the recommender's catalogue a little later
-    (its reader polls); a list computed before then is empty, and would be scored as
-    a miss that the in-process run never sees. The probe user (``<run_id>.probe``) is
-    namespaced like every other and rates one catalogue movie.
-
-    Raises:
-        StreamError: no non-empty list within ``timeout_s`` seconds.
-    """
-    deadline = time.monotonic() + timeout_s
-    attempt = 0
-    while True:
-        attempt += 1
-        probe = RatingSubmitted(
-            event_id=f"{run_id}.probe-{attempt}",
-            user_id=f"{run_id}.probe",
-            movie_id=movie_id,
-            rating=3.0,
-            occurred_at=datetime.now(UTC),
-        )
-        publisher.publish(Outgoing(RATINGS, probe))
-        publisher.flush()
-        answer = reader.wait_for(probe.event_id, max(0.1, deadline - time.monotonic()))
-        if answer is not None and answer.movie_ids:
-            log.info("stack serves lists run_id=%s probes=%d", run_id, attempt)
-            return
-        if time.monotonic() > deadline:
-            raise StreamError(
-                f"the recommender published no non-empty list within {timeout_s:.0f} s: "
-                "is it up, and does its catalogue fill (`make status`)?"
-            )
-        time.sleep(0.2)
-
-
 def run_stream(
     settings: Settings,
     movies: Sequence[MoviePublished],
@@ -438,16 +477,15 @@ def run_stream(
     the list each TEST rating's user held when it was published (see the module doc).
 
     1. Catalogue: publish ``movies`` (without the ``arrivals`` ones), flush, and wait up
-       to ``embed_timeout_s`` seconds (default 600) until each has a vector; then probe
-       until the recommender answers with a non-empty list (its catalogue has filled).
+       to ``embed_timeout_s`` seconds (default 600) until each has a vector.
     2. TRAIN: publish every rating at full speed, then wait for the list caused by the
        last TRAIN rating of every user who also rates in TEST, until no list of this run
-       has come for ``list_timeout_s`` seconds.
+       has come for ``list_timeout_s`` seconds, and for the statistics of every rating.
     3. TEST, in order: publish the movies arriving at this index (``arrivals``), wait up
        to ``list_timeout_s`` seconds (default 30) for the list caused by the user's
        previous rating (on a time-out the user's latest list is used, ``exact`` False;
-       for a user's first rating the newcomers' list last read), record it, publish the
-       rating.
+       for a user's first rating the newcomers' list last read) and for the statistics
+       of every earlier rating, record the list, publish the rating.
 
     Args:
         movies: the catalogue; movie ids are published as they are.
@@ -491,6 +529,13 @@ def run_stream(
 
     catalogue = [m for m in movies if arrivals is None or m.movie_id not in arrivals]
     reader = _ListReader(settings, run_id)
+    features = _FeaturesWatcher(settings)
+    fresh = features.start(CATALOGUE_READ_TIMEOUT_S)
+    if not fresh:
+        log.warning(
+            "the stack holds statistics of earlier ratings: they count in this run's lists, "
+            "which will differ from the in-process ones (`make down clean up` for a fresh one)"
+        )
     reader.start()
     try:
         for movie in catalogue:
@@ -508,14 +553,12 @@ def run_stream(
                 f"{embed_timeout_s:.0f} s: is the item-embedding service up (`make status`)?"
             )
 
-        if len(catalogue) >= 2:
-            _wait_until_serving(publisher, reader, run_id, catalogue[0].movie_id, embed_timeout_s)
-
         # Namespaced user -> namespaced event id of their last published rating.
         previous: dict[UserId, EventId] = {}
         for rating in train:
             namespaced = _namespaced(rating, run_id)
             publisher.publish(Outgoing(RATINGS, namespaced))
+            features.published(namespaced.movie_id)
             previous[namespaced.user_id] = namespaced.event_id
         publisher.flush()
         train_done = time.monotonic()
@@ -527,6 +570,9 @@ def run_stream(
                 wanted, stall_s=list_timeout_s, since=train_done, bar=bar
             )
         timeouts = len(given_up)
+        if not features.wait_settled(list_timeout_s):
+            timeouts += 1
+            log.warning("statistics of the TRAIN ratings not all published run_id=%s", run_id)
         if given_up:
             log.warning(
                 "lists of last TRAIN ratings not read run_id=%s missing=%d of=%d",
@@ -561,6 +607,9 @@ def run_stream(
                     recs = reader.latest(user)
             else:
                 recs = reader.newcomers()
+            if not features.wait_settled(list_timeout_s):
+                timeouts += 1
+                log.warning("statistics not published in %.0f s index=%d", list_timeout_s, index)
             events.append(
                 StreamedEvent(
                     rating=rating,
@@ -570,11 +619,13 @@ def run_stream(
                 )
             )
             publisher.publish(Outgoing(RATINGS, namespaced))
+            features.published(namespaced.movie_id)
             previous[user] = namespaced.event_id
         publisher.flush()
         test_s = time.perf_counter() - test_started
     finally:
         reader.stop()
+        features.stop()
 
     result = StreamResult(
         events=events,
@@ -584,6 +635,7 @@ def run_stream(
         timeouts=timeouts,
         train_published=len(train),
         test_published=len(test),
+        fresh=fresh,
     )
     log.info(
         "stream run_id=%s movies=%d arrivals=%d train=%d test=%d lists_read=%d exact=%d "
