@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         for crossing in found:
             print(crossing)
     rules = sorted({c.rule for c in found})
-    print(
-        f"{len(found)} crossings of {len(rules)} doors" + (f": {', '.join(rules)}" if rules else "")
-    )
+    if found:
+        print(f"{len(found)} crossings of {len(rules)} doors: {', '.join(rules)}")
+    else:
+        print("0 crossings: every import goes through the doors the right way")
     return 1 if found else 0
 
 
