@@ -371,7 +371,7 @@ def compare_stream(
     )
     prior = shrunk_mean_rating(UserState())
     assert in_process.lists is not None and in_process.predictions is not None
-    same_list = same_top1 = 0
+    same_list = same_top1 = same_movies = 0
     differences: list[dict[str, Any]] = []
     for i, (event, local) in enumerate(zip(streamed.events, in_process.lists, strict=True)):
         recommended = (event.recommended or [])[:K]
@@ -388,7 +388,9 @@ def compare_stream(
         )
         if recommended == local:
             same_list += 1
-        elif len(differences) < 10:
+        elif sorted(recommended) == sorted(local):
+            same_movies += 1
+        if recommended != local and len(differences) < 10:
             differences.append(
                 {
                     "test_event": i,
@@ -406,6 +408,8 @@ def compare_stream(
         "events": n,
         "identical_lists": same_list,
         "identical_first_item": same_top1,
+        "same_movies_other_order": same_movies,
+        "stream_fresh": streamed.fresh,
         "exact_lists": sum(e.exact for e in streamed.events),
         "no_list": sum(e.recommended is None for e in streamed.events),
         "timeouts": streamed.timeouts,
@@ -515,7 +519,10 @@ def stream_markdown(doc: dict[str, Any]) -> str:
             *rows,
             "",
             f"- identical lists: {doc['identical_lists']:,} of {n:,}"
-            f" (first item identical: {doc['identical_first_item']:,})",
+            f" (first item identical: {doc['identical_first_item']:,}; the same movies in"
+            f" another order: {doc.get('same_movies_other_order', '-')})",
+            f"- fresh stack (no earlier ratings in the movies' statistics):"
+            f" {'yes' if doc.get('stream_fresh') else 'no'}",
             f"- lists caused by the user's previous rating: {doc['exact_lists']:,};"
             f" no list: {doc['no_list']:,}; time-outs: {doc['timeouts']}",
             f"- wall: stack {doc['stream_wall_s']:.0f} s, in process"

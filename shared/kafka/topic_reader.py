@@ -36,6 +36,9 @@ RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 5.0
 """Back-off between reconnections: doubles from the first to the max."""
 
+_POLL_S = 0.1
+"""Longest wait (seconds) of one poll while reading to the ends."""
+
 UNHEALTHY_AFTER_S = 10.0
 """A reader failing for this long (seconds) is reported unhealthy."""
 
@@ -196,7 +199,13 @@ class TopicReader:
             while pending and not self._stop.is_set():
                 batch: list[Incoming[Event]] = []
                 read: dict[int, int] = {}
-                for message in consumer.consume(2000, timeout=0.1):
+                # poll returns at the first message (or end of partition), consume(n, 0)
+                # then drains what is fetched: consume(n, t) alone would wait out t
+                # whenever fewer than n messages are left.
+                first = consumer.poll(_POLL_S)
+                if first is None:
+                    continue
+                for message in [first, *consumer.consume(2000, timeout=0)]:
                     err = message.error()
                     partition = message.partition()
                     if err is not None:

@@ -80,8 +80,8 @@ _NEWCOMERS_KEY = NEWCOMERS_USER_ID.encode()
 _POLL_S = 0.1
 # Longest single wait on the condition: bounds the time to notice a crashed reader.
 _WAIT_SLICE_S = 0.5
-# How often (seconds) the statistics' reader looks for news: part of every TEST round trip.
-_FOLLOW_S = 0.01
+# Pause (seconds) between two reads of item-features while waiting for statistics.
+_SETTLE_PAUSE_S = 0.005
 
 
 class StreamError(ReelstreamError):
@@ -352,7 +352,6 @@ class _FeaturesWatcher:
             self._on_events,
             self._on_invalid,
             name="t1-stream-features",
-            follow_interval_s=_FOLLOW_S,
         )
 
     def start(self, timeout_s: float) -> bool:
@@ -383,9 +382,20 @@ class _FeaturesWatcher:
 
     def wait_settled(self, timeout_s: float) -> bool:
         """Wait until every published rating's statistics are on the topic; False when
-        they are not after ``timeout_s`` seconds."""
-        with self._changed:
-            return self._changed.wait_for(self.settled, timeout_s)
+        they are not after ``timeout_s`` seconds. Reads the topic's news on demand
+        (``TopicReader.sync``), pausing ``_SETTLE_PAUSE_S`` between reads."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._changed:
+                if self.settled():
+                    return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._reader.sync(min(remaining, _WAIT_SLICE_S))
+            with self._changed:
+                if self._changed.wait_for(self.settled, _SETTLE_PAUSE_S):
+                    return True
 
     def _on_events(self, batch: list[Incoming[Event]]) -> None:
         with self._changed:
