@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     10% of TRAIN) with the trained models: `make eval VALIDATION=1`."""
 
     # --- Stream processing -------------------------------------------------------
+    torch_threads: int = Field(1, ge=1, validation_alias="REELSTREAM_TORCH_THREADS")
+    """Torch intra-op threads of each worker [REELSTREAM_TORCH_THREADS]. The workers' nets
+    are small and several processes share the cores: more threads spin-wait for each
+    other instead of computing."""
+
     batch_size: int = Field(500, ge=1, validation_alias="REELSTREAM_BATCH_SIZE")
     """Most messages handled in one micro-batch [REELSTREAM_BATCH_SIZE]."""
 

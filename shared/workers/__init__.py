@@ -9,6 +9,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import torch
+
 from shared.config import Settings
 from shared.exceptions import ConfigurationError
 from shared.lifecycle import stop_on_signals
@@ -47,7 +49,9 @@ def run_worker(
     parser.parse_args(argv)
     configure_logging(service)
     try:
-        worker = build(Settings())
+        settings = Settings()
+        torch.set_num_threads(settings.torch_threads)
+        worker = build(settings)
     except ConfigurationError as exc:
         log.error("service=%s cannot start: %s", service, exc)
         return CONFIGURATION_EXIT
