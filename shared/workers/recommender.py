@@ -63,7 +63,7 @@ CATCH_UP_TIMEOUT_S = 300.0
 PROGRESS_EVERY_S = 5.0
 """How often (seconds) catch-up progress is logged."""
 
-SYNC_TIMEOUT_S = 1.0
+SYNC_TIMEOUT_S = 5.0
 """Longest wait (seconds) for the global tables to read their news before a batch."""
 
 NEWCOMERS_PARTITION = 0

@@ -14,12 +14,13 @@ previous rating is awaited (one rating per user in flight, so no list is coalesc
 away), recorded, and only then is rating *i* published. The replay keeps the TEST order
 exactly: publishing a later rating of another user while *u* waits would let a list
 recorded for an earlier event be computed from a later one (a movie arriving
-mid-stream, online popularity), which T1 forbids. Rating *i* also waits until the item
-side has published the statistics of every earlier rating (``item-features``): the
-recommender reads its global tables to their ends before each batch, so the list
-caused by rating *i* then sees the statistics of every earlier rating and, by design,
-not those of rating *i* itself, as in process. The cost is about two round trips
-through the stack per TEST rating.
+mid-stream, online popularity), which T1 forbids. Rating *i* also waits for the list
+caused by rating *i - 1*, whoever rated it (so that no two TEST ratings share a batch of
+the recommender's), and until the item side has published the statistics of every
+earlier rating (``item-features``): the recommender reads its global tables to their
+ends before each batch, so the list caused by rating *i* then sees the statistics of
+every earlier rating and, by design, not those of rating *i* itself, as in process.
+The cost is about two round trips through the stack per TEST rating.
 
 The movies' statistics are global: ratings of earlier runs on the same stack count in
 them, so lists equal the in-process ones only on a fresh stack (``StreamResult.fresh``).
@@ -494,8 +495,9 @@ def run_stream(
     3. TEST, in order: publish the movies arriving at this index (``arrivals``), wait up
        to ``list_timeout_s`` seconds (default 30) for the list caused by the user's
        previous rating (on a time-out the user's latest list is used, ``exact`` False;
-       for a user's first rating the newcomers' list last read) and for the statistics
-       of every earlier rating, record the list, publish the rating.
+       for a user's first rating the newcomers' list last read), for the list caused
+       by the previous TEST rating and for the statistics of every earlier rating,
+       record the list, publish the rating.
 
     Args:
         movies: the catalogue; movie ids are published as they are.
@@ -592,6 +594,9 @@ def run_stream(
             )
 
         events: list[StreamedEvent] = []
+        # The previous TEST rating, of any user: its list must be out before the next
+        # rating goes in, or the two could share a batch of the recommender's.
+        last: EventId | None = None
         test_started = time.perf_counter()
         for index, rating in enumerate(
             tqdm(test, desc="test", unit="ev", disable=not progress, smoothing=0.1)
@@ -601,6 +606,14 @@ def run_stream(
             namespaced = _namespaced(rating, run_id)
             user = namespaced.user_id
             cause = previous.get(user)
+            if (
+                last is not None
+                and last != cause
+                and last not in given_up
+                and reader.wait_for(last, list_timeout_s) is None
+            ):
+                timeouts += 1
+                given_up.add(last)
             recs: _List | None = None
             exact = False
             if cause is not None:
@@ -630,7 +643,7 @@ def run_stream(
             )
             publisher.publish(Outgoing(RATINGS, namespaced))
             features.published(namespaced.movie_id)
-            previous[user] = namespaced.event_id
+            previous[user] = last = namespaced.event_id
         publisher.flush()
         test_s = time.perf_counter() - test_started
     finally:
