@@ -37,6 +37,7 @@ from shared.config import Settings
 from shared.data.movielens import MovieLens, load_movielens
 from shared.events import NEWCOMERS_USER_ID, RECOMMENDATIONS, RatingSubmitted
 from shared.kafka.client import make_consumer
+from shared.kafka.pacing import IdlePacer
 from shared.replay import replay, wait_until_embedded
 
 SERVICES = ("ingest", "item-embedding", "user-profile", "recommender")
@@ -61,9 +62,11 @@ class Collector:
         consumer = make_consumer(self.settings, f"bench-{uuid.uuid4().hex}")
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.partitions])
+        pacer = IdlePacer(consumer, self.settings.idle_rest_s, self._stop)
         try:
             while not self._stop.is_set():
                 messages = consumer.consume(2000, timeout=0.1)
+                pacer.after_poll(found=bool(messages))
                 self._ready.set()
                 for message in messages:
                     if message.error() is not None:

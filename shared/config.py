@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     batch_timeout_s: float = Field(0.02, gt=0, validation_alias="REELSTREAM_BATCH_TIMEOUT_S")
     """Longest wait (seconds) to fill a micro-batch once a message is there."""
 
+    idle_rest_s: float = Field(0.05, ge=0, validation_alias="REELSTREAM_IDLE_REST_S")
+    """Longest pause (seconds) of an idle consumer's fetching between polls, so that an
+    idle worker does not spin on a broker that answers empty fetches at once; the
+    first message after a quiet spell waits at most this long per hop. 0: never pause
+    [REELSTREAM_IDLE_REST_S]."""
+
     rating_wait_s: float = Field(3600.0, ge=0, validation_alias="REELSTREAM_RATING_WAIT_S")
     """How long (seconds, from its publication) a rating of a movie with no vector yet
     stays parked in its user's state, waiting for the embedding, before it goes to

@@ -50,6 +50,7 @@ from shared.kafka.message import (
     handle_isolating_failures,
     parse,
 )
+from shared.kafka.pacing import IdlePacer
 from shared.kafka.publisher import DeliveryError, Publisher
 from shared.kafka.table import ChangelogTable
 from shared.lifecycle import stop_on_signals
@@ -186,6 +187,7 @@ class BatchConsumer:
             ",".join(self._specs),
             self._transactional,
         )
+        pacer = IdlePacer(consumer, self._settings.idle_rest_s, self._stop)
         last_report = time.monotonic()
         watchdog = threading.Thread(
             target=self._watch, name=f"watchdog-{self._service}", daemon=True
@@ -198,8 +200,10 @@ class BatchConsumer:
                     self._settings.batch_size, timeout=self._settings.batch_timeout_s
                 )
                 sources = [Source.of(m) for m in messages if self._ok(m)]
-                if sources or (self._has_work is not None and self._has_work()):
+                work = self._has_work is not None and self._has_work()
+                if sources or work:
                     self._run_batch(consumer, sources)
+                pacer.after_poll(found=bool(messages) or work)
                 self._report_health()
                 if time.monotonic() - last_report > REPORT_EVERY_S:
                     last_report = time.monotonic()
