@@ -77,9 +77,9 @@ lint: venv ## ruff (lint and format check) and mypy
 doors: venv ## where the code crosses the layout's one-way doors (imports that point the wrong way)
 	@$(PY) -m infra.doors
 
-bench: venv data ## end-to-end throughput/latency/RSS on the running stack (LIMIT=, RATE=)
+bench: venv data ## idle CPU, catalogue, ceiling, full speed, steady rates, RSS on the running stack (LIMIT=, RATES=, STEADY_S=)
 	@$(PY) -m infra.bench --json reports/bench.json $(if $(LIMIT),--limit $(LIMIT)) \
-		$(if $(RATE),--rate $(RATE))
+		$(if $(RATES),--rates $(RATES)) $(if $(STEADY_S),--steady-s $(STEADY_S))
 
 chaos: venv data ## kill -9 services, restart the broker mid-replay; compare to an undisturbed run (LIMIT=, RATE=)
 	@$(PY) -m infra.chaos --json reports/chaos.json --limit $(or $(LIMIT),10000) \

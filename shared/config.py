@@ -95,7 +95,9 @@ class Settings(BaseSettings):
     """Most messages handled in one micro-batch [REELSTREAM_BATCH_SIZE]."""
 
     batch_timeout_s: float = Field(0.02, gt=0, validation_alias="REELSTREAM_BATCH_TIMEOUT_S")
-    """Longest wait (seconds) to fill a micro-batch once a message is there."""
+    """Longest wait (seconds) of a worker's poll for the first message of a micro-batch
+    [REELSTREAM_BATCH_TIMEOUT_S]. A batch is what has been fetched by then (at most
+    ``batch_size``): it never waits to fill up."""
 
     idle_rest_s: float = Field(0.05, ge=0, validation_alias="REELSTREAM_IDLE_REST_S")
     """Longest pause (seconds) of an idle consumer's fetching between polls, so that an

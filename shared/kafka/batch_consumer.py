@@ -196,9 +196,7 @@ class BatchConsumer:
         try:
             while not self._stop.is_set():
                 self._beat = time.monotonic()
-                messages = consumer.consume(
-                    self._settings.batch_size, timeout=self._settings.batch_timeout_s
-                )
+                messages = self._poll(consumer)
                 sources = [Source.of(m) for m in messages if self._ok(m)]
                 work = self._has_work is not None and self._has_work()
                 if sources or work:
@@ -221,6 +219,17 @@ class BatchConsumer:
                 if not self._transactional:
                     self._publisher.producer.flush(10)
             log.info("service=%s stopped processed=%d", self._service, self.processed)
+
+    def _poll(self, consumer: Consumer) -> list[Message]:
+        """The next micro-batch: waits up to ``batch_timeout_s`` for a first message,
+        then takes what is already fetched, up to ``batch_size``. A batch is never held
+        back to fill up: what arrives while one is processed makes the next one."""
+        first = consumer.poll(self._settings.batch_timeout_s)
+        if first is None:
+            return []
+        if self._settings.batch_size == 1:
+            return [first]
+        return [first, *consumer.consume(self._settings.batch_size - 1, timeout=0)]
 
     def _watch(self) -> None:
         """End the process when the loop has not stepped for ``stall_s`` (see above)."""
