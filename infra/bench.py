@@ -98,13 +98,13 @@ class Reader:
         pacer = IdlePacer(consumer, READER_REST_S, self._stop)
         try:
             while not self._stop.is_set():
+                pacer.before_poll()
                 first = consumer.poll(0 if pacer.resting else READER_POLL_S)
                 self._ready.set()
-                pacer.after_poll(found=first is not None)
-                if first is None:
-                    continue
+                messages = [] if first is None else [first, *consumer.consume(5000, timeout=0)]
+                pacer.after_poll(found=bool(messages))
                 now = time.time()
-                for message in [first, *consumer.consume(5000, timeout=0)]:
+                for message in messages:
                     error = message.error()
                     if error is None:
                         # orjson directly: validating every message would slow the reader.

@@ -196,12 +196,13 @@ class BatchConsumer:
         try:
             while not self._stop.is_set():
                 self._beat = time.monotonic()
+                pacer.before_poll()
                 messages = self._poll(consumer)
                 sources = [Source.of(m) for m in messages if self._ok(m)]
                 work = self._has_work is not None and self._has_work()
+                pacer.after_poll(found=bool(messages) or work)
                 if sources or work:
                     self._run_batch(consumer, sources)
-                pacer.after_poll(found=bool(messages) or work)
                 self._report_health()
                 if time.monotonic() - last_report > REPORT_EVERY_S:
                     last_report = time.monotonic()

@@ -17,6 +17,12 @@ consumer never rests, so pacing costs no latency under load. Pausing only when t
 broker says there is nothing to read matters: a paused partition drops what its
 in-flight Fetch brings back, so pausing on a merely empty poll could drop a large
 response again and again.
+
+The same spin goes on while a batch is processed: librdkafka keeps fetching the
+partitions the batch emptied. So after a poll that found messages, the partitions the
+consumer has read to their end (its position at the end offset of the last Fetch, which
+librdkafka caches) are paused until the next poll (``before_poll`` resumes them); those
+still holding fetched messages keep them.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ WATERMARK_TIMEOUT_S = 5.0
 
 class IdlePacer:
     """Pauses a consumer's fetching while it has nothing to read (see the module
-    docstring). Call ``after_poll`` after every poll, from the polling thread.
+    docstring). Call ``before_poll`` before and ``after_poll`` after every poll, from the
+    polling thread.
 
     Args:
         consumer: the consumer (its current assignment is paused and resumed).
@@ -53,21 +60,39 @@ class IdlePacer:
         self._stop = stop or threading.Event()
         self._rest_s = 0.0
         self._paused: list[TopicPartition] = []
+        """Paused while resting: the whole assignment."""
+        self._drained: list[TopicPartition] = []
+        """Paused while a batch is processed: the partitions read to their end."""
         self._committed: dict[tuple[str, int], int] = {}
         """Committed offsets of partitions not consumed yet (no position)."""
 
     @property
+    def paused(self) -> frozenset[tuple[str, int]]:
+        """The (topic, partition) pairs whose fetching is paused now."""
+        return frozenset((p.topic, p.partition) for p in [*self._paused, *self._drained])
+
+    @property
     def resting(self) -> bool:
-        """Whether fetching is paused."""
+        """Whether the consumer rests: its whole assignment paused after an empty poll."""
         return bool(self._paused)
 
+    def before_poll(self) -> None:
+        """Resume the partitions paused while the last batch was processed."""
+        if self._drained:
+            self._resume_some(self._drained)
+            self._drained = []
+
     def after_poll(self, *, found: bool) -> None:
-        """Record whether a poll found anything to do; when it did not and the broker
+        """Record whether a poll found anything to do. When it did, pause the partitions
+        read to their end while the batch is processed; when it did not and the broker
         has nothing beyond the consumer's positions, rest with fetching paused."""
-        if found or self._max_rest_s <= 0:
+        if self._max_rest_s <= 0:
+            return
+        if found:
             self._resume()
             self._rest_s = 0.0
             self._committed.clear()
+            self._pause_drained()
             return
         if self._has_news():
             self._resume()
@@ -85,15 +110,31 @@ class IdlePacer:
             self._paused = partitions
 
     def _resume(self) -> None:
-        if not self._paused:
-            return
-        partitions, self._paused = self._paused, []
+        if self._paused:
+            self._resume_some(self._paused)
+            self._paused = []
+
+    def _resume_some(self, partitions: list[TopicPartition]) -> None:
         assigned = {(p.topic, p.partition) for p in self._consumer.assignment()}
         # A rebalance while paused may have taken some away (a new assignment starts
         # unpaused).
         kept = [p for p in partitions if (p.topic, p.partition) in assigned]
         if kept:
             self._consumer.resume(kept)
+
+    def _pause_drained(self) -> None:
+        """Pause the partitions whose position is at the end offset the last Fetch saw
+        (nothing fetched is waiting in them)."""
+        drained = []
+        for tp in self._consumer.position(self._consumer.assignment()):
+            low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                continue  # no Fetch answered yet
+            if tp.offset >= high or (tp.offset < 0 and high == low):
+                drained.append(TopicPartition(tp.topic, tp.partition))
+        if drained:
+            self._consumer.pause(drained)
+            self._drained = drained
 
     def _has_news(self) -> bool:
         """Whether a partition of the assignment has a message beyond the consumer's

@@ -43,15 +43,23 @@ def test_reads_a_backlog_rests_when_idle_and_wakes_for_news(
         deadline = time.monotonic() + 60
         while got < backlog:
             assert time.monotonic() < deadline, f"read {got} of {backlog}"
+            pacer.before_poll()
             messages = [m for m in consumer.consume(500, 0.02) if m.error() is None]
             got += len(messages)
             pacer.after_poll(found=bool(messages))
             rested_while_behind |= pacer.resting and got < backlog and bool(consumer.assignment())
         assert got == backlog
         assert not rested_while_behind
+        # The last batch emptied both partitions: they stay paused while it is processed.
+        topic = settings.topic(RATINGS.name)
+        assert pacer.paused == {(topic, 0), (topic, 1)}
+        assert not pacer.resting
+        pacer.before_poll()
+        assert not pacer.paused
 
         # Caught up: the next empty polls pause fetching.
         for _ in range(5):
+            pacer.before_poll()
             messages = consumer.consume(500, 0.02)
             pacer.after_poll(found=bool(messages))
         assert pacer.resting
@@ -62,6 +70,7 @@ def test_reads_a_backlog_rests_when_idle_and_wakes_for_news(
         news = 0
         while news < 3:
             assert time.monotonic() - started < 10, "the resting consumer missed new messages"
+            pacer.before_poll()
             messages = [m for m in consumer.consume(500, 0.02) if m.error() is None]
             news += len(messages)
             pacer.after_poll(found=bool(messages))
@@ -77,7 +86,8 @@ def test_off_never_pauses(make_settings: SettingsFactory) -> None:
     pacer = IdlePacer(consumer, 0.0)
     try:
         for _ in range(10):
+            pacer.before_poll()
             pacer.after_poll(found=bool(consumer.consume(10, 0.05)))
-            assert not pacer.resting
+            assert not pacer.paused
     finally:
         consumer.close()
