@@ -19,6 +19,7 @@ batched.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -81,8 +82,12 @@ class ItemRecord:
     seen_offset: int | None = None
     """The highest ``item-feedback`` offset taken in (a movie's feedback is all in one
     partition): a message at or below it was re-delivered after a crash."""
-    recent: tuple[EventId, ...] = ()
-    """``rating_event_id`` of the last ``RECENT_EVENTS`` ratings taken in, oldest first."""
+    recent: tuple[int, ...] = ()
+    """Digests (``event_digest``) of the ``rating_event_id`` of the last
+    ``RECENT_EVENTS`` ratings taken in, oldest first: 8 bytes each in the changelog
+    rather than a 36-character id."""
+    last_event_id: EventId | None = None
+    """``rating_event_id`` of the latest rating taken in."""
     stats: MovieStats = field(default_factory=MovieStats)
     """The movie's rating statistics (decayed over ``HALF_LIVES``)."""
 
@@ -117,7 +122,10 @@ class ItemRecord:
                 else base64.b64encode(self.taste.astype("<f8").tobytes()).decode("ascii"),
                 "n": self.n_tastes,
                 "offset": self.seen_offset,
-                "recent": self.recent,
+                "recent": base64.b64encode(np.asarray(self.recent, dtype="<u8").tobytes()).decode(
+                    "ascii"
+                ),
+                "last": self.last_event_id,
                 "stats": _stats_json(self.stats),
             }
         )
@@ -140,7 +148,7 @@ class ItemRecord:
                 else np.frombuffer(base64.b64decode(taste), dtype="<f8").astype(np.float64),
                 n_tastes=int(data["n"]),
                 seen_offset=data["offset"],
-                recent=tuple(str(e) for e in data["recent"]),
+                **_recent_from_json(data["recent"], data.get("last")),
                 stats=_stats_from_json(data.get("stats")),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -247,7 +255,7 @@ def handle_items(
     out.extend(
         Outgoing(
             ITEM_FEATURES,
-            item_features_of(m, current[m].stats, *HALF_LIVES, now, current[m].recent[-1]),
+            item_features_of(m, current[m].stats, *HALF_LIVES, now, _last_event_id(current[m])),
         )
         for m in rated
     )
@@ -262,7 +270,8 @@ def _rated(
     offset = incoming.source.offset
     if offset is not None and item.seen_offset is not None and offset <= item.seen_offset:
         return item
-    if event.rating_event_id in item.recent:
+    digest = event_digest(event.rating_event_id)
+    if digest in item.recent:
         log.info(
             "skipped a copy of a rating movie_id=%s rating_event_id=%s",
             event.movie_id,
@@ -270,11 +279,12 @@ def _rated(
         )
         return item
     seen = item.seen_offset if offset is None else offset
-    recent = (*item.recent, event.rating_event_id)[-RECENT_EVENTS:]
+    recent = (*item.recent, digest)[-RECENT_EVENTS:]
+    last = event.rating_event_id
     stats = item.stats.added(event.rating, event.occurred_at, event.co_rated, *HALF_LIVES)
     taste = event.taste
     if taste is None:
-        return replace(item, seen_offset=seen, recent=recent, stats=stats)
+        return replace(item, seen_offset=seen, recent=recent, last_event_id=last, stats=stats)
     dim = None if item.content is None else item.content.vector.shape[0]
     if (dim is not None and taste.shape[0] != dim) or (
         item.taste is not None and taste.shape[0] != item.taste.shape[0]
@@ -287,7 +297,7 @@ def _rated(
                 SERVICE,
             )
         )
-        return replace(item, seen_offset=seen, recent=recent, stats=stats)
+        return replace(item, seen_offset=seen, recent=recent, last_event_id=last, stats=stats)
     total = taste.astype(np.float64) if item.taste is None else item.taste + taste
     return replace(
         item,
@@ -295,8 +305,35 @@ def _rated(
         n_tastes=item.n_tastes + 1,
         seen_offset=seen,
         recent=recent,
+        last_event_id=last,
         stats=stats,
     )
+
+
+def event_digest(event_id: EventId) -> int:
+    """A 64-bit digest of a rating's event id: what an ``ItemRecord`` keeps to recognise
+    a copy (two of a movie's last ``RECENT_EVENTS`` ids collide with odds of about
+    2^-56)."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+
+
+def _recent_from_json(recent: Any, last: Any) -> dict[str, Any]:
+    """``ItemRecord.recent`` and ``last_event_id`` from their JSON: packed digests, or
+    the list of event ids that records held before."""
+    if isinstance(recent, str):
+        digests = tuple(int(d) for d in np.frombuffer(base64.b64decode(recent), dtype="<u8"))
+        return {"recent": digests, "last_event_id": None if last is None else str(last)}
+    ids = [str(e) for e in recent]
+    return {
+        "recent": tuple(event_digest(e) for e in ids),
+        "last_event_id": ids[-1] if ids else None,
+    }
+
+
+def _last_event_id(item: ItemRecord) -> EventId:
+    if item.last_event_id is None:  # only a record with no rating, never published
+        raise InvalidEventError("a movie with statistics but no rating event id")
+    return item.last_event_id
 
 
 def _broker_time(timestamp_ms: int | None) -> datetime | None:

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from shared.config import Settings
@@ -33,7 +35,14 @@ from shared.events import (
     People,
     encode,
 )
-from shared.handlers.item_embedding import SERVICE, TABLE, ItemRecord, handle_items
+from shared.handlers.item_embedding import (
+    RECENT_EVENTS,
+    SERVICE,
+    TABLE,
+    ItemRecord,
+    event_digest,
+    handle_items,
+)
 from shared.kafka.batch_consumer import BatchConsumer
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.kafka.table import ChangelogTable
@@ -255,6 +264,38 @@ def test_raters_tastes_move_a_new_movie_the_same_in_any_order_and_batching(
         served = record.served(0.0, NOW)
         assert served is not None and served is record.content
         np.testing.assert_array_equal(served.vector, content.vector)
+
+
+def test_a_record_keeps_digests_of_its_recent_ratings_and_reads_the_older_form(
+    encoder: ConcatItemEncoder, tmp_path: Path
+) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(RECENT_EVENTS + 10)]
+    with QdrantStore(Settings(qdrant_path=tmp_path / "q"), encoder.dim) as store:
+        records: dict[str, bytes] = {}
+        for offset, event_id in enumerate(ids):
+            event = rated("1", None, offset).model_copy(update={"rating_event_id": event_id})
+            out, updated = handle_items(
+                [incoming(event, offset, None)], records, encoder, store, NOW
+            )
+            records |= {m: r.to_bytes() for m, r in updated.items()}
+        (stats,) = statistics(out)
+        assert stats.last_rating_event_id == ids[-1] and stats.n_ratings == len(ids)
+        record = ItemRecord.from_bytes(records["1"])
+        assert record.recent == tuple(event_digest(e) for e in ids[-RECENT_EVENTS:])
+        assert record.last_event_id == ids[-1]
+        # 8 bytes per rating in the changelog, not the 36 characters of its id.
+        assert len(records["1"]) < 8 * RECENT_EVENTS * 4 / 3 + 2_000
+        # A copy sent again under a new offset is still recognised; an old one is not.
+        copy = rated("1", None, 0).model_copy(update={"rating_event_id": ids[-5]})
+        out, updated = handle_items([incoming(copy, 10_000, None)], records, encoder, store, NOW)
+        assert out == [] and updated == {}
+
+    # A record written with the event ids themselves reads as the same record.
+    data = orjson.loads(records["1"])
+    data["recent"] = ids[-RECENT_EVENTS:]
+    del data["last"]
+    older = ItemRecord.from_bytes(orjson.dumps(data))
+    assert older.recent == record.recent and older.last_event_id == ids[-1]
 
 
 # --- the loop on the real broker ------------------------------------------------------
