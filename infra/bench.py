@@ -448,6 +448,12 @@ def run(
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count()},
         "model_versions": sorted(lists.versions),
+        # As this process reads them: the stack's own when `make up` ran with the same
+        # environment.
+        "settings": {
+            name: getattr(settings, name)
+            for name in ("batch_size", "batch_timeout_s", "idle_rest_s", "torch_threads")
+        },
         "idle": idle,
         "catalogue": catalogue,
         "ceiling": ceiling_result,

@@ -91,8 +91,11 @@ class Settings(BaseSettings):
     are small and several processes share the cores: more threads spin-wait for each
     other instead of computing."""
 
-    batch_size: int = Field(500, ge=1, validation_alias="REELSTREAM_BATCH_SIZE")
-    """Most messages handled in one micro-batch [REELSTREAM_BATCH_SIZE]."""
+    batch_size: int = Field(2000, ge=1, validation_alias="REELSTREAM_BATCH_SIZE")
+    """Most messages handled in one micro-batch [REELSTREAM_BATCH_SIZE]. A batch is what
+    has been fetched, so this binds only when a worker is behind, where larger batches
+    coalesce more per user and per movie: `make bench` ran the full replay at 1,141
+    events/s with 2,000 and 701 with 500."""
 
     batch_timeout_s: float = Field(0.02, gt=0, validation_alias="REELSTREAM_BATCH_TIMEOUT_S")
     """Longest wait (seconds) of a worker's poll for the first message of a micro-batch
