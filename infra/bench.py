@@ -147,6 +147,17 @@ class Lists:
             self.latency_ms[cause] = float(value["latency_ms"])
             self.versions.add(str(value.get("model_version")))
 
+    def of(self, sent: dict[str, float], started: float) -> tuple[float, list[float], list[float]]:
+        """For the lists caused by ``sent`` (event id → send time): when the last one
+        arrived (``started`` when none did), and their latencies in ms by the bench's
+        clocks and by their ``latency_ms``."""
+        with self.lock:
+            mine = [c for c in sent if c in self.arrived]
+            ended = max((self.arrived[c] for c in mine), default=started)
+            bench_ms = [1000 * (self.arrived[c] - sent[c]) for c in mine]
+            field_ms = [self.latency_ms[c] for c in mine]
+        return ended, bench_ms, field_ms
+
     def wait_for(self, causes: set[str], timeout_s: float) -> int:
         """Wait until every cause has a list; returns how many do not."""
         deadline = time.monotonic() + timeout_s
@@ -308,11 +319,7 @@ def measure_full_speed(
     produce_s = time.time() - started
     missing = lists.wait_for(expected, timeout_s=900)
     after = cpu_seconds(pids)
-    with lists.lock:
-        mine = [c for c in sent if c in lists.arrived]
-        ended = max((lists.arrived[c] for c in mine), default=started)
-        bench_ms = [1000 * (lists.arrived[c] - sent[c]) for c in mine]
-        field_ms = [lists.latency_ms[c] for c in mine]
+    ended, bench_ms, field_ms = lists.of(sent, started)
     elapsed = ended - started
     n = len(ratings)
     return {
@@ -320,7 +327,7 @@ def measure_full_speed(
         "produce_s": round(produce_s, 2),
         "end_to_end_s": round(elapsed, 2),
         "events_per_s": round(n / elapsed, 1) if elapsed > 0 else None,
-        "lists_consumed": len(mine),
+        "lists_consumed": len(bench_ms),
         "users_missing_final_list": missing,
         "latency_ms_bench": percentiles(bench_ms),
         "latency_ms_field": percentiles(field_ms),
@@ -393,18 +400,14 @@ def measure_steady(
             time.sleep(0.1)
     finally:
         items.stop()
-    with lists.lock:
-        mine = [c for c in sent if c in lists.arrived]
-        ended = max((lists.arrived[c] for c in mine), default=started)
-        bench_ms = [1000 * (lists.arrived[c] - sent[c]) for c in mine]
-        field_ms = [lists.latency_ms[c] for c in mine]
+    ended, bench_ms, field_ms = lists.of(sent, started)
     new_ms = [1000 * (embedded[m] - published[m]) for m in published if m in embedded]
     return {
         "offered_events_per_s": rate,
         "ratings": count,
         "offered_s": round(offered_s, 2),
         "achieved_events_per_s": round(count / (ended - started), 1) if ended > started else None,
-        "lists_consumed": len(mine),
+        "lists_consumed": len(bench_ms),
         "users_missing_final_list": missing,
         "latency_ms_bench": percentiles(bench_ms),
         "latency_ms_field": percentiles(field_ms),

@@ -11,8 +11,6 @@ of one hop on this machine's broker and Python clients could reach.
 
 from __future__ import annotations
 
-import logging
-
 from infra.topics import ensure_topics
 from shared.config import Settings
 from shared.events import RATINGS, Event, RatingSubmitted, TopicSpec
@@ -20,8 +18,6 @@ from shared.kafka.batch_consumer import BatchConsumer
 from shared.kafka.client import make_admin
 from shared.kafka.message import Incoming, Outgoing
 from shared.logs import configure_logging
-
-log = logging.getLogger(__name__)
 
 SERVICE = "ceiling"
 ECHO = TopicSpec("ceiling-echo", RatingSubmitted, "user_id", compacted=False)

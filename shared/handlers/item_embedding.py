@@ -278,13 +278,16 @@ def _rated(
             event.rating_event_id,
         )
         return item
-    seen = item.seen_offset if offset is None else offset
-    recent = (*item.recent, digest)[-RECENT_EVENTS:]
-    last = event.rating_event_id
-    stats = item.stats.added(event.rating, event.occurred_at, event.co_rated, *HALF_LIVES)
+    counted = replace(
+        item,
+        seen_offset=item.seen_offset if offset is None else offset,
+        recent=(*item.recent, digest)[-RECENT_EVENTS:],
+        last_event_id=event.rating_event_id,
+        stats=item.stats.added(event.rating, event.occurred_at, event.co_rated, *HALF_LIVES),
+    )
     taste = event.taste
     if taste is None:
-        return replace(item, seen_offset=seen, recent=recent, last_event_id=last, stats=stats)
+        return counted
     dim = None if item.content is None else item.content.vector.shape[0]
     if (dim is not None and taste.shape[0] != dim) or (
         item.taste is not None and taste.shape[0] != item.taste.shape[0]
@@ -297,17 +300,9 @@ def _rated(
                 SERVICE,
             )
         )
-        return replace(item, seen_offset=seen, recent=recent, last_event_id=last, stats=stats)
+        return counted
     total = taste.astype(np.float64) if item.taste is None else item.taste + taste
-    return replace(
-        item,
-        taste=total,
-        n_tastes=item.n_tastes + 1,
-        seen_offset=seen,
-        recent=recent,
-        last_event_id=last,
-        stats=stats,
-    )
+    return replace(counted, taste=total, n_tastes=item.n_tastes + 1)
 
 
 def event_digest(event_id: EventId) -> int:
