@@ -169,7 +169,12 @@ def ranker_examples(
         if vector is not None and position >= first:
             history = rated.get(user, [])
             ((candidates, _),) = retrieve_batch(
-                vector[None, :], [rated_sets.get(user, set())], catalogue, n_candidates, sources
+                vector[None, :],
+                [rated_sets.get(user, set())],
+                catalogue,
+                n_candidates,
+                sources,
+                [history],
             )
             user_features = sources.user_features(
                 [state.n_ratings], [updater.mean_rating(state)], [history]
@@ -394,6 +399,7 @@ def train_all(
             "n_trending": sources.n_trending,
             "n_new": sources.n_new,
             "n_rising": sources.n_rising,
+            "n_co": sources.n_co,
         }
         save_ranker(models_dir / RANKER, knet, kconfig)
         histories["ranker (two-tower)"] = khistory

@@ -120,7 +120,10 @@ def build_reranker(settings: Settings) -> Reranker | None:
         log.info("ranker: trained %s from %s", ranker.model_version, path)
         return Reranker(
             ranker,
-            CandidateSources(ranker.new_item_stats(), **ranker.candidate_pools),
+            CandidateSources(
+                ranker.new_item_stats(),
+                **{**ranker.candidate_pools, "n_co": settings.n_co_candidates},
+            ),
             build_rating_model(settings),
         )
     log.info("ranker: none, candidates ranked by cosine (%s)", _why(settings, RANKER))

@@ -56,7 +56,7 @@ User feature columns (``USER_FEATURE_NAMES``, float32):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -265,6 +265,12 @@ class ItemStats:
         self._sum = 0.0
         self._last_day: float | None = None
         self._top_co: dict[MovieId, dict[MovieId, int]] = {}
+        # Read-side reverse index of the top co-rated movies: per movie r, the movies m
+        # that keep r among their most co-rated, weighted co(m, r) / sqrt(n_m). Movies
+        # whose statistics changed since it was read are re-indexed on the next read.
+        self._followers: dict[MovieId, dict[MovieId, float]] = {}
+        self._indexed: dict[MovieId, tuple[MovieId, ...]] = {}
+        self._stale: set[MovieId] = set()
         # Read-side caches of the decayed counts, rebuilt when a movie changes.
         self._decayed: tuple[list[MovieId], np.ndarray, np.ndarray] | None = None
 
@@ -378,6 +384,7 @@ class ItemStats:
             self._n -= old.count
             self._sum -= old.rating_sum
         self._top_co.pop(movie_id, None)
+        self._stale.add(movie_id)
         self._decayed = None
         return old
 
@@ -497,6 +504,59 @@ class ItemStats:
         order = sorted(chosen, key=lambda i: (-counts[i], ids[i]))
         return [ids[i] for i in order[:n]]
 
+    def _top_co_of(self, movie_id: MovieId, entry: MovieStats) -> dict[MovieId, int]:
+        top = self._top_co.get(movie_id)
+        if top is None:
+            top = self._top_co[movie_id] = entry.top_co()
+        return top
+
+    def _reindex(self) -> None:
+        """Bring the reverse co-rating index up to date with the changed movies."""
+        followers, items = self._followers, self._items
+        for movie_id in self._stale:
+            for other in self._indexed.pop(movie_id, ()):
+                followed = followers[other]
+                del followed[movie_id]
+                if not followed:
+                    del followers[other]
+            entry = items.get(movie_id)
+            if entry is None or entry.count == 0:
+                continue
+            top = self._top_co_of(movie_id, entry)
+            scale = 1.0 / math.sqrt(entry.count)
+            for other, co in top.items():
+                followers.setdefault(other, {})[movie_id] = co * scale
+            self._indexed[movie_id] = tuple(top)
+        self._stale.clear()
+
+    def co_candidates(
+        self, recent: Sequence[MovieId], n: int, exclude: Collection[MovieId] = ()
+    ) -> list[MovieId]:
+        """The ``n`` movies with the highest ``co_scores`` (before standardising) for a
+        user who lately rated ``recent``, highest first (ties: the smaller id first),
+        leaving out ``exclude``; only movies co-rated with one of them can score, so
+        fewer when few are."""
+        window = list(recent)[-CO_RATED_WINDOW:]
+        if n <= 0 or not window:
+            return []
+        if self._stale:
+            self._reindex()
+        items = self._items
+        totals: dict[MovieId, float] = {}
+        for r in window:
+            entry = items.get(r)
+            followed = self._followers.get(r)
+            if entry is None or entry.count == 0 or not followed:
+                continue
+            weight = 1.0 / math.sqrt(entry.count)
+            for movie_id, value in followed.items():
+                totals[movie_id] = totals.get(movie_id, 0.0) + value * weight
+        ranked = sorted(
+            (pair for pair in totals.items() if pair[0] not in exclude),
+            key=lambda pair: (-pair[1], pair[0]),
+        )
+        return [movie_id for movie_id, _ in ranked[:n]]
+
     def co_scores(self, recent: Sequence[MovieId], movie_ids: Sequence[MovieId]) -> np.ndarray:
         """Per movie, ``Σ_r co(movie, r) / sqrt(n_movie * n_r)`` over ``recent`` (a user's
         latest rated movies; the last ``CO_RATED_WINDOW`` are read), with ``co`` the
@@ -515,9 +575,7 @@ class ItemStats:
             entry = items.get(movie_id)
             if entry is None or entry.count == 0:
                 continue
-            top = self._top_co.get(movie_id)
-            if top is None:
-                top = self._top_co[movie_id] = entry.top_co()
+            top = self._top_co_of(movie_id, entry)
             total = sum(top.get(r, 0) / math.sqrt(n) for r, n in counts.items())
             out[row] = total / math.sqrt(entry.count)
         # Equal scores carry no signal; float rounding may leave them a spread of ~1e-17.

@@ -68,6 +68,11 @@ class CandidateSources:
     """Candidates added from the most-rated movies of the last day or so
     (``ItemStats.rising``): a release everyone is rating now, long before its
     long-memory count makes it trending."""
+    n_co: int = 0
+    """Candidates added per user from the movies most co-rated with what the user lately
+    rated (``ItemStats.co_candidates``, the ``co_score`` order): who rated what together
+    finds movies that neither the content vectors nor popularity bring near. The
+    services set it (``REELSTREAM_CO_CANDIDATES``); the ranker learns without it."""
 
     def learn(self, ratings: Sequence[Rating], co_rated: Sequence[Sequence[MovieId]]) -> None:
         """The item statistics learn these ratings, in order; ``co_rated``: per rating,
@@ -90,6 +95,15 @@ class CandidateSources:
             rising = [m for m in stats.rising(self.n_rising + spare) if m in catalogue]
             pools.append((rising, self.n_rising))
         return pools
+
+    def user_pool(
+        self, recent: Sequence[MovieId], catalogue: Catalogue, exclude: Collection[MovieId]
+    ) -> tuple[list[MovieId], int]:
+        """The per-user candidate source (``n_co``), as a pool of ``pools``."""
+        if self.n_co <= 0:
+            return [], 0
+        co = self.item_stats.co_candidates(recent, 2 * self.n_co, exclude)
+        return [m for m in co if m in catalogue], self.n_co
 
     def features(
         self,
@@ -261,20 +275,24 @@ def retrieve_batch(
     catalogue: Catalogue,
     keep: int,
     sources: CandidateSources | None = None,
+    recents: Sequence[Sequence[MovieId]] | None = None,
 ) -> list[tuple[list[MovieId], np.ndarray]]:
     """The candidates of each user, with one index search: the ``keep`` movies most
     similar to the user vector that are not excluded, then (with ``sources``) the
-    trending and newest movies (``merge_candidates``). Per user: ``(candidates, cosine
-    similarities of the first ones)``, the similarities only for the cosine neighbours.
-    The ranker's training builds its examples with this same function.
+    trending and newest movies and, given the user's latest rated movies (``recents``),
+    the movies most co-rated with them (``merge_candidates``). Per user: ``(candidates,
+    cosine similarities of the first ones)``, the similarities only for the cosine
+    neighbours. The ranker's training builds its examples with this same function.
 
     Raises:
         ConfigurationError: the vectors' dimension is not the catalogue's.
-        ValueError: ``excludes`` does not have one entry per user vector.
+        ValueError: ``excludes`` or ``recents`` does not have one entry per user vector.
     """
     queries = np.asarray(user_vectors, dtype=np.float32)
     if len(excludes) != len(queries):
         raise ValueError(f"{len(queries)} user vectors but {len(excludes)} exclude sets")
+    if recents is not None and len(recents) != len(queries):
+        raise ValueError(f"{len(queries)} user vectors but {len(recents)} recent lists")
     index = catalogue.index
     if index is None or len(queries) == 0:
         return [([], np.zeros(0, dtype=np.float32)) for _ in range(len(queries))]
@@ -291,7 +309,10 @@ def retrieve_batch(
             out.append(([], np.zeros(0, dtype=np.float32)))
             continue
         first = [ids[row][j] for j in picked]
-        out.append((merge_candidates(first, pools, exclude), scores[row, picked]))
+        mine = pools
+        if sources is not None and recents is not None:
+            mine = [*pools, sources.user_pool(recents[row], catalogue, exclude)]
+        out.append((merge_candidates(first, mine, exclude), scores[row, picked]))
     return out
 
 
@@ -314,7 +335,8 @@ def recommend_batch(
     batch searches with the largest exclude, capped at the catalogue size), drop the
     excluded movies, keep the ``max(n_candidates, k)`` most similar; with a ``reranker``,
     add the trending and newest movies of its ``sources`` (``retrieve_batch``) and score
-    them all with it (relevance = its logits scaled to [0, 1] per list), and re-rank
+    them all with it (relevance = its logits scaled to [0, 1] per list; with ``recents``,
+    the movies most co-rated with them too), and re-rank
     them to ``k`` with MMR
     (``mmr_lambda`` 1.0 = pure relevance, 0.0 = pure diversity).
     An excluded movie is never returned: a user who has rated nearly everything gets
@@ -353,7 +375,7 @@ def recommend_batch(
     if recents is not None and len(recents) != len(queries):
         raise ValueError(f"{len(queries)} user vectors but {len(recents)} recent lists")
     sources = None if reranker is None else reranker.sources
-    retrieved = retrieve_batch(queries, excludes, catalogue, max(n_candidates, k), sources)
+    retrieved = retrieve_batch(queries, excludes, catalogue, max(n_candidates, k), sources, recents)
     lists: list[list[ScoredItem]] = []
     for row, (candidates, relevance) in enumerate(retrieved):
         if not candidates:

@@ -693,6 +693,37 @@ def test_co_scores_by_hand() -> None:
     np.testing.assert_allclose(stats.co_scores(["r1", "r2"], ["b", "a"]), [-1.0, 1.0])
 
 
+def test_co_candidates_follow_the_co_scores_and_their_changes() -> None:
+    stats = ItemStats()
+    t = MID_1998
+    stats.put("r1", MovieStats(count=2, rating_sum=8.0, last_day=days(t)))
+    stats.put("r2", MovieStats(count=1, rating_sum=3.0, last_day=days(t)))
+    stats.put("a", MovieStats(count=2, rating_sum=8.0, last_day=days(t), co={"r1": 2, "r2": 1}))
+    stats.put("b", MovieStats(count=1, rating_sum=4.0, last_day=days(t), co={"r1": 1}))
+    stats.put("c", MovieStats(count=3, rating_sum=9.0, last_day=days(t), co={"r2": 1}))
+    stats.put("d", MovieStats(count=3, rating_sum=9.0, last_day=days(t)))
+    everything = ["a", "b", "c", "d", "r1", "r2"]
+    scores = dict(zip(everything, stats.co_scores(["r1", "r2"], everything), strict=True))
+    listed = stats.co_candidates(["r1", "r2"], 10)
+    # Only movies co-rated with r1 or r2 are found, in co_scores order.
+    assert listed == ["a", "b", "c"]
+    assert [scores[m] for m in listed] == sorted((scores[m] for m in listed), reverse=True)
+    assert stats.co_candidates(["r1", "r2"], 2) == ["a", "b"]
+    assert stats.co_candidates(["r1", "r2"], 10, exclude={"a"}) == ["b", "c"]
+    assert stats.co_candidates(["r2"], 10) == ["a", "c"]
+    assert stats.co_candidates([], 10) == []
+    assert stats.co_candidates(["unknown", "d"], 10) == []
+    assert stats.co_candidates(["r1"], 0) == []
+    # A movie whose statistics change is re-indexed; a removed one is no longer found.
+    stats.put("d", MovieStats(count=1, rating_sum=4.0, last_day=days(t), co={"r2": 5}))
+    assert stats.co_candidates(["r2"], 10) == ["d", "a", "c"]
+    stats.remove("a")
+    assert stats.co_candidates(["r1", "r2"], 10) == ["d", "b", "c"]
+    # Only the last CO_RATED_WINDOW recent movies are read.
+    fillers = [f"f{i}" for i in range(CO_RATED_WINDOW)]
+    assert stats.co_candidates(["r2", *fillers], 10) == []
+
+
 def test_co_scores_are_zero_without_recent_or_spread() -> None:
     stats = ItemStats()
     stats.learn_many(["r", "a", "b", "c"], [4.0] * 4, [MID_1998] * 4, [[], ["r"], ["r"], []])

@@ -265,6 +265,28 @@ def test_retrieve_batch_takes_neighbours_then_trending_then_newest() -> None:
     assert [c for c, _ in plain] == [c[:5] for c, _ in out]
 
 
+def test_retrieve_batch_adds_each_users_most_co_rated_movies_last() -> None:
+    catalogue, _ = random_catalogue(30, seed=14, dated=True)
+    stats = rated_stats()
+    # m20 was rated after m0 twice and m21 once; m22 after m1 (the second user's).
+    stats.learn_many(
+        ["m20", "m20", "m21", "m22", "ghost"],
+        [4.0] * 5,
+        [datetime(1990, 6, 2, tzinfo=UTC)] * 5,
+        [["m0"], ["m0"], ["m0"], ["m1"], ["m0"]],
+    )
+    sources = CandidateSources(stats, n_trending=1, n_new=1, n_co=2)
+    queries = users(2, 15)
+    out = retrieve_batch(queries, [set(), {"m21"}], catalogue, 3, sources, [["m0"], ["m1"]])
+    plain = retrieve_batch(queries, [set(), {"m21"}], catalogue, 3, sources)
+    for (candidates, _), (before, _), co in zip(out, plain, [["m20", "m21"], ["m22"]], strict=True):
+        assert candidates[: len(before)] == before
+        assert candidates[len(before) :] == [m for m in co if m not in before]
+        assert "ghost" not in candidates  # co-rated, but not in the catalogue
+    with pytest.raises(ValueError, match="recent lists"):
+        retrieve_batch(queries, [set(), set()], catalogue, 3, sources, [["m0"]])
+
+
 def test_retrieve_batch_edge_cases() -> None:
     sources = CandidateSources(rated_stats(), n_trending=2, n_new=2)
     empty = retrieve_batch(users(2, 12), [(), ()], Catalogue(), 5, sources)
