@@ -24,7 +24,7 @@ from shared.events import (
 )
 from shared.exceptions import InvalidEventError, UnprocessableEventError
 from shared.kafka.message import Incoming, Outgoing, dead_letter
-from shared.models.item_stats import CO_RATED_WINDOW, ItemStats, MovieStats
+from shared.models.item_stats import CO_LONG_WINDOW, ItemStats, MovieStats
 from shared.models.recommend import Reranker, ScoredItem, newcomer_list, recommend_batch
 from shared.retrieval.catalogue import Catalogue, check_vector
 from shared.types import EventId, MovieId, UserId
@@ -321,7 +321,7 @@ def _recommend(
             [h.rated for h in history],
         ),
         histories=[(h.rated, h.ratings) for h in history],
-        recents=[h.rated[-CO_RATED_WINDOW:] for h in history],
+        recents=[h.rated[-CO_LONG_WINDOW:] for h in history],
     )
 
 

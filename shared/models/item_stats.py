@@ -37,9 +37,11 @@ The stream's time is event time, not the wall clock, so a replay of 1998 ratings
 1998's new releases as new. A movie never seen gets the features of a movie with no
 ratings: ``[0, 0, 0, 0, 1, age, new]``.
 
-The pair feature (``PAIR_FEATURE_NAMES``), of a user and a candidate: ``co_score``, how
+The pair features (``PAIR_FEATURE_NAMES``), of a user and a candidate: ``co_score``, how
 often the candidate was rated by users who had lately rated what this user lately rated
-(``ItemStats.co_scores``), standardised over the user's candidates.
+(``ItemStats.co_scores`` over the user's ``CO_RATED_WINDOW`` latest movies), standardised
+over the user's candidates; ``co_score_long``, the same over the user's
+``CO_LONG_WINDOW`` latest movies (their taste beyond the last few).
 
 User feature columns (``USER_FEATURE_NAMES``, float32):
 
@@ -79,7 +81,7 @@ ITEM_FEATURE_NAMES: tuple[str, ...] = (
 
 N_ITEM_FEATURES = len(ITEM_FEATURE_NAMES)
 
-PAIR_FEATURE_NAMES: tuple[str, ...] = ("co_score",)
+PAIR_FEATURE_NAMES: tuple[str, ...] = ("co_score", "co_score_long")
 """Feature columns of a (user, movie) pair rather than of the movie alone, appended to
 the item features of each candidate (see the module docstring)."""
 
@@ -117,6 +119,9 @@ CO_RATED_WINDOW = 10
 """How many of a rater's latest earlier-rated movies a rating counts as co-rated with
 the movie (``ItemRated.co_rated``), and how many of a user's latest rated movies
 ``co_scores`` reads."""
+
+CO_LONG_WINDOW = 50
+"""How many of a user's latest rated movies ``co_score_long`` reads."""
 
 CO_TOP = 50
 """How many co-rated movies a movie's published statistics keep: its most co-rated
@@ -557,14 +562,19 @@ class ItemStats:
         )
         return [movie_id for movie_id, _ in ranked[:n]]
 
-    def co_scores(self, recent: Sequence[MovieId], movie_ids: Sequence[MovieId]) -> np.ndarray:
+    def co_scores(
+        self,
+        recent: Sequence[MovieId],
+        movie_ids: Sequence[MovieId],
+        window: int = CO_RATED_WINDOW,
+    ) -> np.ndarray:
         """Per movie, ``Σ_r co(movie, r) / sqrt(n_movie * n_r)`` over ``recent`` (a user's
-        latest rated movies; the last ``CO_RATED_WINDOW`` are read), with ``co`` the
+        latest rated movies; the last ``window`` are read), with ``co`` the
         movie's ``CO_TOP`` most co-rated and ``n`` the rating counts; then standardised
         over ``movie_ids`` (zero mean, unit deviation; all 0 when they are all equal).
         float64 ``(len(movie_ids),)``."""
         out = np.zeros(len(movie_ids), dtype=np.float64)
-        window = list(recent)[-CO_RATED_WINDOW:]
+        window = list(recent)[-window:]
         if not window or not movie_ids:
             return out
         items = self._items

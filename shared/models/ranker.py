@@ -5,16 +5,16 @@ constant 1 appended, and an item tower, the sum of an MLP over the item vector a
 small MLP over the item's online features (``shared.models.item_stats`` documents the
 feature columns). The relevance of an item to a user is
 
-    score(u, i) = <e_u, e_i> + w * <u, v_i> + w_co * co(u, i)
+    score(u, i) = <e_u, e_i> + w * <u, v_i> + <w_co, co(u, i)>
 
 with a learned weight ``w`` on the plain cosine of the profile and item vectors: the
 ranker starts from what retrieval already knows and learns corrections (popularity,
 recency, activity) on top; the constant in ``e_u`` gives each item a user-independent
-bias from its features. ``co(u, i)`` is the pair feature ``co_score``, how often the
-movie was rated by users who had lately rated what the user lately rated, as a z-score
-(``ItemStats.co_scores``), with its own
-learned weight ``w_co``: the collaborative signal of who rated what together, which
-content vectors do not carry. Without it the score is one dot product of two towers
+bias from its features. ``co(u, i)`` are the pair features ``co_score`` and
+``co_score_long``, how often the movie was rated by users who had lately rated what the
+user rated among their 10 and 50 latest movies, as z-scores (``ItemStats.co_scores``),
+with learned weights ``w_co``: the collaborative signal of who rated what together,
+which content vectors do not carry. Without them the score is one dot product of two towers
 (``[e_u, w u]`` and ``[e_i, v]``), and the item tower is split so that the vector part
 is computed once per item and only the cheap feature part per candidate.
 The rating head is an MLP over ``(e_u * e_i, e_u, e_i, user features, item features,

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.models.item_stats import N_PAIR_FEATURES, ItemStats, user_features_batch
+from shared.models.item_stats import CO_LONG_WINDOW, N_PAIR_FEATURES, ItemStats, user_features_batch
 from shared.models.ranker import Ranker
 from shared.models.rating import RatingModel
 from shared.retrieval.catalogue import Catalogue
@@ -118,6 +118,7 @@ class CandidateSources:
         items = self.item_stats.features(movie_ids, catalogue.years(movie_ids))
         pair = np.zeros((len(movie_ids), N_PAIR_FEATURES), dtype=np.float32)
         pair[:, 0] = self.item_stats.co_scores(recent, movie_ids)
+        pair[:, 1] = self.item_stats.co_scores(recent, movie_ids, CO_LONG_WINDOW)
         return np.concatenate([items, pair], axis=1)
 
     def user_features(

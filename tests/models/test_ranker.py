@@ -51,17 +51,19 @@ def test_score_is_the_towers_plus_weighted_cosine_and_pair_columns(
 ) -> None:
     net = trained[0]
     users, ufeats, cands, cfeats = candidates(VALID, 3)
-    cfeats[..., -1] = np.random.default_rng(5).normal(size=cfeats.shape[:2])  # co_score
+    pairs = net.n_pair_features
+    assert pairs == 2
+    cfeats[..., -pairs:] = np.random.default_rng(5).normal(size=(*cfeats.shape[:2], pairs))
     scores = Ranker(net).score_batch(users, ufeats, cands, cfeats)
     with torch.no_grad():
         u, f = torch.from_numpy(users), torch.from_numpy(ufeats)
         v, g = torch.from_numpy(cands), torch.from_numpy(cfeats)
         e_u = net.user_embedding(u, f)
-        e_i = net.item_vector_tower(v) + net.item_feature_tower(g[..., :-1])
+        e_i = net.item_vector_tower(v) + net.item_feature_tower(g[..., :-pairs])
         assert (e_u[:, -1] == 1.0).all()  # the constant column: a per-item bias
         towers = (e_u[:, None, :] * e_i).sum(-1)
         cosine = net.cosine_weight * (v * u[:, None, :]).sum(-1)
-        expected = towers + cosine + net.pair_weight[0] * g[..., -1]
+        expected = towers + cosine + g[..., -pairs:] @ net.pair_weight
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5, atol=1e-5)
 
 

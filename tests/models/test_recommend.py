@@ -13,8 +13,10 @@ from shared.domain import Rating
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.exceptions import ConfigurationError
 from shared.models.item_stats import (
+    CO_LONG_WINDOW,
     N_CANDIDATE_FEATURES,
     N_ITEM_FEATURES,
+    PAIR_FEATURE_NAMES,
     ItemStats,
     co_rated,
     user_features_batch,
@@ -315,6 +317,25 @@ def test_candidate_sources_features() -> None:
         user_features_batch([2, 0, 1], [4.0, 3.5, 2.0], [stats.rated_offset(r) for r in rated]),
     )
     assert Reranker(small_ranker(), sources).item_stats is stats
+
+
+def test_the_pair_columns_read_the_short_and_the_long_window() -> None:
+    catalogue, _ = random_catalogue(30, dated=True)
+    stats = ItemStats()
+    moment = datetime(1998, 1, 1, tzinfo=UTC)
+    # m1 follows m0 (rated long ago by the user), m2 follows m20 (rated lately).
+    stats.learn_many(["m0", "m20"], [4.0, 4.0], [moment] * 2)
+    stats.learn_many(["m1", "m2", "m2"], [4.0] * 3, [moment] * 3, [["m0"], ["m20"], ["m20"]])
+    recent = ["m0", *(f"m{i}" for i in range(10, 21))]  # m0 is 12th from last
+    features = CandidateSources(stats).features(catalogue, ["m1", "m2", "m3"], recent)
+    pair = features[:, N_ITEM_FEATURES:]
+    assert PAIR_FEATURE_NAMES == ("co_score", "co_score_long")
+    np.testing.assert_allclose(pair[:, 0], stats.co_scores(recent, ["m1", "m2", "m3"]))
+    np.testing.assert_allclose(
+        pair[:, 1], stats.co_scores(recent, ["m1", "m2", "m3"], CO_LONG_WINDOW)
+    )
+    assert pair[0, 0] < 0 < pair[0, 1]  # m0 counts only in the long window
+    assert pair[1, 0] > 0 and pair[1, 1] > 0
 
 
 def rating(user: str, movie: str, day: int = 1) -> RatingSubmitted:

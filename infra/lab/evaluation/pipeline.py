@@ -67,7 +67,7 @@ from shared.handlers.user_profile import handle_ratings
 from shared.kafka.item_vectors import ItemVectors
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.models.item_encoder import ItemEncoder
-from shared.models.item_stats import CO_RATED_WINDOW, ItemStats
+from shared.models.item_stats import CO_LONG_WINDOW, ItemStats
 from shared.models.recommend import CandidateSources, Reranker
 from shared.models.updater import UserUpdater, shrunk_mean_rating
 from shared.retrieval.catalogue import Catalogue
@@ -205,7 +205,7 @@ class PipelineModel:
                     )[0],
                     index.vectors([movie_id]),
                     self._reranker.sources.features(
-                        self.catalogue, [movie_id], self._history[user_id].rated[-CO_RATED_WINDOW:]
+                        self.catalogue, [movie_id], self._history[user_id].rated[-CO_LONG_WINDOW:]
                     ),
                 )[0]
             )
