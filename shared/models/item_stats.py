@@ -574,11 +574,11 @@ class ItemStats:
         over ``movie_ids`` (zero mean, unit deviation; all 0 when they are all equal).
         float64 ``(len(movie_ids),)``."""
         out = np.zeros(len(movie_ids), dtype=np.float64)
-        window = list(recent)[-window:]
-        if not window or not movie_ids:
+        latest = list(recent)[-window:]
+        if not latest or not movie_ids:
             return out
         items = self._items
-        counts = {r: items[r].count for r in window if r in items and items[r].count > 0}
+        counts = {r: items[r].count for r in latest if r in items and items[r].count > 0}
         if not counts:
             return out
         for row, movie_id in enumerate(movie_ids):
