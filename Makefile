@@ -77,9 +77,10 @@ lint: venv ## ruff (lint and format check) and mypy
 doors: venv ## where the code crosses the layout's one-way doors (imports that point the wrong way)
 	@$(PY) -m infra.doors
 
-bench: venv data ## idle CPU, catalogue, ceiling, full speed, steady rates, RSS on the running stack (LIMIT=, RATES=, STEADY_S=)
-	@$(PY) -m infra.bench --json reports/bench.json $(if $(LIMIT),--limit $(LIMIT)) \
-		$(if $(RATES),--rates $(RATES)) $(if $(STEADY_S),--steady-s $(STEADY_S))
+bench: venv data ## idle CPU, catalogue, ceiling, full speed, steady rates, RSS on the running stack (LIMIT=, RATES=, STEADY_S=, INSTANCES=)
+	@$(PY) -m infra.bench --json reports/bench$(if $(filter-out 1,$(INSTANCES)),-x$(INSTANCES)).json \
+		$(if $(LIMIT),--limit $(LIMIT)) $(if $(filter command line,$(origin RATES)),--rates "$(RATES)") \
+		$(if $(STEADY_S),--steady-s $(STEADY_S)) $(if $(INSTANCES),--instances $(INSTANCES))
 
 chaos: venv data ## kill -9 services, restart the broker mid-replay; compare to an undisturbed run (LIMIT=, RATE=)
 	@$(PY) -m infra.chaos --json reports/chaos.json --limit $(or $(LIMIT),10000) \

@@ -25,6 +25,12 @@ One run measures, side by side on the same broker and machine:
 Then each process's peak RSS, the CPU seconds per 1,000 events of the full-speed pass,
 and the model versions of the lists. Measure on a fresh stack (``make down clean up``):
 the full-speed pass should meet users with no history.
+
+``--instances N`` runs every pass with N instances of each partitioned service: the
+bench starts N - 1 more of item-embedding, user-profile and the recommender beside the
+supervised ones (logs in ``var/log/<service>-bench-<i>.log``), waits until each has
+been assigned its share of the partitions, and stops them at the end. Two runs on fresh
+stacks, with 1 and 2 instances, give the throughput ratio of scaling out.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ SERVICES = ("ingest", "item-embedding", "user-profile", "recommender")
 BROKER = "broker (noida-db)"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 IDLE_S = 10.0
+INSTANCE_START_S = 180.0
+"""How long the bench waits for an extra instance to be assigned partitions."""
 NEW_MOVIES = 20
 """New movies published during each steady-rate pass."""
 READER_POLL_S = 0.05
@@ -185,6 +193,50 @@ def service_pids(settings: Settings) -> dict[str, int]:
     if broker_pid is not None:
         pids[BROKER] = broker_pid
     return pids
+
+
+def start_instances(settings: Settings, n: int) -> dict[str, subprocess.Popen[bytes]]:
+    """Starts ``n - 1`` more instances of each partitioned service (``--instances``) and
+    waits until every one logs its assignment. Their names are ``<service>-bench-<i>``."""
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    logs = stack.StackPaths(settings.var_dir).log_dir
+    for spec in stack.SERVICES:
+        if not spec.consumes:
+            continue
+        for i in range(1, n):
+            name = f"{spec.name}-bench-{i}"
+            env = {**stack.child_env(settings), "REELSTREAM_INSTANCE_ID": f"bench-{i}"}
+            log = (logs / f"{name}.log").open("wb")
+            started[name] = subprocess.Popen(
+                spec.argv(), env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+    deadline = time.monotonic() + INSTANCE_START_S
+    waiting = set(started)
+    while waiting:
+        for name in sorted(waiting):
+            if started[name].poll() is not None:
+                stop_instances(started)
+                sys.exit(f"{name} exited ({started[name].returncode}): see {logs}/{name}.log")
+            if b"assigned partitions=" in (logs / f"{name}.log").read_bytes():
+                waiting.discard(name)
+        if waiting and time.monotonic() > deadline:
+            stop_instances(started)
+            sys.exit(f"not assigned within {INSTANCE_START_S:g} s: {sorted(waiting)}")
+        time.sleep(0.5)
+    return started
+
+
+def stop_instances(started: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, then waits for each (SIGKILL after ``stack.STOP_TIMEOUT_S``)."""
+    for process in started.values():
+        if process.poll() is None:
+            process.terminate()
+    for process in started.values():
+        try:
+            process.wait(timeout=stack.STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def proc_usage(pid: int) -> tuple[float, float]:
@@ -423,12 +475,34 @@ def run(
     limit: int | None,
     rates: Sequence[float],
     steady_s: float,
+    instances: int = 1,
 ) -> dict[str, Any]:
     pids = service_pids(settings)
     if not pids:
         sys.exit("no running stack (supervisord) found: start it with `make up`")
     ratings = dataset.ratings[:limit]
     lists = Lists()
+    extra: dict[str, subprocess.Popen[bytes]] = {}
+    if instances > 1:
+        print(f"starting {instances - 1} more instance(s) of each service...", file=sys.stderr)
+        extra = start_instances(settings, instances)
+        pids.update({name: process.pid for name, process in extra.items()})
+    try:
+        return _passes(settings, dataset, ratings, lists, pids, rates, steady_s, instances)
+    finally:
+        stop_instances(extra)
+
+
+def _passes(
+    settings: Settings,
+    dataset: MovieLens,
+    ratings: Sequence[RatingSubmitted],
+    lists: Lists,
+    pids: dict[str, int],
+    rates: Sequence[float],
+    steady_s: float,
+    instances: int,
+) -> dict[str, Any]:
     print("idle...", file=sys.stderr)
     idle = measure_idle(pids)
     recommendations = Reader(settings, RECOMMENDATIONS, lists.take).start()
@@ -450,6 +524,7 @@ def run(
     return {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count()},
+        "instances_per_service": instances,
         "model_versions": sorted(lists.versions),
         # As this process reads them: the stack's own when `make up` ran with the same
         # environment.
@@ -485,12 +560,24 @@ def main() -> None:
         help="comma-separated offered loads (events/s) of the steady passes; empty: none",
     )
     parser.add_argument("--steady-s", type=float, default=60.0, help="seconds per steady pass")
+    parser.add_argument(
+        "--instances", type=int, default=1, help="instances of each partitioned service"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
+    if args.instances < 1:
+        parser.error("--instances must be at least 1")
     settings = Settings()
     dataset = load_movielens(args.dataset)
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    result = run(settings, dataset, limit=args.limit, rates=rates, steady_s=args.steady_s)
+    result = run(
+        settings,
+        dataset,
+        limit=args.limit,
+        rates=rates,
+        steady_s=args.steady_s,
+        instances=args.instances,
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.json is not None:

@@ -534,21 +534,18 @@ class ItemStats:
             self._indexed[movie_id] = tuple(top)
         self._stale.clear()
 
-    def co_candidates(
-        self, recent: Sequence[MovieId], n: int, exclude: Collection[MovieId] = ()
-    ) -> list[MovieId]:
-        """The ``n`` movies with the highest ``co_scores`` (before standardising) for a
-        user who lately rated ``recent``, highest first (ties: the smaller id first),
-        leaving out ``exclude``; only movies co-rated with one of them can score, so
-        fewer when few are."""
-        window = list(recent)[-CO_RATED_WINDOW:]
-        if n <= 0 or not window:
-            return []
+    def _co_totals(self, recent: Sequence[MovieId], window: int) -> dict[MovieId, float]:
+        """``Σ_r co(m, r) / sqrt(n_m * n_r)`` over the last ``window`` distinct movies
+        ``r`` of ``recent``, for every movie ``m`` that keeps one of them among its
+        ``CO_TOP`` most co-rated (the others score 0), from the reverse index."""
+        latest = list(dict.fromkeys(recent))[-window:]
+        if not latest:
+            return {}
         if self._stale:
             self._reindex()
         items = self._items
         totals: dict[MovieId, float] = {}
-        for r in window:
+        for r in latest:
             entry = items.get(r)
             followed = self._followers.get(r)
             if entry is None or entry.count == 0 or not followed:
@@ -556,6 +553,18 @@ class ItemStats:
             weight = 1.0 / math.sqrt(entry.count)
             for movie_id, value in followed.items():
                 totals[movie_id] = totals.get(movie_id, 0.0) + value * weight
+        return totals
+
+    def co_candidates(
+        self, recent: Sequence[MovieId], n: int, exclude: Collection[MovieId] = ()
+    ) -> list[MovieId]:
+        """The ``n`` movies with the highest ``co_scores`` (before standardising) for a
+        user who lately rated ``recent``, highest first (ties: the smaller id first),
+        leaving out ``exclude``; only movies co-rated with one of them can score, so
+        fewer when few are."""
+        if n <= 0:
+            return []
+        totals = self._co_totals(recent, CO_RATED_WINDOW)
         ranked = sorted(
             (pair for pair in totals.items() if pair[0] not in exclude),
             key=lambda pair: (-pair[1], pair[0]),
@@ -569,25 +578,16 @@ class ItemStats:
         window: int = CO_RATED_WINDOW,
     ) -> np.ndarray:
         """Per movie, ``Σ_r co(movie, r) / sqrt(n_movie * n_r)`` over ``recent`` (a user's
-        latest rated movies; the last ``window`` are read), with ``co`` the
+        latest rated movies; the last ``window`` distinct ones are read), with ``co`` the
         movie's ``CO_TOP`` most co-rated and ``n`` the rating counts; then standardised
         over ``movie_ids`` (zero mean, unit deviation; all 0 when they are all equal).
         float64 ``(len(movie_ids),)``."""
-        out = np.zeros(len(movie_ids), dtype=np.float64)
-        latest = list(recent)[-window:]
-        if not latest or not movie_ids:
-            return out
-        items = self._items
-        counts = {r: items[r].count for r in latest if r in items and items[r].count > 0}
-        if not counts:
-            return out
-        for row, movie_id in enumerate(movie_ids):
-            entry = items.get(movie_id)
-            if entry is None or entry.count == 0:
-                continue
-            top = self._top_co_of(movie_id, entry)
-            total = sum(top.get(r, 0) / math.sqrt(n) for r, n in counts.items())
-            out[row] = total / math.sqrt(entry.count)
+        if not movie_ids:
+            return np.zeros(0, dtype=np.float64)
+        totals = self._co_totals(recent, window)
+        out = np.fromiter(
+            (totals.get(m, 0.0) for m in movie_ids), dtype=np.float64, count=len(movie_ids)
+        )
         # Equal scores carry no signal; float rounding may leave them a spread of ~1e-17.
         std = float(out.std())
         if not math.isfinite(std) or std <= EQUAL_SPREAD * max(1.0, float(np.abs(out).max())):
