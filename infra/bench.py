@@ -29,7 +29,9 @@ the full-speed pass should meet users with no history.
 ``--instances N`` runs every pass with N instances of each partitioned service: the
 bench starts N - 1 more of item-embedding, user-profile and the recommender beside the
 supervised ones (logs in ``var/log/<service>-bench-<i>.log``), waits until each has
-been assigned its share of the partitions, and stops them at the end. Two runs on fresh
+been assigned its share of the partitions, and stops them at the end. With embedded
+Qdrant each extra item-embedding instance keeps a store of its own
+(``var/qdrant-<name>``); a Qdrant server (``QDRANT_URL``) is shared. Two runs on fresh
 stacks, with 1 and 2 instances, give the throughput ratio of scaling out.
 """
 
@@ -206,6 +208,9 @@ def start_instances(settings: Settings, n: int) -> dict[str, subprocess.Popen[by
         for i in range(1, n):
             name = f"{spec.name}-bench-{i}"
             env = {**stack.child_env(settings), "REELSTREAM_INSTANCE_ID": f"bench-{i}"}
+            if settings.qdrant_url is None:
+                # Embedded Qdrant has one owner per storage path; a server is shared.
+                env["QDRANT_PATH"] = str((settings.var_dir / f"qdrant-{name}").absolute())
             log = (logs / f"{name}.log").open("wb")
             started[name] = subprocess.Popen(
                 spec.argv(), env=env, stdout=log, stderr=subprocess.STDOUT
