@@ -269,7 +269,6 @@ class ItemStats:
         self._n = 0
         self._sum = 0.0
         self._last_day: float | None = None
-        self._top_co: dict[MovieId, dict[MovieId, int]] = {}
         # Read-side reverse index of the top co-rated movies: per movie r, the movies m
         # that keep r among their most co-rated, weighted co(m, r) / sqrt(n_m). Movies
         # whose statistics changed since it was read are re-indexed on the next read.
@@ -388,7 +387,6 @@ class ItemStats:
         if old is not None:
             self._n -= old.count
             self._sum -= old.rating_sum
-        self._top_co.pop(movie_id, None)
         self._stale.add(movie_id)
         self._decayed = None
         return old
@@ -509,12 +507,6 @@ class ItemStats:
         order = sorted(chosen, key=lambda i: (-counts[i], ids[i]))
         return [ids[i] for i in order[:n]]
 
-    def _top_co_of(self, movie_id: MovieId, entry: MovieStats) -> dict[MovieId, int]:
-        top = self._top_co.get(movie_id)
-        if top is None:
-            top = self._top_co[movie_id] = entry.top_co()
-        return top
-
     def _reindex(self) -> None:
         """Bring the reverse co-rating index up to date with the changed movies."""
         followers, items = self._followers, self._items
@@ -527,7 +519,7 @@ class ItemStats:
             entry = items.get(movie_id)
             if entry is None or entry.count == 0:
                 continue
-            top = self._top_co_of(movie_id, entry)
+            top = entry.top_co()
             scale = 1.0 / math.sqrt(entry.count)
             for other, co in top.items():
                 followers.setdefault(other, {})[movie_id] = co * scale

@@ -650,15 +650,21 @@ def test_published_stats_give_the_same_co_scores() -> None:
     np.testing.assert_allclose(scores, [-1.0, 1.0])
 
 
-def test_co_scores_by_hand() -> None:
+def co_rated_by_hand() -> ItemStats:
+    """r1 rated twice, r2 once; a rated twice (co: r1 twice, r2 once), b once (co: r1)."""
     stats = ItemStats()
     t = MID_1998
-    # r1 rated twice, r2 once; a rated twice (co: r1 twice, r2 once), b once (co: r1),
-    # c three times (no co-ratings).
     stats.put("r1", MovieStats(count=2, rating_sum=8.0, last_day=days(t)))
     stats.put("r2", MovieStats(count=1, rating_sum=3.0, last_day=days(t)))
     stats.put("a", MovieStats(count=2, rating_sum=8.0, last_day=days(t), co={"r1": 2, "r2": 1}))
     stats.put("b", MovieStats(count=1, rating_sum=4.0, last_day=days(t), co={"r1": 1}))
+    return stats
+
+
+def test_co_scores_by_hand() -> None:
+    stats = co_rated_by_hand()
+    t = MID_1998
+    # c rated three times, with no co-ratings.
     stats.put("c", MovieStats(count=3, rating_sum=9.0, last_day=days(t)))
     raw = np.array(
         [
@@ -694,12 +700,8 @@ def test_co_scores_by_hand() -> None:
 
 
 def test_co_candidates_follow_the_co_scores_and_their_changes() -> None:
-    stats = ItemStats()
+    stats = co_rated_by_hand()
     t = MID_1998
-    stats.put("r1", MovieStats(count=2, rating_sum=8.0, last_day=days(t)))
-    stats.put("r2", MovieStats(count=1, rating_sum=3.0, last_day=days(t)))
-    stats.put("a", MovieStats(count=2, rating_sum=8.0, last_day=days(t), co={"r1": 2, "r2": 1}))
-    stats.put("b", MovieStats(count=1, rating_sum=4.0, last_day=days(t), co={"r1": 1}))
     stats.put("c", MovieStats(count=3, rating_sum=9.0, last_day=days(t), co={"r2": 1}))
     stats.put("d", MovieStats(count=3, rating_sum=9.0, last_day=days(t)))
     everything = ["a", "b", "c", "d", "r1", "r2"]
