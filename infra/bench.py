@@ -14,7 +14,10 @@ One run measures, side by side on the same broker and machine:
    consumed, once every user's last rating has caused a list (lists are coalesced per
    user per micro-batch, so not every rating gets its own), and the ratio to the
    ceiling;
-5. **steady rates**: ratings offered at each ``--rates`` value for ``--steady-s``
+5. **quiet**: ``QUIET_RATINGS`` ratings one at a time, each after ``QUIET_GAP_S`` of
+   silence, when every consumer rests: produce to list, as a user rating on a quiet
+   stack sees it;
+6. **steady rates**: ratings offered at each ``--rates`` value for ``--steady-s``
    seconds (ML-100K order, all users, as new events), with new movies published
    meanwhile: latency from produce to the list consumed by the bench's own clocks,
    ``latency_ms`` of the same lists beside it, the rate achieved, and each new movie's
@@ -80,6 +83,10 @@ IDLE_S = 10.0
 INSTANCE_START_S = 180.0
 """How long the bench waits for an extra instance to be assigned partitions."""
 NEW_MOVIES = 20
+"""New movies published during each steady-rate pass."""
+QUIET_RATINGS = 15
+QUIET_GAP_S = 2.0
+"""The quiet pass: this many ratings, each after this long with nothing sent."""
 """New movies published during each steady-rate pass."""
 READER_POLL_S = 0.05
 READER_REST_S = 0.005
@@ -414,6 +421,29 @@ def new_movies(dataset: MovieLens, tag: str, n: int) -> list[MoviePublished]:
     ]
 
 
+def measure_quiet(settings: Settings, dataset: MovieLens, lists: Lists) -> dict[str, Any]:
+    """One rating at a time, each after ``QUIET_GAP_S`` of silence, when every consumer
+    of the stack rests: what a user who rates on a quiet stack waits for their list."""
+    ratings = as_new(dataset.ratings[::997], f"quiet-{uuid.uuid4().hex[:6]}", QUIET_RATINGS)
+    publisher = Publisher(settings)
+    sent: dict[str, float] = {}
+    started = time.time()
+    for rating in ratings:
+        time.sleep(QUIET_GAP_S)
+        sent[rating.event_id] = time.time()
+        publisher.publish(Outgoing(RATINGS, rating))
+        publisher.flush()
+        lists.wait_for({rating.event_id}, timeout_s=30)
+    _, bench_ms, field_ms = lists.of(sent, started)
+    return {
+        "ratings": len(ratings),
+        "gap_s": QUIET_GAP_S,
+        "latency_ms_bench": percentiles(bench_ms),
+        "latency_ms_field": percentiles(field_ms),
+        "lists_missing": len(ratings) - len(bench_ms),
+    }
+
+
 def measure_steady(
     settings: Settings,
     dataset: MovieLens,
@@ -518,6 +548,8 @@ def _passes(
         ceiling_result = measure_ceiling(settings, ratings)
         print("full speed...", file=sys.stderr)
         full = measure_full_speed(settings, ratings, lists, pids)
+        print("quiet...", file=sys.stderr)
+        quiet = measure_quiet(settings, dataset, lists)
         steady = []
         for rate in rates:
             print(f"steady {rate:g}/s for {steady_s:g}s...", file=sys.stderr)
@@ -546,6 +578,7 @@ def _passes(
             if full["events_per_s"] and ceiling_rate
             else None
         ),
+        "quiet": quiet,
         "steady": steady,
         "peak_rss_mib": {**rss, "total": round(sum(rss.values()), 1)},
     }

@@ -434,6 +434,12 @@ def check_offsets(target: Target) -> Outcome:
         total = sum(high - low for low, high in lows_highs)
         if total != 30:
             return failed(f"watermarks {lows_highs} count {total} records, 30 written")
+        # ListOffsets by timestamp: -1 is the end offset, -2 the start (IdlePacer asks so).
+        for stamp, which in ((-1, 1), (-2, 0)):
+            asked = [TopicPartition(name, p, stamp) for p in range(3)]
+            got_ends = [t.offset for t in consumer.offsets_for_times(asked, timeout=10)]
+            if got_ends != [pair[which] for pair in lows_highs]:
+                return failed(f"offsets_for_times({stamp}) gave {got_ends}, watermarks {lows_highs}")
         wanted = [
             TopicPartition(name, p, max(0, high // 2)) for p, (_, high) in enumerate(lows_highs)
         ]
@@ -466,7 +472,8 @@ def check_offsets(target: Target) -> Outcome:
     if first != expected:
         return failed(f"a new member resumed at {first}, committed {expected}")
     return passed(
-        "watermarks count 30 records; committed offsets read back by committed() and "
+        "watermarks count 30 records and offsets_for_times(-1/-2) agree with them; "
+        "committed offsets read back by committed() and "
         "ListConsumerGroupOffsets; a new member resumes at them"
     )
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from shared.config import Settings
@@ -63,3 +63,26 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
 
 def make_admin(settings: Settings) -> AdminClient:
     return AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+
+
+LATEST, EARLIEST = -1, -2
+"""The ListOffsets timestamps that ask for a partition's end and start offsets."""
+
+
+def list_offsets(
+    consumer: Consumer, partitions: list[tuple[str, int]], which: int, timeout_s: float
+) -> dict[tuple[str, int], int]:
+    """The end (``LATEST``) or start (``EARLIEST``) offset of each (topic, partition), in
+    one ListOffsets request per broker: ``offsets_for_times`` with the timestamp -1 or -2,
+    which the Kafka protocol defines as latest and earliest (the conformance check
+    ``offsets`` holds a broker to it). ``get_watermark_offsets`` asks one partition per
+    request. Raises ``KafkaException`` when the broker cannot say."""
+    if not partitions:
+        return {}
+    asked = [TopicPartition(topic, partition, which) for topic, partition in partitions]
+    offsets: dict[tuple[str, int], int] = {}
+    for tp in consumer.offsets_for_times(asked, timeout=timeout_s):
+        if tp.error is not None:
+            raise KafkaException(tp.error)
+        offsets[(tp.topic, tp.partition)] = tp.offset
+    return offsets

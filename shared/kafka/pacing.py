@@ -8,7 +8,7 @@ spins its fetcher thread at about a third of a core, and the broker with it.
 
 ``IdlePacer`` keeps that off on the client side, on any broker. After a poll that
 returned nothing, it asks the broker for the end offsets of the consumer's partitions
-(``get_watermark_offsets``, one small request each). If none has a message beyond the
+(one ListOffsets request for all of them). If none has a message beyond the
 consumer's position, their fetching is paused (no Fetch goes out) for a rest that
 doubles from ``FIRST_REST_S`` up to ``max_rest_s``, and after each rest the end offsets
 are asked again; fetching resumes as soon as a partition has news. A message that
@@ -31,6 +31,8 @@ import logging
 import threading
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from shared.kafka.client import EARLIEST, LATEST, list_offsets
 
 log = logging.getLogger(__name__)
 
@@ -138,24 +140,28 @@ class IdlePacer:
 
     def _has_news(self) -> bool:
         """Whether a partition of the assignment has a message beyond the consumer's
-        position (True when the broker cannot be asked: let the poll report why)."""
+        position (True when the broker cannot be asked: let the poll report why). One
+        request asks for every partition's end offset."""
         try:
             assigned: list[TopicPartition] = self._consumer.assignment()
+            ends = list_offsets(
+                self._consumer,
+                [(tp.topic, tp.partition) for tp in assigned],
+                LATEST,
+                WATERMARK_TIMEOUT_S,
+            )
             for tp in self._consumer.position(assigned):
-                low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(tp.topic, tp.partition),
-                    timeout=WATERMARK_TIMEOUT_S,
-                    cached=False,
-                )
-                position = tp.offset if tp.offset >= 0 else self._start(tp, low)
-                if high > position:
+                end = ends.get((tp.topic, tp.partition), -1)
+                if end < 0:
+                    return True
+                if end > (tp.offset if tp.offset >= 0 else self._start(tp)):
                     return True
         except KafkaException as exc:
             log.debug("end offsets unknown (%s): fetching goes on", exc)
             return True
         return False
 
-    def _start(self, tp: TopicPartition, low: int) -> int:
+    def _start(self, tp: TopicPartition) -> int:
         """Where a partition not consumed yet starts: its committed offset, else the
         log start (``auto.offset.reset=earliest``)."""
         key = (tp.topic, tp.partition)
@@ -164,6 +170,6 @@ class IdlePacer:
                 [TopicPartition(tp.topic, tp.partition)], timeout=WATERMARK_TIMEOUT_S
             )[0].offset
             if committed < 0:
-                return low
+                return list_offsets(self._consumer, [key], EARLIEST, WATERMARK_TIMEOUT_S)[key]
             self._committed[key] = committed
-        return max(self._committed[key], low)
+        return self._committed[key]

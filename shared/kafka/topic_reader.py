@@ -27,7 +27,7 @@ from confluent_kafka import (
 from shared.config import Settings
 from shared.events import Event, TopicSpec
 from shared.exceptions import InvalidEventError
-from shared.kafka.client import make_consumer
+from shared.kafka.client import EARLIEST, LATEST, list_offsets, make_consumer
 from shared.kafka.message import Incoming, Source, parse
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ RETRY_MAX_S = 5.0
 
 _POLL_S = 0.1
 """Longest wait (seconds) of one poll while reading to the ends."""
+
+END_QUERY_TIMEOUT_S = 10.0
+"""Timeout of one request for the partitions' start or end offsets."""
 
 UNHEALTHY_AFTER_S = 10.0
 """A reader failing for this long (seconds) is reported unhealthy."""
@@ -162,7 +165,7 @@ class TopicReader:
                     self._wake.clear()
                     self._rounds_begun += 1
                     this_round = self._rounds_begun
-                behind = [p for p, at in positions.items() if self._has_news(consumer, p, at)]
+                behind = self._behind(consumer, positions)
                 if behind:
                     self._read_to_end(consumer, behind, positions)
                 with self._rounds:
@@ -180,11 +183,18 @@ class TopicReader:
         finally:
             consumer.close()
 
-    def _has_news(self, consumer: Consumer, partition: int, position: int) -> bool:
-        low, high = consumer.get_watermark_offsets(
-            TopicPartition(self._topic, partition), timeout=10, cached=False
-        )
-        return high > (low if position == OFFSET_BEGINNING else position)
+    def _behind(self, consumer: Consumer, positions: dict[int, int]) -> list[int]:
+        """The partitions with messages beyond ``positions`` (one request for the end
+        offsets of all, and one for the start offsets of those not read yet)."""
+        keys = [(self._topic, p) for p in positions]
+        ends = list_offsets(consumer, keys, LATEST, END_QUERY_TIMEOUT_S)
+        fresh = [(self._topic, p) for p, at in positions.items() if at == OFFSET_BEGINNING]
+        starts = list_offsets(consumer, fresh, EARLIEST, END_QUERY_TIMEOUT_S)
+        return [
+            p
+            for p, at in positions.items()
+            if ends[(self._topic, p)] > starts.get((self._topic, p), at)
+        ]
 
     def _read_to_end(
         self, consumer: Consumer, partitions: list[int], positions: dict[int, int]
