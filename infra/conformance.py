@@ -439,7 +439,9 @@ def check_offsets(target: Target) -> Outcome:
             asked = [TopicPartition(name, p, stamp) for p in range(3)]
             got_ends = [t.offset for t in consumer.offsets_for_times(asked, timeout=10)]
             if got_ends != [pair[which] for pair in lows_highs]:
-                return failed(f"offsets_for_times({stamp}) gave {got_ends}, watermarks {lows_highs}")
+                return failed(
+                    f"offsets_for_times({stamp}) gave {got_ends}, watermarks {lows_highs}"
+                )
         wanted = [
             TopicPartition(name, p, max(0, high // 2)) for p, (_, high) in enumerate(lows_highs)
         ]
