@@ -76,7 +76,7 @@ from shared.kafka.pacing import IdlePacer
 from shared.kafka.publisher import Publisher
 from shared.replay import Pacer, replay, wait_until_embedded
 
-SERVICES = ("ingest", "item-embedding", "user-profile", "recommender")
+SERVICES = tuple(spec.name for spec in stack.SERVICES)
 BROKER = "broker (noida-db)"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 IDLE_S = 10.0

@@ -81,7 +81,7 @@ def fresh_settings(root: Path, name: str, **overrides: Any) -> Settings:
         "var_dir": base / "var",
         "qdrant_path": base / "qdrant",
         "ingest_http_port": broker.free_port(),
-        "recommender_http_port": broker.free_port(),
+        "api_http_port": broker.free_port(),
         "qdrant_url": None,
     }
     values.update(overrides)

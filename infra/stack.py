@@ -189,8 +189,9 @@ INGEST = ServiceSpec("ingest", "services.ingest", "serve", consumes=False)
 ITEM_EMBEDDING = ServiceSpec("item-embedding", "services.item_embedding", "worker")
 USER_PROFILE = ServiceSpec("user-profile", "services.user_profile", "worker")
 RECOMMENDER = ServiceSpec("recommender", "services.recommender", "worker")
+API = ServiceSpec("api", "services.api", "serve", consumes=False)
 
-SERVICES: tuple[ServiceSpec, ...] = (INGEST, ITEM_EMBEDDING, USER_PROFILE, RECOMMENDER)
+SERVICES: tuple[ServiceSpec, ...] = (INGEST, ITEM_EMBEDDING, USER_PROFILE, RECOMMENDER, API)
 """Every service ``up`` starts, in start order (docker-compose.yml runs the same set)."""
 
 
@@ -971,6 +972,7 @@ def next_steps(settings: Settings, address: str) -> str:
     """What a user can do once the stack is up."""
     prefix = f" (topic prefix {settings.topic_prefix!r})" if settings.topic_prefix else ""
     gateway = f"http://127.0.0.1:{settings.ingest_http_port}"
+    api = f"http://127.0.0.1:{settings.api_http_port}"
     logs = StackPaths(settings.var_dir).log_dir
     steps = [
         ["make replay LIMIT=5000 RATE=1000", "publish the ML-100K movies, then ratings"],
@@ -978,6 +980,8 @@ def next_steps(settings: Settings, address: str) -> str:
         ["python -m infra.stack tail --user 42", "... of one user (--from-beginning: all)"],
         ["python -m services.ingest publish-rating 42 50 4.5", "rate a movie by hand"],
         [f"POST {gateway}/ratings", "the same over HTTP (also /movies, GET /health)"],
+        ["python -m services.api recommend --user 42", "a user's current list (also similar)"],
+        [f"GET {api}/users/42/recommendations", "the same over HTTP (API docs: /docs)"],
         ["make status", f"readiness and consumer lag (logs in {_shown(logs)})"],
         ["make down", "stop the stack"],
     ]

@@ -177,7 +177,12 @@ class Settings(BaseSettings):
     """Where the local stack keeps broker data, logs and pid files [REELSTREAM_VAR_DIR]."""
 
     ingest_http_port: int = Field(8080, validation_alias="INGEST_HTTP_PORT")
-    recommender_http_port: int = Field(8081, validation_alias="RECOMMENDER_HTTP_PORT")
+    api_http_port: int = Field(8081, validation_alias="API_HTTP_PORT")
+    """Port of the read API (``python -m services.api serve``) [API_HTTP_PORT]."""
+
+    api_host: str = Field("127.0.0.1", validation_alias="API_HOST")
+    """Address the read API listens on; the default answers this machine only
+    [API_HOST]."""
 
     def topic(self, name: str) -> str:
         """The physical topic name for a logical one (adds ``topic_prefix``)."""

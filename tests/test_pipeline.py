@@ -89,7 +89,7 @@ def running(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         var_dir=var / "var",
         qdrant_path=var / "qdrant",
         ingest_http_port=broker.free_port(),
-        recommender_http_port=broker.free_port(),
+        api_http_port=broker.free_port(),
         rating_wait_s=5.0,
         max_message_bytes=20_000,
         # The expectations below are written for the baseline models on a toy catalogue;

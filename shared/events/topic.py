@@ -47,7 +47,7 @@ ITEM_FEEDBACK = TopicSpec("item-feedback", ItemRated, "movie_id", compacted=Fals
 ITEM_FEATURES = TopicSpec("item-features", ItemFeaturesUpdated, "movie_id", compacted=True)
 USER_PROFILES = TopicSpec("user-profiles", UserProfileUpdated, "user_id", compacted=True)
 RECOMMENDATIONS = TopicSpec(
-    "recommendations", RecommendationsGenerated, "user_id", compacted=False, user_facing=True
+    "recommendations", RecommendationsGenerated, "user_id", compacted=True, user_facing=True
 )
 DEAD_LETTERS = TopicSpec("dead-letters", DeadLetter, "key", compacted=False)
 

@@ -65,8 +65,13 @@ class IdlePacer:
         """Paused while resting: the whole assignment."""
         self._drained: list[TopicPartition] = []
         """Paused while a batch is processed: the partitions read to their end."""
-        self._committed: dict[tuple[str, int], int] = {}
-        """Committed offsets of partitions not consumed yet (no position)."""
+        self._starts: dict[tuple[str, int], int] = {}
+        """Where each partition not consumed yet (no position) starts: its committed
+        offset, else its log start. Asked once per assignment, and again after news it
+        suggested came to nothing (a log start only grows)."""
+        self._assigned: frozenset[tuple[str, int]] = frozenset()
+        self._suggested = False
+        """Whether the last end-offset check found news."""
 
     @property
     def paused(self) -> frozenset[tuple[str, int]]:
@@ -93,10 +98,13 @@ class IdlePacer:
         if found:
             self._resume()
             self._rest_s = 0.0
-            self._committed.clear()
+            self._suggested = False
             self._pause_drained()
             return
-        if self._has_news():
+        if self._suggested:  # the news it saw did not come: ask the starts again
+            self._starts.clear()
+        self._suggested = self._has_news()
+        if self._suggested:
             self._resume()
             return
         self._rest_s = min(max(self._rest_s * 2, FIRST_REST_S), self._max_rest_s)
@@ -144,6 +152,10 @@ class IdlePacer:
         request asks for every partition's end offset."""
         try:
             assigned: list[TopicPartition] = self._consumer.assignment()
+            keys = frozenset((tp.topic, tp.partition) for tp in assigned)
+            if keys != self._assigned:  # a rebalance: committed offsets may have moved
+                self._assigned = keys
+                self._starts.clear()
             ends = list_offsets(
                 self._consumer,
                 [(tp.topic, tp.partition) for tp in assigned],
@@ -165,11 +177,13 @@ class IdlePacer:
         """Where a partition not consumed yet starts: its committed offset, else the
         log start (``auto.offset.reset=earliest``)."""
         key = (tp.topic, tp.partition)
-        if key not in self._committed:
+        if key not in self._starts:
             committed = self._consumer.committed(
                 [TopicPartition(tp.topic, tp.partition)], timeout=WATERMARK_TIMEOUT_S
             )[0].offset
-            if committed < 0:
-                return list_offsets(self._consumer, [key], EARLIEST, WATERMARK_TIMEOUT_S)[key]
-            self._committed[key] = committed
-        return self._committed[key]
+            self._starts[key] = (
+                committed
+                if committed >= 0
+                else list_offsets(self._consumer, [key], EARLIEST, WATERMARK_TIMEOUT_S)[key]
+            )
+        return self._starts[key]

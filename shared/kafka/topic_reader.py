@@ -185,11 +185,15 @@ class TopicReader:
 
     def _behind(self, consumer: Consumer, positions: dict[int, int]) -> list[int]:
         """The partitions with messages beyond ``positions`` (one request for the end
-        offsets of all, and one for the start offsets of those not read yet)."""
+        offsets of all; one for the start offsets of those never read, which, when
+        empty, are then positioned at their start, so that it is asked once)."""
         keys = [(self._topic, p) for p in positions]
         ends = list_offsets(consumer, keys, LATEST, END_QUERY_TIMEOUT_S)
         fresh = [(self._topic, p) for p, at in positions.items() if at == OFFSET_BEGINNING]
         starts = list_offsets(consumer, fresh, EARLIEST, END_QUERY_TIMEOUT_S)
+        for key, start in starts.items():
+            if start >= 0 and ends[key] == start:
+                positions[key[1]] = start
         return [
             p
             for p, at in positions.items()

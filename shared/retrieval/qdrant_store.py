@@ -145,6 +145,40 @@ class QdrantStore:
         )
         return [(str((p.payload or {})["movie_id"]), float(p.score)) for p in result.points]
 
+    def similar(
+        self,
+        movie_id: MovieId,
+        k: int,
+        *,
+        genre: str | None = None,
+        year: int | None = None,
+    ) -> list[tuple[MovieId, float]]:
+        """The ``k`` movies nearest to ``movie_id``'s point (Qdrant's query by point id,
+        which leaves that point out), best first, as (movie_id, score); only movies of
+        ``genre`` and of ``year`` when given. Empty for a movie not in the store."""
+        if k < 1:
+            return []
+        conditions: list[models.Condition] = []
+        if genre is not None:
+            conditions.append(
+                models.FieldCondition(key="genres", match=models.MatchValue(value=genre))
+            )
+        if year is not None:
+            conditions.append(
+                models.FieldCondition(key="year", match=models.MatchValue(value=year))
+            )
+        point = point_id(movie_id)
+        if not self._client.retrieve(self._collection, [point], with_payload=False):
+            return []
+        result = self._client.query_points(
+            self._collection,
+            query=point,
+            limit=k,
+            query_filter=models.Filter(must=conditions) if conditions else None,
+            with_payload=["movie_id"],
+        )
+        return [(str((p.payload or {})["movie_id"]), float(p.score)) for p in result.points]
+
     def count(self) -> int:
         """Number of points (movies) in the collection."""
         return int(self._client.count(self._collection, exact=True).count)

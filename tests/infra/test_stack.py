@@ -33,7 +33,7 @@ def stack_env(bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         "REELSTREAM_VAR_DIR": str(tmp_path / "var"),
         "QDRANT_PATH": str(tmp_path / "qdrant"),
         "INGEST_HTTP_PORT": str(broker.free_port()),
-        "RECOMMENDER_HTTP_PORT": str(broker.free_port()),
+        "API_HTTP_PORT": str(broker.free_port()),
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
@@ -122,7 +122,7 @@ def own_broker_stack(tmp_path: Path) -> Iterator[Settings]:
         var_dir=tmp_path / "var",
         qdrant_path=tmp_path / "qdrant",
         ingest_http_port=broker.free_port(),
-        recommender_http_port=broker.free_port(),
+        api_http_port=broker.free_port(),
     )
     lines: list[str] = []
     try:

@@ -100,7 +100,7 @@ def running(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         var_dir=var / "var",
         qdrant_path=var / "qdrant",
         ingest_http_port=broker.free_port(),
-        recommender_http_port=broker.free_port(),
+        api_http_port=broker.free_port(),
         top_k=20,
         rating_wait_s=30.0,
     )

@@ -1,0 +1,1 @@
+"""The read API service: users' current lists, movies and their neighbours over HTTP."""
