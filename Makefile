@@ -25,7 +25,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 REPLAY_ARGS := $(if $(LIMIT),--limit $(LIMIT)) $(if $(RATE),--rate $(RATE)) \
 	$(if $(TIME_SCALE),--time-scale $(TIME_SCALE))
 
-.PHONY: help venv data up down status recs replay test test-fast lint doors bench chaos eval eval-stream train \
+.PHONY: help venv data up down status recs dead-letters replay test test-fast lint doors bench chaos eval eval-stream train \
 	ablation up-docker down-docker clean distclean
 
 help: ## list the targets
@@ -59,6 +59,9 @@ status: venv ## supervisord's state of each program (restarts, uptime), readines
 
 recs: venv ## follow the recommendation lists as they are published
 	@$(PY) -m infra.stack tail
+
+dead-letters: venv ## print the dead letters (service, source, reason, payload), then follow new ones
+	@$(PY) -m infra.stack dead-letters
 
 replay: venv data ## replay ML-100K into the running stack (LIMIT=, RATE=, TIME_SCALE=)
 	@$(PY) -m services.ingest replay --dataset $(DATA_DIR) $(REPLAY_ARGS)

@@ -47,8 +47,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
+import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
@@ -64,9 +65,18 @@ from supervisor.xmlrpc import Faults, SupervisorTransport
 from infra import broker
 from infra.topics import ensure_topics, plan
 from shared.config import Settings
-from shared.events import RECOMMENDATIONS, RecommendationsGenerated, decode
+from shared.events import (
+    DEAD_LETTERS,
+    RECOMMENDATIONS,
+    DeadLetter,
+    Event,
+    RecommendationsGenerated,
+    TopicSpec,
+    decode,
+)
 from shared.exceptions import InvalidEventError, ReelstreamError
 from shared.kafka.client import make_admin, make_consumer
+from shared.metrics import metrics_file
 
 log = logging.getLogger(__name__)
 
@@ -1092,6 +1102,8 @@ class ServiceStatus:
     log: Path
     uptime_s: int | None = None
     """Seconds since the current process started; None when it does not run."""
+    metrics: str | None = None
+    """URL of its ``/metrics`` (also ``/healthz``, ``/readyz``), for a process that runs."""
     restarts: int | None = None
     """Starts after the first since supervisord started (:func:`restart_counts`)."""
 
@@ -1106,6 +1118,8 @@ class StackStatus:
     supervisord_pid: int | None
     broker: BrokerStatus
     services: tuple[ServiceStatus, ...]
+    dead_letters: Counter[tuple[str, str]] | None = None
+    """Dead letters per (service, source topic); None when the broker did not answer."""
 
 
 def consumer_lag(
@@ -1146,6 +1160,13 @@ def consumer_lag(
     finally:
         if owned:
             consumer.close()
+
+
+def _metrics_url(settings: Settings, name: str) -> str | None:
+    try:
+        return metrics_file(settings, name).read_text().strip() + "/metrics"
+    except OSError:
+        return None
 
 
 def _uptime(info: ProgramInfo) -> int | None:
@@ -1194,6 +1215,7 @@ def status(settings: Settings, *, timeout_s: float = 5.0) -> StackStatus:
                     lag=lag,
                     log=paths.log_file(spec.name),
                     uptime_s=_uptime(info),
+                    metrics=_metrics_url(settings, spec.name) if runs else None,
                     restarts=restarts.get(spec.name, 0) if info else None,
                 )
             )
@@ -1210,7 +1232,13 @@ def status(settings: Settings, *, timeout_s: float = 5.0) -> StackStatus:
         uptime_s=None if broker_info is None else _uptime(broker_info),
         restarts=None if broker_info is None else restarts.get(BROKER, 0),
     )
-    return StackStatus(supervisor, broker_status, tuple(rows))
+    letters = None
+    if reachable:
+        try:
+            letters = dead_letter_counts(settings, timeout_s=timeout_s)
+        except Exception as exc:  # a status report must not fail on one topic
+            log.warning("dead letters unavailable: %s", exc)
+    return StackStatus(supervisor, broker_status, tuple(rows), letters)
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
@@ -1245,7 +1273,7 @@ def format_status(report: StackStatus) -> str:
         owner = "not started by `make up`"
     reachable = "reachable" if b.reachable else "NOT reachable"
     lines.append(f"broker       {b.address}  {reachable}  ({owner})")
-    rows = [["SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "READY", "LAG", "GROUP"]]
+    rows = [["SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "READY", "LAG", "METRICS"]]
     for s in report.services:
         rows.append(
             [
@@ -1256,10 +1284,21 @@ def format_status(report: StackStatus) -> str:
                 "-" if s.restarts is None else str(s.restarts),
                 "yes" if s.ready else "no",
                 "-" if s.lag is None else str(s.lag),
-                s.group or "-",
+                s.metrics or "-",
             ]
         )
     lines += ["", table(rows)]
+    if report.dead_letters is not None:
+        total = sum(report.dead_letters.values())
+        parts = ", ".join(
+            f"{service} from {topic} {n}"
+            for (service, topic), n in sorted(report.dead_letters.items())
+        )
+        lines += [
+            "",
+            f"dead letters {total}"
+            + (f": {parts} (`make dead-letters` shows them)" if total else ""),
+        ]
     crashed = [s for s in report.services if s.crashed]
     if crashed:
         lines += ["", *(f"{s.name} {s.state}: see {s.log}" for s in crashed)]
@@ -1280,22 +1319,41 @@ def format_recommendations(event: RecommendationsGenerated) -> str:
     return "\n".join([head, *items])
 
 
-def tail(
+DEAD_LETTER_PAYLOAD_SHOWN = 300
+"""Characters of a dead letter's payload ``make dead-letters`` prints."""
+
+
+def format_dead_letter(letter: DeadLetter) -> str:
+    """One dead letter as a few readable lines: when, which service, where it came
+    from, why, and the start of its payload."""
+    where = f"{letter.source_topic}[{letter.partition}]@{letter.offset}"
+    payload = letter.payload if letter.payload_encoding == "utf-8" else f"(base64) {letter.payload}"
+    if len(payload) > DEAD_LETTER_PAYLOAD_SHOWN:
+        payload = payload[:DEAD_LETTER_PAYLOAD_SHOWN] + f"... ({len(payload)} characters)"
+    return "\n".join(
+        [
+            f"{letter.failed_at:%Y-%m-%d %H:%M:%S} {letter.service}  {where}  key {letter.key!r}",
+            f"  reason:  {letter.error}",
+            f"  payload: {payload}",
+        ]
+    )
+
+
+def follow(
     settings: Settings,
+    spec: TopicSpec,
+    show: Callable[[Event], str | None],
     *,
     from_beginning: bool = False,
-    users: Iterable[str] = (),
     limit: int | None = None,
     stop: threading.Event | None = None,
     out: Output = print,
 ) -> int:
-    """Print recommendation lists as they are published (only ``users``' when given),
-    until ``limit`` lists were printed or ``stop`` is set; returns how many were.
-
-    Reads without a consumer group commit, so it never disturbs the services.
-    """
-    wanted = {str(u) for u in users}
-    topic = settings.topic(RECOMMENDATIONS.name)
+    """Print each event of ``spec``'s topic as ``show`` writes it (None: skip it), from
+    the end (or the beginning), until ``limit`` were printed or ``stop`` is set; returns
+    how many were. Reads without a consumer group commit, so it never disturbs the
+    services."""
+    topic = settings.topic(spec.name)
     consumer = make_consumer(settings, f"reelstream-tail-{uuid.uuid4().hex}")
     stop = stop or threading.Event()
     shown = 0
@@ -1315,17 +1373,81 @@ def tail(
                     log.warning("topic=%s error=%s", topic, error)
                 continue
             try:
-                event = decode(RecommendationsGenerated, message.value())
+                event = decode(spec.record, message.value())
             except InvalidEventError as exc:
                 out(f"(invalid message p{message.partition()}@{message.offset()}: {exc})")
                 continue
-            if wanted and str(event.user_id) not in wanted:
-                continue
-            out(format_recommendations(event))
-            shown += 1
+            text = show(event)
+            if text is not None:
+                out(text)
+                shown += 1
     finally:
         consumer.close()
     return shown
+
+
+def tail(
+    settings: Settings,
+    *,
+    from_beginning: bool = False,
+    users: Iterable[str] = (),
+    limit: int | None = None,
+    stop: threading.Event | None = None,
+    out: Output = print,
+) -> int:
+    """Print recommendation lists as they are published (only ``users``' when given),
+    until ``limit`` lists were printed or ``stop`` is set; returns how many were."""
+    wanted = {str(u) for u in users}
+
+    def show(event: Event) -> str | None:
+        lists = cast(RecommendationsGenerated, event)
+        if wanted and str(lists.user_id) not in wanted:
+            return None
+        return format_recommendations(lists)
+
+    return follow(
+        settings,
+        RECOMMENDATIONS,
+        show,
+        from_beginning=from_beginning,
+        limit=limit,
+        stop=stop,
+        out=out,
+    )
+
+
+def dead_letter_counts(settings: Settings, timeout_s: float = 10.0) -> Counter[tuple[str, str]]:
+    """How many dead letters each (service, source topic) has sent, read from
+    ``dead-letters`` up to its current end (what ``timeout_s`` allows)."""
+    topic = settings.topic(DEAD_LETTERS.name)
+    consumer = make_consumer(
+        settings, f"reelstream-status-{uuid.uuid4().hex}", **{"enable.partition.eof": True}
+    )
+    counts: Counter[tuple[str, str]] = Counter()
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return counts
+        pending = set(metadata.partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for message in consumer.consume(1000, timeout=0.5):
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(message.partition())
+                    continue
+                try:
+                    letter = orjson.loads(message.value() or b"{}")
+                    source = str(letter.get("source_topic"))
+                    source = source.removeprefix(settings.topic_prefix)
+                    counts[(str(letter.get("service")), source)] += 1
+                except orjson.JSONDecodeError:
+                    counts[("?", "?")] += 1
+    finally:
+        consumer.close()
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1353,6 +1475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_tail.add_argument("--from-beginning", action="store_true", help="start at the oldest")
     p_tail.add_argument("--user", action="append", default=[], help="only this user (repeatable)")
     p_tail.add_argument("--limit", type=int, default=None, help="stop after N lists")
+    p_dead = commands.add_parser(
+        "dead-letters", help="print the dead letters, oldest first, then follow new ones"
+    )
+    p_dead.add_argument("--new", action="store_true", help="only those sent from now on")
+    p_dead.add_argument("--limit", type=int, default=None, help="stop after N letters")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
@@ -1375,13 +1502,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stop.set()
 
             signal.signal(signal.SIGTERM, on_signal)
-            tail(
-                settings,
-                from_beginning=args.from_beginning,
-                users=args.user,
-                limit=args.limit,
-                stop=stop,
-            )
+            if args.command == "dead-letters":
+                follow(
+                    settings,
+                    DEAD_LETTERS,
+                    lambda event: format_dead_letter(cast(DeadLetter, event)),
+                    from_beginning=not args.new,
+                    limit=args.limit,
+                    stop=stop,
+                )
+            else:
+                tail(
+                    settings,
+                    from_beginning=args.from_beginning,
+                    users=args.user,
+                    limit=args.limit,
+                    stop=stop,
+                )
     except ReelstreamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

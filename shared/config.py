@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -177,6 +177,21 @@ class Settings(BaseSettings):
     """Where the local stack keeps broker data, logs and pid files [REELSTREAM_VAR_DIR]."""
 
     ingest_http_port: int = Field(8080, validation_alias="INGEST_HTTP_PORT")
+    """Port of the ingest HTTP gateway [INGEST_HTTP_PORT]."""
+
+    ingest_token: SecretStr | None = Field(None, validation_alias="INGEST_TOKEN")
+    """Token every write to the ingest gateway must carry (``Authorization: Bearer
+    <token>``); required when the gateway listens on an address other than loopback
+    [INGEST_TOKEN]."""
+
+    metrics_port: int = Field(0, ge=0, validation_alias="REELSTREAM_METRICS_PORT")
+    """Port of each service's ``/metrics``, ``/healthz`` and ``/readyz``; 0 picks a free
+    one, written to ``var/run/<service>.metrics`` (``make status`` shows them)
+    [REELSTREAM_METRICS_PORT]."""
+
+    metrics_host: str = Field("127.0.0.1", validation_alias="REELSTREAM_METRICS_HOST")
+    """Address the metrics endpoints listen on [REELSTREAM_METRICS_HOST]."""
+
     api_http_port: int = Field(8081, validation_alias="API_HTTP_PORT")
     """Port of the read API (``python -m services.api serve``) [API_HTTP_PORT]."""
 

@@ -4,6 +4,9 @@
 - ``POST /movies``: a ``MoviePublished`` as JSON.
 - ``GET /health``: ``{"status": "ok"}``.
 
+Writes need ``Authorization: Bearer <INGEST_TOKEN>`` when ``INGEST_TOKEN`` is set (401
+without it); on an address other than loopback the gateway refuses to start without one.
+
 A valid event is answered ``202`` with the event as published, once the broker has
 confirmed its delivery; an invalid body ``400`` with ``{"error": "<reason>"}``; a body
 over ``max_message_bytes`` ``413``; a delivery the broker refused ``503``. Rejected
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
 import signal
 import threading
@@ -27,13 +32,15 @@ from typing import Any
 from aiohttp import web
 from confluent_kafka import KafkaError, Message, Producer
 
+from shared import metrics
 from shared.config import Settings
 from shared.events import MOVIES, RATINGS, TopicSpec, decode, encode
-from shared.exceptions import InvalidEventError
+from shared.exceptions import ConfigurationError, InvalidEventError
 from shared.ingest import SERVICE
 from shared.kafka.client import make_producer
 from shared.kafka.message import Outgoing
 from shared.kafka.publisher import DeliveryError
+from shared.metrics import HealthServer
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +128,16 @@ def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
         future.set_exception(DeliveryError(str(err)))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost`` or a loopback address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _error(status: int, reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=status)
 
@@ -151,7 +168,19 @@ class Gateway:
         port: int | None = None,
         publisher: AsyncPublisher | None = None,
     ) -> None:
-        """``port`` defaults to ``settings.ingest_http_port``; 0 picks a free port."""
+        """``port`` defaults to ``settings.ingest_http_port``; 0 picks a free port.
+
+        Raises:
+            ConfigurationError: ``host`` is not a loopback address and no
+                ``ingest_token`` is set: anyone who reaches the port could write.
+        """
+        token = settings.ingest_token
+        if token is None and not is_loopback(host):
+            raise ConfigurationError(
+                f"the gateway would listen on {host} with no INGEST_TOKEN: set one (writes "
+                "must then carry 'Authorization: Bearer <token>') or listen on 127.0.0.1"
+            )
+        self._token = None if token is None else f"Bearer {token.get_secret_value()}".encode()
         self._settings = settings
         self._host = host
         self._port = settings.ingest_http_port if port is None else port
@@ -168,6 +197,10 @@ class Gateway:
             raise RuntimeError("gateway is not started")
         address: Any = self._runner.addresses[0]
         return int(address[1])
+
+    @property
+    def listening(self) -> bool:
+        return self._runner is not None and self._heartbeat is not None
 
     @property
     def url(self) -> str:
@@ -222,6 +255,11 @@ class Gateway:
 
     def _submit(self, spec: TopicSpec) -> Handler:
         async def submit(request: web.Request) -> web.StreamResponse:
+            if self._token is not None and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), self._token
+            ):
+                self.rejected += 1
+                return _error(401, "writes need the header 'Authorization: Bearer <INGEST_TOKEN>'")
             body = await request.read()
             try:
                 outgoing = handle_submission(spec, body)
@@ -235,6 +273,7 @@ class Gateway:
                 log.error("service=%s topic=%s delivery failed error=%s", SERVICE, spec.name, exc)
                 return _error(503, f"delivery failed: {exc}")
             self.accepted += 1
+            metrics.MESSAGES_OUT.labels(SERVICE, spec.name).inc()
             return web.Response(
                 body=encode(outgoing.event), status=202, content_type="application/json"
             )
@@ -260,9 +299,13 @@ async def serve(
             loop.add_signal_handler(signum, _on_signal, signum, stop)
     gateway = Gateway(settings, host=host, port=port)
     await gateway.start()
+    health = HealthServer(
+        settings, SERVICE, alive=lambda: True, ready=lambda: gateway.listening
+    ).start()
     try:
         await stop.wait()
     finally:
+        health.stop()
         await gateway.stop()
 
 

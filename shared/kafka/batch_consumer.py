@@ -33,11 +33,13 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from shared import metrics
 from shared.config import Settings
 from shared.events import DEAD_LETTERS, DeadLetter, Event, TopicSpec
 from shared.exceptions import InvalidEventError
@@ -67,6 +69,9 @@ READY_EVERY_S = 2.0
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 5.0
 """Back-off between attempts at a failed batch: doubles from the first to the max."""
+
+LAG_EVERY_S = 1.0
+"""How often (seconds) the consumer-lag gauges are updated."""
 
 REPORT_EVERY_S = 30.0
 
@@ -144,6 +149,8 @@ class BatchConsumer:
         self._unpublishable: set[tuple[str, int | None, int | None]] = set()
         self._last_ready = 0.0
         self._beat = time.monotonic()
+        self._model_version: str | None = None
+        self._lag_measured = 0.0
         self.processed = 0
         self.dead_lettered = 0
 
@@ -160,6 +167,14 @@ class BatchConsumer:
         other, and a zombie's commits are fenced by the group's generation instead."""
         instance = self._settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         return f"{self._group}-{instance}"
+
+    def alive(self) -> bool:
+        """Whether the loop has stepped within ``stall_s`` (the watchdog's rule)."""
+        return time.monotonic() - self._beat <= self._settings.stall_s
+
+    def ready(self) -> bool:
+        """Whether it holds partitions and the worker is healthy (the ready file's rule)."""
+        return bool(self._assigned) and (self._healthy is None or self._healthy())
 
     def stop(self) -> None:
         """Ask the loop to finish its batch, commit and return."""
@@ -204,6 +219,7 @@ class BatchConsumer:
                 if sources or work:
                     self._run_batch(consumer, sources)
                 self._report_health()
+                self._measure_lag(consumer)
                 if time.monotonic() - last_report > REPORT_EVERY_S:
                     last_report = time.monotonic()
                     log.info(
@@ -302,6 +318,44 @@ class BatchConsumer:
                 delay = min(delay * 2, RETRY_MAX_S)
         self.processed += len(sources)
         self.dead_lettered += sum(o.spec is DEAD_LETTERS for o in out)
+        self._count(sources, out, time.monotonic() - started)
+
+    def _count(self, sources: list[Source], out: list[Outgoing], seconds: float) -> None:
+        """The batch in the service's metrics (``shared.metrics``)."""
+        service, prefix = self._service, self._settings.topic_prefix
+        for topic, n in Counter(s.topic.removeprefix(prefix) for s in sources).items():
+            metrics.MESSAGES_IN.labels(service, topic).inc(n)
+        for topic, n in Counter(o.spec.name for o in out).items():
+            metrics.MESSAGES_OUT.labels(service, topic).inc(n)
+        for o in out:
+            if isinstance(o.event, DeadLetter):
+                metrics.DEAD_LETTERS.labels(service, metrics.reason_of(o.event.error)).inc()
+        version = next(
+            (v for o in out if isinstance(v := getattr(o.event, "model_version", None), str)), None
+        )
+        if version is not None and version != self._model_version:
+            if self._model_version is not None:
+                metrics.MODEL_VERSION.remove(service, self._model_version)
+            metrics.MODEL_VERSION.labels(service, version).set(1)
+            self._model_version = version
+        if sources:
+            metrics.BATCH_MESSAGES.labels(service).observe(len(sources))
+            metrics.BATCH_SECONDS.labels(service).observe(seconds)
+
+    def _measure_lag(self, consumer: Consumer) -> None:
+        """Each assigned partition's lag, from what the last Fetch said of its end (no
+        request), at most once per ``LAG_EVERY_S``."""
+        now = time.monotonic()
+        if now - self._lag_measured < LAG_EVERY_S:
+            return
+        self._lag_measured = now
+        prefix = self._settings.topic_prefix
+        for tp in consumer.position(consumer.assignment()):
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0 and tp.offset >= 0:
+                metrics.CONSUMER_LAG.labels(
+                    self._service, tp.topic.removeprefix(prefix), str(tp.partition)
+                ).set(max(0, high - tp.offset))
 
     def _commit(self, consumer: Consumer, sources: list[Source], out: list[Outgoing]) -> None:
         offsets = _next_offsets(sources)

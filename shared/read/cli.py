@@ -25,6 +25,7 @@ import uvicorn
 
 from shared.config import Settings
 from shared.logs import configure_logging
+from shared.metrics import HealthServer
 from shared.read import SERVICE
 from shared.read.app import create_app
 from shared.read.views import ReadViews
@@ -44,6 +45,7 @@ def serve(settings: Settings) -> int:
         target=_keep_ready, args=(settings, views, stop), name="ready-file", daemon=True
     )
     keeper.start()
+    health = HealthServer(settings, SERVICE, alive=lambda: True, ready=views.ready).start()
     log.info(
         "service=%s listening host=%s port=%d", SERVICE, settings.api_host, settings.api_http_port
     )
@@ -60,6 +62,7 @@ def serve(settings: Settings) -> int:
         )
     finally:
         stop.set()
+        health.stop()
         settings.ready_file(SERVICE).unlink(missing_ok=True)
         views.stop()
     return 0

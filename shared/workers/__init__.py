@@ -13,8 +13,10 @@ import torch
 
 from shared.config import Settings
 from shared.exceptions import ConfigurationError
+from shared.kafka.batch_consumer import BatchConsumer
 from shared.lifecycle import stop_on_signals
 from shared.logs import configure_logging
+from shared.metrics import HealthServer
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,9 @@ CONFIGURATION_EXIT = 2
 
 
 class Worker(Protocol):
+    consumer: BatchConsumer
+    """The worker's stream loop (its health and readiness)."""
+
     def run(self) -> None:
         """Process until ``stop``."""
         ...
@@ -56,5 +61,11 @@ def run_worker(
         log.error("service=%s cannot start: %s", service, exc)
         return CONFIGURATION_EXIT
     stop_on_signals(worker.stop, service)
-    worker.run()
+    health = HealthServer(
+        settings, service, alive=worker.consumer.alive, ready=worker.consumer.ready
+    ).start()
+    try:
+        worker.run()
+    finally:
+        health.stop()
     return 0

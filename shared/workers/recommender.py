@@ -24,6 +24,7 @@ import time
 from datetime import UTC, datetime
 from typing import cast
 
+from shared import metrics
 from shared.config import Settings
 from shared.events import (
     ITEM_EMBEDDINGS,
@@ -33,6 +34,7 @@ from shared.events import (
     Event,
     ItemEmbedded,
     ItemFeaturesUpdated,
+    RecommendationsGenerated,
     UserProfileUpdated,
 )
 from shared.handlers.recommender import (
@@ -102,6 +104,8 @@ class RecommenderWorker:
         self._newcomers_version = 0
         self._newcomers_movies: list[MovieId] | None = None
         self._pending_newcomers: tuple[int, list[MovieId]] | None = None
+        self._pending_latencies: list[float] = []
+        """The latencies (seconds) of the lists of the batch in hand."""
         self._features_reader = TopicReader(
             settings,
             ITEM_FEATURES,
@@ -195,6 +199,11 @@ class RecommenderWorker:
             partition = partitions[user]
             if partition is not None:
                 self.table.put(user.encode(), history.to_bytes(), partition)
+        self._pending_latencies = [
+            o.event.latency_ms / 1000
+            for o in out
+            if isinstance(o.event, RecommendationsGenerated) and o.event.user_id in partitions
+        ]
         return out
 
     def _sync_tables(self) -> None:
@@ -237,7 +246,11 @@ class RecommenderWorker:
         return [Outgoing(RECOMMENDATIONS, event)]
 
     def _committed(self) -> None:
-        """The batch is out: remember the newcomers' list it carried, if any."""
+        """The batch is out: remember the newcomers' list it carried, if any, and count
+        its lists' latencies."""
+        for seconds in self._pending_latencies:
+            metrics.LIST_LATENCY.observe(seconds)
+        self._pending_latencies = []
         if self._pending_newcomers is not None:
             self._newcomers_version, self._newcomers_movies = self._pending_newcomers
             self._pending_newcomers = None

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from confluent_kafka import TopicPartition
@@ -18,7 +19,7 @@ from confluent_kafka import TopicPartition
 from infra import broker, stack
 from infra.topics import ensure_topics
 from shared.config import Settings
-from shared.events import RATINGS
+from shared.events import DEAD_LETTERS, RATINGS, DeadLetter
 from shared.kafka.client import make_consumer, make_producer
 
 
@@ -82,6 +83,33 @@ def test_up_status_down_runs_the_whole_stack(
     text = stack.format_status(report)
     for spec in stack.SERVICES:
         assert spec.name in text
+    assert "dead letters 0" in text
+
+    # A bad rating lands on dead-letters, and the status counts it by service and source.
+    producer = make_producer(stack_env)
+    producer.produce(stack_env.topic(RATINGS.name), key=b"9", value=b"{not json")
+    assert producer.flush(10) == 0
+    _wait_for(
+        lambda: (stack.status(stack_env).dead_letters or {}).get(("user-profile", "ratings")) == 1,
+        60,
+        "the bad rating counted as a dead letter",
+    )
+    assert "dead letters 1: user-profile from ratings 1" in stack.format_status(
+        stack.status(stack_env)
+    )
+    shown: list[str] = []
+    assert (
+        stack.follow(
+            stack_env,
+            DEAD_LETTERS,
+            lambda e: stack.format_dead_letter(cast(DeadLetter, e)),
+            from_beginning=True,
+            limit=1,
+            out=shown.append,
+        )
+        == 1
+    )
+    assert "user-profile" in shown[0] and "reason:" in shown[0] and "{not json" in shown[0]
 
     # A consumer killed with -9 is restarted at once, and back to work within 30 s.
     os.kill(pids["recommender"], signal.SIGKILL)

@@ -21,8 +21,9 @@ import pytest
 from infra.broker import free_port
 from shared.config import Settings
 from shared.events import MOVIES, RATINGS, MoviePublished, RatingSubmitted
+from shared.exceptions import ConfigurationError
 from shared.ingest import SERVICE
-from shared.ingest.gateway import Gateway
+from shared.ingest.gateway import Gateway, is_loopback
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import read_topic
 
@@ -30,12 +31,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def request(
-    url: str, body: bytes | None = None, method: str | None = None
+    url: str, body: bytes | None = None, method: str | None = None, token: str | None = None
 ) -> tuple[int, dict[str, Any]]:
     """Status and JSON body of an HTTP request (error statuses included)."""
-    req = urllib.request.Request(
-        url, data=body, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -125,6 +127,31 @@ def test_invalid_body_is_refused_with_the_reason(
     assert status == 400
     assert reason in answer["error"]
     assert gateway.rejected == 1
+
+
+@pytest.mark.integration
+def test_with_a_token_writes_must_carry_it(make_settings: SettingsFactory) -> None:
+    settings = make_settings(ingest_token="s3cret")
+    rating = {"user_id": "1", "movie_id": "2", "rating": 3, "occurred_at": 1}
+    with RunningGateway(settings) as gateway:
+        url, body = f"{gateway.url}/ratings", json.dumps(rating).encode()
+        status, answer = request(url, body)
+        assert status == 401
+        assert "Authorization: Bearer" in answer["error"]
+        assert request(url, body, token="wrong")[0] == 401
+        assert request(url, body, token="s3cret")[0] == 202
+        assert request(f"{gateway.url}/health")[0] == 200  # reads need none
+    published = read_topic(settings, RATINGS, lambda events: len(events) >= 1)
+    assert len(published) == 1
+
+
+def test_off_loopback_the_gateway_refuses_to_start_without_a_token(
+    make_settings: SettingsFactory,
+) -> None:
+    with pytest.raises(ConfigurationError, match="INGEST_TOKEN"):
+        Gateway(make_settings(), host="0.0.0.0", port=0)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
 
 
 @pytest.mark.integration
