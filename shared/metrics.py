@@ -61,7 +61,7 @@ LIST_LATENCY = Histogram(
 )
 MODEL_VERSION = Gauge(
     "reelstream_model_info",
-    "1 for the model version a service's outputs carry",
+    "1 for each model version the service's outputs have carried since it started",
     ["service", "version"],
 )
 

@@ -241,3 +241,60 @@ def test_the_readme_snippet_reads_the_list_its_rating_caused(running: Settings) 
     lines = result.stdout.splitlines()
     assert len(lines) == running.top_k + 1 and lines[-1].startswith("latency"), result.stdout
     assert "21 " not in {line[:3] for line in lines}  # the rated movie is not listed
+
+
+def readme_block(after_heading: str, language: str) -> str:
+    """The first ```<language> block of the README after ``after_heading``."""
+    text = README.read_text()
+    fence = f"```{language}\n"
+    start = text.index(fence, text.index(after_heading)) + len(fence)
+    return text[start : text.index("```", start)]
+
+
+def test_the_readmes_read_api_examples_answer(running: Settings) -> None:
+    """Every line of the README's "Read over HTTP" block, against this stack's API: the
+    user, movie and genre changed to ones of this catalogue."""
+    user = f"readme-{uuid.uuid4().hex[:6]}"
+    list_caused_by(running, rate(running, user, "11", 5.0))
+    port = running.api_http_port
+    replacements = {
+        "localhost:8081": f"127.0.0.1:{port}",
+        "/users/196": f"/users/{user}",
+        "--user 196": f"--user {user}",
+        "/movies/50": "/movies/12",
+        "--movie 50": "--movie 12",
+        "genre=Sci-Fi": "genre=Horror",
+    }
+    lines = [line for line in readme_block("## Read over HTTP", "bash").splitlines() if line]
+    assert len(lines) == 6
+    for line in lines:
+        command = line.split("  #", 1)[0].strip()
+        for literal, ours in replacements.items():
+            command = command.replace(literal, ours)
+        assert "8081" not in command and " 196" not in command and "/50" not in command
+        if command.startswith(".venv/bin/python"):
+            command = command.replace(".venv/bin/python", sys.executable, 1)
+        done = subprocess.run(
+            ["bash", "-c", command],
+            cwd=README.parent,
+            env=stack.child_env(running),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+        if command.startswith("curl"):
+            answer = orjson.loads(done.stdout)
+            assert "detail" not in answer, f"{command}: {answer}"
+        else:
+            assert "Halloween" in done.stdout or "The Shining" in done.stdout, done.stdout
+    similar = subprocess.run(
+        ["curl", "-s", f"http://127.0.0.1:{port}/movies/12/similar?k=10&genre=Horror"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    movies = [item["movie_id"] for item in orjson.loads(similar.stdout)["items"]]
+    assert movies and set(movies) <= set(HORROR) - {"12"}

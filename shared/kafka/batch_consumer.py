@@ -149,7 +149,7 @@ class BatchConsumer:
         self._unpublishable: set[tuple[str, int | None, int | None]] = set()
         self._last_ready = 0.0
         self._beat = time.monotonic()
-        self._model_version: str | None = None
+        self._model_versions: set[str] = set()
         self._lag_measured = 0.0
         self.processed = 0
         self.dead_lettered = 0
@@ -330,14 +330,11 @@ class BatchConsumer:
         for o in out:
             if isinstance(o.event, DeadLetter):
                 metrics.DEAD_LETTERS.labels(service, metrics.reason_of(o.event.error)).inc()
-        version = next(
-            (v for o in out if isinstance(v := getattr(o.event, "model_version", None), str)), None
-        )
-        if version is not None and version != self._model_version:
-            if self._model_version is not None:
-                metrics.MODEL_VERSION.remove(service, self._model_version)
-            metrics.MODEL_VERSION.labels(service, version).set(1)
-            self._model_version = version
+        for o in out:
+            version = getattr(o.event, "model_version", None)
+            if isinstance(version, str) and version not in self._model_versions:
+                self._model_versions.add(version)
+                metrics.MODEL_VERSION.labels(service, version).set(1)
         if sources:
             metrics.BATCH_MESSAGES.labels(service).observe(len(sources))
             metrics.BATCH_SECONDS.labels(service).observe(seconds)
