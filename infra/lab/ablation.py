@@ -56,6 +56,7 @@ from shared.config import Settings
 from shared.data.movielens import load_movielens
 from shared.events import MoviePublished
 from shared.exceptions import ConfigurationError
+from shared.logs import log_above_progress_bars
 from shared.models.checkpoint import read_config
 from shared.models.deployed import ITEM_ENCODER
 from shared.models.device import resolve_device
@@ -421,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log_above_progress_bars()
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be at least 1")

@@ -46,6 +46,7 @@ from infra.lab.evaluation.split import Split, arrivals, temporal_split
 from infra.lab.evaluation.stream import StreamResult, run_stream
 from shared.config import Settings
 from shared.data.movielens import MovieLens, load_movielens
+from shared.logs import log_above_progress_bars
 from shared.models.deployed import (
     ITEM_ENCODER,
     RANKER,
@@ -577,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log_above_progress_bars()
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

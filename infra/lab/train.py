@@ -54,6 +54,7 @@ from shared.convert import movies_of, ratings_of
 from shared.data.movielens import ML100K_GENRES, MovieLens, load_movielens
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.exceptions import ConfigurationError
+from shared.logs import log_above_progress_bars
 from shared.models.checkpoint import read_config
 from shared.models.deployed import (
     ITEM_ENCODER,
@@ -455,6 +456,7 @@ def train_all(
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log_above_progress_bars()
     parser = argparse.ArgumentParser(
         prog="python -m infra.lab.train", description=__doc__.split("\n")[0]
     )

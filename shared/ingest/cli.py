@@ -30,7 +30,7 @@ from shared.exceptions import ConfigurationError, InvalidEventError
 from shared.ingest import SERVICE
 from shared.kafka.message import Outgoing
 from shared.kafka.publisher import DeliveryError, Publisher
-from shared.logs import configure_logging
+from shared.logs import configure_logging, log_above_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; returns the exit status (0 ok, 1 failed, 2 bad input)."""
     args = _parser().parse_args(argv)
     configure_logging(SERVICE)
+    log_above_progress_bars()
     settings = Settings()
     try:
         return int(args.run(settings, args))
