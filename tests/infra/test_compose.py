@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +265,42 @@ def test_health_checks_look_for_the_ready_file(ours: dict[str, Service]) -> None
         test = check["test"]
         command = test if isinstance(test, str) else " ".join(test)
         assert f"$$REELSTREAM_VAR_DIR/{relative}" in command
+
+
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def test_the_image_holds_the_trained_models_and_cpu_torch(ours: dict[str, Service]) -> None:
+    assert "models" in dockerfile_copies(), "without models/ the services run the baselines"
+    ignored = {
+        line.strip().strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+    }
+    assert "models" not in ignored
+    assert any((ROOT / "models").rglob("state_dict.pt")), "no checkpoint in models/ to copy"
+    assert re.search(
+        rf'^ARG TORCH_INDEX_URL="{re.escape(CPU_TORCH_INDEX)}"$', DOCKERFILE.read_text(), re.M
+    )
+    for service in ours.values():
+        assert service["build"]["args"]["TORCH_INDEX_URL"].endswith(f"-{CPU_TORCH_INDEX}}}")
+
+
+def test_docker_compose_accepts_the_file() -> None:
+    """`docker compose config` where a Docker client with the compose plugin exists."""
+    docker = shutil.which("docker")
+    if (
+        docker is None
+        or subprocess.run(
+            [docker, "compose", "version"], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
+        pytest.skip("no `docker compose` on this machine")
+    done = subprocess.run(
+        [docker, "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
+        env={**os.environ, "INGEST_TOKEN": "test-token"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
