@@ -54,7 +54,6 @@ from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     TopicPartition,
 )
@@ -75,7 +74,7 @@ from shared.events import (
     decode,
 )
 from shared.exceptions import InvalidEventError, ReelstreamError
-from shared.kafka.client import make_admin, make_consumer
+from shared.kafka.client import consumer_lag, make_admin, make_consumer
 from shared.metrics import metrics_file
 
 log = logging.getLogger(__name__)
@@ -1120,46 +1119,6 @@ class StackStatus:
     services: tuple[ServiceStatus, ...]
     dead_letters: Counter[tuple[str, str]] | None = None
     """Dead letters per (service, source topic); None when the broker did not answer."""
-
-
-def consumer_lag(
-    settings: Settings,
-    group: str,
-    *,
-    admin: AdminClient | None = None,
-    consumer: Consumer | None = None,
-    timeout_s: float = 5.0,
-) -> int | None:
-    """Total lag of a consumer group: high watermark minus committed offset, summed
-    over every partition of every topic the group has committed on (a partition with
-    no commit counts from its low watermark). None when the group has no commit."""
-    admin = admin or make_admin(settings)
-    owned = consumer is None
-    consumer = consumer or make_consumer(settings, f"reelstream-status-{uuid.uuid4().hex}")
-    try:
-        futures = admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group)], request_timeout=timeout_s
-        )
-        result = futures[group].result()
-        committed = {
-            (tp.topic, tp.partition): tp.offset
-            for tp in result.topic_partitions or []
-            if tp.offset >= 0
-        }
-        if not committed:
-            return None
-        lag = 0
-        for topic in sorted({t for t, _ in committed}):
-            metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
-            for partition in metadata.partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), timeout=timeout_s
-                )
-                lag += max(0, high - committed.get((topic, partition), low))
-        return lag
-    finally:
-        if owned:
-            consumer.close()
 
 
 def _metrics_url(settings: Settings, name: str) -> str | None:

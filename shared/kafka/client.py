@@ -5,9 +5,16 @@ The code knows the broker only through ``bootstrap.servers``.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from shared.config import Settings
@@ -86,3 +93,43 @@ def list_offsets(
             raise KafkaException(tp.error)
         offsets[(tp.topic, tp.partition)] = tp.offset
     return offsets
+
+
+def consumer_lag(
+    settings: Settings,
+    group: str,
+    *,
+    admin: AdminClient | None = None,
+    consumer: Consumer | None = None,
+    timeout_s: float = 5.0,
+) -> int | None:
+    """Total lag of a consumer group: high watermark minus committed offset, summed
+    over every partition of every topic the group has committed on (a partition with
+    no commit counts from its low watermark). None when the group has no commit."""
+    admin = admin or make_admin(settings)
+    owned = consumer is None
+    consumer = consumer or make_consumer(settings, f"reelstream-status-{uuid.uuid4().hex}")
+    try:
+        futures = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group)], request_timeout=timeout_s
+        )
+        result = futures[group].result()
+        committed = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in result.topic_partitions or []
+            if tp.offset >= 0
+        }
+        if not committed:
+            return None
+        lag = 0
+        for topic in sorted({t for t, _ in committed}):
+            metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+            for partition in metadata.partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=timeout_s
+                )
+                lag += max(0, high - committed.get((topic, partition), low))
+        return lag
+    finally:
+        if owned:
+            consumer.close()

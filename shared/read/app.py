@@ -7,19 +7,27 @@
   last moved); 404 for a user who has not rated.
 - ``GET /movies/{movie_id}``: the movie as served; 404 for an unknown one.
 - ``GET /movies/{movie_id}/similar?k=10&genre=&year=``: "more like this" from Qdrant.
+- ``GET /dashboard``: the live dashboard (lists as they stream, throughput and latency,
+  lag, dead letters, a user's trajectory among the movies), fed by ``/dashboard/data``
+  and ``/dashboard/space``.
 - ``GET /healthz``: the process answers; ``GET /readyz``: 200 once every view has read
   its topic, 503 before.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from shared.events import NEWCOMERS_USER_ID, RecommendedItem
+from shared.read.activity import project
 from shared.read.views import ReadViews
 
 MAX_SIMILAR = 100
@@ -160,6 +168,44 @@ def create_app(views: ReadViews) -> FastAPI:
                 )
             )
         return SimilarOut(movie_id=movie_id, items=items)
+
+    page = (Path(__file__).parent / "dashboard.html").read_text()
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    def dashboard() -> str:
+        """The live dashboard: one page, no build step; it polls the two routes below."""
+        return page
+
+    @app.get("/dashboard/data")
+    def dashboard_data(after: int = 0) -> dict[str, object]:
+        """Lists published since feed item ``after``, the per-second series, the lag of
+        each stream processor and the dead letters."""
+        activity = views.activity
+        return {
+            "feed": [asdict(item) for item in activity.feed(after)],
+            "series": activity.series(),
+            "lag": views.lag(),
+            "dead_letters": activity.letters(),
+            "counts": views.counts(),
+        }
+
+    @app.get("/dashboard/space")
+    def dashboard_space(user: str = "") -> dict[str, object]:
+        """The movies and ``user``'s recent vectors on the catalogue's first two
+        principal components."""
+        movie_ids, vectors = views.movie_vectors()
+        path = views.activity.trajectory(user) if user else []
+        trajectory = np.stack(path) if path else np.zeros((0, vectors.shape[1] or 1))
+        movies_2d, path_2d = project(vectors, trajectory)
+        titles = [(found.title if (found := views.movie(m)) else m) for m in movie_ids]
+        return {
+            "user": user or None,
+            "movies": [
+                [round(x, 4), round(y, 4), t]
+                for (x, y), t in zip(movies_2d.tolist(), titles, strict=True)
+            ],
+            "trajectory": [[round(x, 4), round(y, 4)] for x, y in path_2d.tolist()],
+        }
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -15,27 +15,44 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
+import numpy as np
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient
+
 from shared.config import Settings
 from shared.events import (
+    DEAD_LETTERS,
     ITEM_EMBEDDINGS,
     RECOMMENDATIONS,
     USER_PROFILES,
+    DeadLetter,
     Event,
     ItemEmbedded,
     RecommendationsGenerated,
     UserProfileUpdated,
 )
+from shared.kafka.client import consumer_lag, make_admin, make_consumer
 from shared.kafka.message import Incoming, Source
 from shared.kafka.topic_reader import TopicReader
 from shared.read import SERVICE
+from shared.read.activity import Activity
 from shared.retrieval.qdrant_store import QdrantStore
 from shared.types import MovieId, UserId
 
 log = logging.getLogger(__name__)
+
+STREAM_SERVICES = ("item-embedding", "user-profile", "recommender")
+"""The stream processors whose consumer groups' lag the dashboard shows (their handlers'
+``SERVICE``; not imported from there, which would load torch into the API)."""
+
+LAG_EVERY_S = 2.0
+"""How often (seconds) the lag is asked of the broker, at most."""
 
 FOLLOW_S = 0.5
 """How often (seconds) an idle view asks its topic for news: a list reaches the API at
@@ -64,6 +81,12 @@ class ReadViews:
         self._replica = settings.qdrant_url is None
         self.invalid = 0
         """Messages the readers could not parse (their owners dead-letter them)."""
+        self._lag_lock = threading.Lock()
+        self._lag_at = float("-inf")
+        self._lag: dict[str, int | None] = {}
+        self._lag_clients: tuple[AdminClient, Consumer] | None = None
+        self.activity = Activity()
+        """What the dashboard shows: lists as they stream, dead letters, trajectories."""
         self._readers = [
             TopicReader(
                 settings,
@@ -89,6 +112,14 @@ class ReadViews:
                 name=f"{SERVICE}-movies",
                 follow_interval_s=FOLLOW_S,
             ),
+            TopicReader(
+                settings,
+                DEAD_LETTERS,
+                self._on_dead_letters,
+                self._on_invalid,
+                name=f"{SERVICE}-dead-letters",
+                follow_interval_s=FOLLOW_S,
+            ),
         ]
 
     # --- life cycle ----------------------------------------------------------------
@@ -100,6 +131,10 @@ class ReadViews:
     def stop(self) -> None:
         for reader in self._readers:
             reader.stop()
+        with self._lag_lock:
+            if self._lag_clients is not None:
+                self._lag_clients[1].close()
+                self._lag_clients = None
         with self._lock:
             if self._store is not None:
                 self._store.close()
@@ -160,12 +195,15 @@ class ReadViews:
         with self._lock:
             for item in lists:
                 self._lists[item.event.user_id] = item.event
+        self.activity.lists([item.event for item in lists])
 
     def _on_profiles(self, batch: list[Incoming[Event]]) -> None:
         profiles = cast(Sequence[Incoming[UserProfileUpdated]], batch)
         with self._lock:
             for item in profiles:
                 self._profiles[item.event.user_id] = item.event
+        for item in profiles:
+            self.activity.vector(item.event.user_id, np.asarray(item.event.vector))
 
     def _on_movies(self, batch: list[Incoming[Event]]) -> None:
         movies = [cast(ItemEmbedded, item.event) for item in batch]
@@ -177,6 +215,43 @@ class ReadViews:
         with self._lock:
             for movie in movies:
                 self._movies[movie.movie_id] = movie
+
+    def _on_dead_letters(self, batch: list[Incoming[Event]]) -> None:
+        self.activity.dead_letters([cast(DeadLetter, item.event) for item in batch])
+
+    def movie_vectors(self) -> tuple[list[MovieId], np.ndarray]:
+        """The served catalogue: movie ids and their vectors (one row each)."""
+        with self._lock:
+            movies = list(self._movies.values())
+        if not movies:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        return [m.movie_id for m in movies], np.stack([np.asarray(m.vector) for m in movies])
+
+    def lag(self) -> dict[str, int | None]:
+        """Each stream processor's consumer lag (messages its group has not committed;
+        None before its first commit), asked of the broker at most every ``LAG_EVERY_S``."""
+        with self._lag_lock:
+            now = time.monotonic()
+            if now - self._lag_at >= LAG_EVERY_S:
+                if self._lag_clients is None:
+                    self._lag_clients = (
+                        make_admin(self._settings),
+                        make_consumer(self._settings, f"{SERVICE}-lag-{uuid.uuid4().hex[:8]}"),
+                    )
+                admin, consumer = self._lag_clients
+                for service in STREAM_SERVICES:
+                    try:
+                        self._lag[service] = consumer_lag(
+                            self._settings,
+                            self._settings.group(service),
+                            admin=admin,
+                            consumer=consumer,
+                        )
+                    except Exception as exc:  # one group's failure must not fail the page
+                        log.warning("lag unavailable group=%s: %s", service, exc)
+                        self._lag[service] = None
+                self._lag_at = now
+            return dict(self._lag)
 
     def _store_for(self, dim: int) -> QdrantStore:
         with self._lock:

@@ -22,21 +22,25 @@ from fastapi.testclient import TestClient
 from infra.broker import free_port
 from shared.config import Settings
 from shared.events import (
+    DEAD_LETTERS,
     ITEM_EMBEDDINGS,
     NEWCOMERS_USER_ID,
     RECOMMENDATIONS,
     USER_PROFILES,
+    DeadLetter,
     Event,
     ItemEmbedded,
     RecommendationsGenerated,
     RecommendedItem,
     UserProfileUpdated,
 )
-from shared.kafka.message import Outgoing
+from shared.handlers import item_embedding, recommender, user_profile
+from shared.kafka.message import Outgoing, Source, dead_letter
 from shared.kafka.publisher import Publisher
 from shared.read import SERVICE
+from shared.read.activity import project
 from shared.read.app import create_app
-from shared.read.views import ReadViews
+from shared.read.views import STREAM_SERVICES, ReadViews
 from tests.conftest import SettingsFactory
 
 pytestmark = pytest.mark.integration
@@ -100,6 +104,13 @@ def a_profile(user: str, rated: list[str], ratings: list[float]) -> UserProfileU
     )
 
 
+def a_dead_letter(settings: Settings) -> DeadLetter:
+    source = Source(settings.topic("ratings"), 0, 41, b"7", b"{not json", None)
+    letter = dead_letter(source, "invalid JSON: expected a value", "user-profile").event
+    assert isinstance(letter, DeadLetter)
+    return letter
+
+
 def publish(settings: Settings, events: list[tuple[object, Event]]) -> None:
     publisher = Publisher(settings)
     for spec, event in events:
@@ -120,6 +131,7 @@ def stocked(make_settings: SettingsFactory) -> Settings:
             (RECOMMENDATIONS, a_list("7", ["3", "4", "5"], "e-last")),
             (RECOMMENDATIONS, a_list(NEWCOMERS_USER_ID, ["0", "1"], "e-new")),
             (USER_PROFILES, a_profile("7", ["0", "2"], [3.0, 5.0])),
+            (DEAD_LETTERS, a_dead_letter(settings)),
         ],
     )
     return settings
@@ -239,7 +251,7 @@ def test_views_follow_new_lists_and_survive_a_restart(stocked: Settings) -> None
 
 def _get(port: int, path: str) -> dict[str, object]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
+        return json.loads(response.read())
 
 
 @pytest.mark.slow
@@ -310,3 +322,47 @@ def test_the_service_serves_and_its_cli_prints_lists(stocked: Settings) -> None:
         server.wait(30)
     assert server.returncode == 0
     assert not ready_file.exists()
+
+
+def test_the_dashboard_page_and_its_data(client: TestClient) -> None:
+    page = client.get("/dashboard")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "dashboard/data" in page.text
+    data = client.get("/dashboard/data").json()
+    assert [(i["user_id"], i["titles"]) for i in data["feed"]] == [
+        ("7", ["Movie 1", "Movie 2"]),
+        ("7", ["Movie 3", "Movie 4", "Movie 5"]),
+    ]  # the newcomers' list is no user's answer: not in the feed
+    assert len(data["series"]) == 300
+    assert sum(s["lists"] for s in data["series"]) == 2
+    assert set(data["lag"]) == set(STREAM_SERVICES)
+    assert data["dead_letters"]["by_reason"] == [
+        {"service": "user-profile", "reason": "invalid JSON", "count": 1}
+    ]
+    assert data["counts"] == {"lists": 2, "profiles": 1, "movies": 6}
+    newer = data["feed"][-1]["seq"]
+    assert client.get("/dashboard/data", params={"after": newer}).json()["feed"] == []
+
+
+def test_the_dashboard_space_holds_the_movies_and_a_users_path(client: TestClient) -> None:
+    space = client.get("/dashboard/space", params={"user": "7"}).json()
+    assert sorted(m[2] for m in space["movies"]) == [f"Movie {i}" for i in range(6)]
+    assert len(space["trajectory"]) == 1
+    assert client.get("/dashboard/space").json()["trajectory"] == []
+
+
+def test_projection_keeps_the_catalogues_widest_direction() -> None:
+    items = np.zeros((48, DIM))
+    items[:, 3] = np.tile([-10.0, 10.0, -10.0, 10.0], 12)  # the widest direction
+    items[:, 5] = np.tile([1.0, 1.0, -1.0, -1.0], 12)  # uncorrelated with it
+    flat, user = project(items, np.eye(DIM)[3:4] * 4)
+    assert np.allclose(np.abs(flat[:, 0]), 10) and np.allclose(np.abs(flat[:, 1]), 1)
+    assert abs(user[0, 0]) == pytest.approx(4) and user[0, 1] == pytest.approx(0)
+
+
+def test_the_lag_covers_every_stream_processor() -> None:
+    assert set(STREAM_SERVICES) == {
+        item_embedding.SERVICE,
+        user_profile.SERVICE,
+        recommender.SERVICE,
+    }
