@@ -55,8 +55,11 @@ LAG_EVERY_S = 2.0
 """How often (seconds) the lag is asked of the broker, at most."""
 
 FOLLOW_S = 0.5
-"""How often (seconds) an idle view asks its topic for news: a list reaches the API at
-most this long after it is published (``sync`` reads at once)."""
+"""How often (seconds) an idle view of lists or profiles asks its topic for news: a list
+reaches the API at most this long after it is published (``sync`` reads at once)."""
+
+FOLLOW_SLOW_S = 2.0
+"""The same for the catalogue and the dead letters, which change seldom."""
 
 
 def replica_path(settings: Settings) -> Path:
@@ -110,7 +113,7 @@ class ReadViews:
                 self._on_movies,
                 self._on_invalid,
                 name=f"{SERVICE}-movies",
-                follow_interval_s=FOLLOW_S,
+                follow_interval_s=FOLLOW_SLOW_S,
             ),
             TopicReader(
                 settings,
@@ -118,7 +121,7 @@ class ReadViews:
                 self._on_dead_letters,
                 self._on_invalid,
                 name=f"{SERVICE}-dead-letters",
-                follow_interval_s=FOLLOW_S,
+                follow_interval_s=FOLLOW_SLOW_S,
             ),
         ]
 
