@@ -66,7 +66,7 @@ class Settings(BaseSettings):
 
     models_dir: Path = Field(Path("models"), validation_alias="REELSTREAM_MODELS_DIR")
     """Folder of the trained checkpoints ``make train`` writes: ``item-encoder/``,
-    ``user-updater/`` and ``ranker/``, each a ``state_dict.pt`` + ``config.json``. A
+    ``user-updater/`` and ``ranker/``, each a ``weights.safetensors`` + ``config.json``. A
     missing checkpoint falls back to the baseline model, and the service says so at start
     [REELSTREAM_MODELS_DIR]."""
 
@@ -93,9 +93,9 @@ class Settings(BaseSettings):
 
     # --- Stream processing -------------------------------------------------------
     torch_threads: int = Field(1, ge=1, validation_alias="REELSTREAM_TORCH_THREADS")
-    """Torch intra-op threads of each worker [REELSTREAM_TORCH_THREADS]. The workers' nets
-    are small and several processes share the cores: more threads spin-wait for each
-    other instead of computing."""
+    """Torch intra-op threads of the item-embedding worker, the one that runs torch
+    [REELSTREAM_TORCH_THREADS]. Several processes share the cores: more threads
+    spin-wait for each other instead of computing."""
 
     batch_size: int = Field(2000, ge=1, validation_alias="REELSTREAM_BATCH_SIZE")
     """Most messages handled in one micro-batch [REELSTREAM_BATCH_SIZE]. A batch is what

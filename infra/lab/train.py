@@ -48,7 +48,7 @@ from infra.lab.evaluation.split import Split, temporal_split
 from infra.lab.training.fusion import save_fusion, train_fusion
 from infra.lab.training.ranker import ExampleBuilder, RankerExamples, save_ranker, train_ranker
 from infra.lab.training.rating import prequential_rmse, save_rating_model
-from infra.lab.training.residual import save_residual, train_residual
+from infra.lab.training.residual import save_residual, train_residual, updater_of
 from shared.config import Settings
 from shared.convert import movies_of, ratings_of
 from shared.data.movielens import ML100K_GENRES, MovieLens, load_movielens
@@ -71,7 +71,7 @@ from shared.models.item_stats import ItemStats, co_rated
 from shared.models.rating import RatingParams, fit_rating_factors
 from shared.models.recommend import CandidateSources, retrieve_batch
 from shared.models.residual import KIND as RESIDUAL_KIND
-from shared.models.residual import ResidualUpdater, load_residual_updater
+from shared.models.residual import load_residual_updater
 from shared.models.text import TextEncoder
 from shared.models.updater import UserState, UserUpdater
 from shared.retrieval.catalogue import Catalogue
@@ -356,7 +356,7 @@ def train_all(
         )
         rconfig["item_encoder_version"] = config["version"]
         save_residual(models_dir / USER_UPDATER, rnet, rconfig)
-        updater = ResidualUpdater(rnet, rconfig["version"])
+        updater = updater_of(rnet, rconfig["version"])
         histories["user updater (residual)"] = rhistory
     else:
         rconfig = stage_config(models_dir, "user-updater", RESIDUAL_KIND, config["version"])

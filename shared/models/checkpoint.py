@@ -1,10 +1,12 @@
-"""Versioned model checkpoints: a folder with ``state_dict.pt`` and ``config.json``.
+"""Versioned model checkpoints: a folder with ``weights.safetensors`` and ``config.json``.
 
 ``config.json`` says what the weights are (``kind``), their ``version`` (published with
-every event the model's service emits) and everything needed to rebuild the module
-(dimensions, feature layout, hyper-parameters), plus how they were trained. Loading
-never unpickles: ``torch.load(weights_only=True)``. A checkpoint whose kind, format or
-shapes do not fit is refused with a ``ConfigurationError`` that names the file.
+every event the model's service emits) and everything needed to rebuild the model
+(dimensions, feature layout, hyper-parameters), plus how they were trained. The weights
+are a safetensors file of named arrays: loading never unpickles, and it needs no torch,
+so the services that run their models in numpy (user-profile, recommender) never import
+it. A checkpoint whose kind, format or shapes do not fit is refused with a
+``ConfigurationError`` that names the file.
 
 This module reads checkpoints; the lab writes them (``infra.lab.training.checkpoint``).
 """
@@ -14,21 +16,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from shared.exceptions import ConfigurationError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-"""Version of this folder layout; bumped if ``config.json``'s meaning changes."""
+FORMAT = 2
+"""Version of this folder layout; bumped if ``config.json``'s meaning or the weights
+file changes (format 1 kept a pickled torch state dict, ``state_dict.pt``)."""
 
-WEIGHTS_FILE = "state_dict.pt"
+WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
+
+State = dict[str, np.ndarray]
+"""A checkpoint's weights: ``state_dict`` names to arrays."""
 
 
 def read_config(directory: Path, kind: str) -> dict[str, Any]:
@@ -53,14 +64,14 @@ def read_config(directory: Path, kind: str) -> dict[str, Any]:
         )
     if config.get("format") != FORMAT:
         raise ConfigurationError(
-            f"checkpoint {directory} has format {config.get('format')!r}; this code reads {FORMAT}"
+            f"checkpoint {directory} has format {config.get('format')!r}; this code reads "
+            f"{FORMAT} (`make train` writes it)"
         )
     return config
 
 
-def load_checkpoint(directory: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict (loaded with ``weights_only=True``, on CPU) and config of a
-    checkpoint of ``kind``.
+def load_checkpoint(directory: Path, kind: str) -> tuple[State, dict[str, Any]]:
+    """The weights (numpy arrays by name) and config of a checkpoint of ``kind``.
 
     Raises:
         ConfigurationError: as ``read_config``, or the weights file is missing or unreadable.
@@ -70,29 +81,62 @@ def load_checkpoint(directory: Path, kind: str) -> tuple[dict[str, torch.Tensor]
     if not path.is_file():
         raise ConfigurationError(f"no checkpoint weights at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a corrupt or foreign file
+        state = load_file(path)
+    except (OSError, SafetensorError) as exc:
         raise ConfigurationError(f"unreadable checkpoint weights {path}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise ConfigurationError(f"checkpoint weights {path} are not a state dict")
     return state, config
 
 
-def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    """``module.load_state_dict(state)`` (strict), a mismatch becoming a
-    ``ConfigurationError`` that names the checkpoint."""
+def check_shapes(
+    state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], where: Path
+) -> None:
+    """The weights hold exactly the arrays named in ``shapes``, each of that shape and
+    finite.
+
+    Raises:
+        ConfigurationError: a missing, extra, misshapen or non-finite array (named, with
+            the checkpoint).
+    """
+    missing = sorted(set(shapes) - set(state))
+    extra = sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise ConfigurationError(
+            f"checkpoint {where} does not fit its config: missing {missing}, unexpected {extra}"
+        )
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise ConfigurationError(
+                f"checkpoint {where} does not fit its config: {name} has shape "
+                f"{tuple(state[name].shape)}, the config asks {tuple(shape)}"
+            )
+        if state[name].dtype.kind == "f" and not np.isfinite(state[name]).all():
+            raise ConfigurationError(f"checkpoint {where}: NaN or infinity in {name}")
+
+
+def load_into(module: torch.nn.Module, state: Mapping[str, np.ndarray], where: Path) -> None:
+    """``module.load_state_dict(state)`` (strict), for the models that run in torch; a
+    mismatch becomes a ``ConfigurationError`` that names the checkpoint."""
+    import torch
+
+    tensors = {name: torch.from_numpy(np.array(array)) for name, array in state.items()}
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ConfigurationError(f"checkpoint {where} does not fit its config: {exc}") from exc
 
 
-def state_digest(net: nn.Module) -> str:
-    """SHA-256 hex digest of a net's weights (every ``state_dict`` entry by name): two
-    nets digest equal exactly when their weights are equal. Versions of trained models
-    are built from it."""
+def state_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 hex digest of weights (every entry by name, torch tensors or numpy
+    arrays): two states digest equal exactly when their weights are equal. Versions of
+    trained models are built from it."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
+    for name, value in sorted(state.items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(_as_array(value).tobytes())
     return digest.hexdigest()
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().contiguous().numpy()
+    return np.asarray(value, order="C")

@@ -8,23 +8,25 @@ or tuned with, the item encoder's vectors and record its version
 (``item_encoder_version``); a service refuses such a checkpoint when the deployed item
 encoder is another one (its vectors would be meaningless to them) and falls back to the
 baseline instead, with a warning that says why.
+
+Only the item encoder runs in torch; its modules are imported when it is built, so the
+user-profile and recommender services, whose models run in numpy, never load torch.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.config import Settings
 from shared.models.checkpoint import read_config
-from shared.models.device import resolve_device
-from shared.models.image import load_image_encoder
-from shared.models.item_encoder import ItemEncoder, build_item_encoder
 from shared.models.rating import RatingModel, load_rating_model
 from shared.models.recommend import CandidateSources, Reranker
-from shared.models.text import TextEncoder
 from shared.models.updater import RatingWeightedMean, UserUpdater
+
+if TYPE_CHECKING:
+    from shared.models.item_encoder import ItemEncoder
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,16 @@ def build_deployed_item_encoder(settings: Settings) -> ItemEncoder:
         ConfigurationError: a model file is missing, or the checkpoint does not fit the
             configured text/image encoders.
     """
+    from shared.models.device import resolve_device
+    from shared.models.fusion import load_fusion_encoder
+    from shared.models.image import load_image_encoder
+    from shared.models.item_encoder import build_item_encoder
+    from shared.models.text import TextEncoder
+
     path = settings.checkpoint(ITEM_ENCODER)
     if path is None:
         log.info("item encoder: baseline concat encoder (%s)", _why(settings, ITEM_ENCODER))
         return build_item_encoder(settings)
-    from shared.models.fusion import load_fusion_encoder
 
     device = resolve_device(settings.device)
     encoder = load_fusion_encoder(

@@ -21,8 +21,9 @@ The rating head is an MLP over ``(e_u * e_i, e_u, e_i, user features, item featu
 <u, v>)`` added to the training ratings' global mean; predictions are clipped to
 [0.5, 5] stars.
 
-``Ranker`` wraps a trained net for inference (numpy in, numpy out); ``load_ranker``
-loads it from a ``two-tower-ranker`` checkpoint. Training (``train_ranker``,
+``Ranker`` runs a trained net's weights for the recommender, in numpy
+(``shared.models.layers``); ``load_ranker`` loads it from a ``two-tower-ranker``
+checkpoint. The net as a torch module (``TwoTowerNet``), its training (``train_ranker``,
 ``RankerConfig`` and the ``RankerExamples`` it learns from) and the checkpoint writer
 (``save_ranker``) are the lab's, in ``infra.lab.training.ranker``.
 """
@@ -30,24 +31,20 @@ loads it from a ``two-tower-ranker`` checkpoint. Training (``train_ranker``,
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from shared.exceptions import ConfigurationError, NumericalError
-from shared.models.checkpoint import load_checkpoint, load_into, state_digest
+from shared.models.checkpoint import check_shapes, load_checkpoint
 from shared.models.item_stats import (
     CANDIDATE_FEATURE_NAMES,
-    N_CANDIDATE_FEATURES,
-    N_PAIR_FEATURES,
-    N_USER_FEATURES,
     USER_FEATURE_NAMES,
     ItemStats,
 )
-from shared.models.updater import DEFAULT_PRIOR_RATING
+from shared.models.layers import Mlp
 from shared.types import Matrix, Vector
 
 log = logging.getLogger(__name__)
@@ -64,165 +61,6 @@ MAX_RATING = 5.0
 """Highest star rating."""
 
 
-# --- the net --------------------------------------------------------------------------------
-
-
-def _mlp(n_in: int, hidden: int, layers: int, n_out: int, dropout: float) -> nn.Sequential:
-    modules: list[nn.Module] = []
-    width = n_in
-    for _ in range(layers):
-        modules += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
-        width = hidden
-    modules.append(nn.Linear(width, n_out))
-    return nn.Sequential(*modules)
-
-
-class TwoTowerNet(nn.Module):
-    """User and item towers, a weight on the plain cosine and a rating head (module
-    docstring).
-
-    Args:
-        dim: item (and user) vector dimension, the item encoder's.
-        n_user_features, n_item_features: feature widths (``item_stats`` layouts; the
-            candidates' columns, ``CANDIDATE_FEATURE_NAMES``, end with the
-            ``n_pair_features`` pair columns).
-        n_pair_features: the trailing candidate columns that describe the (user, item)
-            pair (``PAIR_FEATURE_NAMES``): they enter the score through learned weights
-            (``pair_weight``), like the cosine, not through the item tower.
-        embed_dim, hidden, feature_hidden, rating_hidden, init_cosine_weight,
-            init_pair_weight, dropout: as in the lab's ``RankerConfig``.
-        global_mean: the rating head's offset in stars (the training ratings' mean).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        n_user_features: int = N_USER_FEATURES,
-        n_item_features: int = N_CANDIDATE_FEATURES,
-        n_pair_features: int = N_PAIR_FEATURES,
-        *,
-        embed_dim: int = 64,
-        hidden: int = 256,
-        feature_hidden: int = 64,
-        rating_hidden: int = 64,
-        init_cosine_weight: float = 10.0,
-        init_pair_weight: float = 0.5,
-        dropout: float = 0.0,
-        global_mean: float = DEFAULT_PRIOR_RATING,
-    ) -> None:
-        super().__init__()
-        if not 0 <= n_pair_features <= n_item_features:
-            raise ValueError(f"{n_pair_features} pair columns of {n_item_features} features")
-        self.dim = dim
-        self.n_user_features = n_user_features
-        self.n_item_features = n_item_features
-        self.n_pair_features = n_pair_features
-        self.embed_dim = embed_dim
-        self.hidden = hidden
-        self.feature_hidden = feature_hidden
-        self.rating_hidden = rating_hidden
-        width = embed_dim + 1  # the bias column
-        self.user_tower = _mlp(dim + n_user_features, hidden, 1, embed_dim, dropout)
-        self.item_vector_tower = _mlp(dim, hidden, 1, width, dropout)
-        self.item_feature_tower = _mlp(
-            n_item_features - n_pair_features, feature_hidden, 1, width, dropout
-        )
-        self.cosine_weight = nn.Parameter(torch.tensor(float(init_cosine_weight)))
-        self.pair_weight = nn.Parameter(torch.full((n_pair_features,), float(init_pair_weight)))
-        head_in = 3 * width + n_user_features + n_item_features + 1
-        self.rating_head = _mlp(head_in, rating_hidden, 1, 1, dropout)
-        self.register_buffer("global_mean", torch.tensor(float(global_mean)))
-
-    def describe(self) -> dict[str, Any]:
-        """What a checkpoint config needs to rebuild this net."""
-        return {
-            "dim": self.dim,
-            "n_user_features": self.n_user_features,
-            "n_item_features": self.n_item_features,
-            "n_pair_features": self.n_pair_features,
-            "embed_dim": self.embed_dim,
-            "hidden": self.hidden,
-            "feature_hidden": self.feature_hidden,
-            "rating_hidden": self.rating_hidden,
-        }
-
-    def user_embedding(self, vectors: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """``(..., embed_dim + 1)`` user-tower outputs, the last column 1."""
-        out = self.user_tower(torch.cat([vectors, features], dim=-1))
-        return torch.cat([out, torch.ones_like(out[..., :1])], dim=-1)
-
-    def item_embedding(
-        self,
-        vectors: torch.Tensor,
-        features: torch.Tensor,
-        vector_part: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``(..., embed_dim + 1)`` item-tower outputs of the item vectors and the item
-        feature columns of ``features`` (any pair columns at its end are not read);
-        ``vector_part`` is ``item_vector_tower(vectors)`` when the caller already has it."""
-        if vector_part is None:
-            vector_part = self.item_vector_tower(vectors)
-        items = features[..., : self.n_item_features - self.n_pair_features]
-        return vector_part + self.item_feature_tower(items)
-
-    def logits_all_pairs(
-        self,
-        user_emb: torch.Tensor,
-        user_vectors: torch.Tensor,
-        item_emb: torch.Tensor,
-        item_vectors: torch.Tensor,
-    ) -> torch.Tensor:
-        """``(n_users, n_items)`` scores of every user row against every item row."""
-        return user_emb @ item_emb.T + self.cosine_weight * (user_vectors @ item_vectors.T)
-
-    def logits_candidates(
-        self,
-        user_emb: torch.Tensor,
-        user_vectors: torch.Tensor,
-        item_emb: torch.Tensor,
-        item_vectors: torch.Tensor,
-        features: torch.Tensor,
-    ) -> torch.Tensor:
-        """``(n, c)`` scores of user row ``b`` against its own candidates ``[b, :]``
-        (``item_emb`` ``(n, c, e)``, ``item_vectors`` ``(n, c, dim)``, ``features``
-        ``(n, c, n_item_features)``): towers, weighted cosine and weighted pair columns."""
-        tower = (item_emb * user_emb[:, None, :]).sum(-1)
-        cosine = (item_vectors * user_vectors[:, None, :]).sum(-1)
-        pair = features[..., self.n_item_features - self.n_pair_features :] @ self.pair_weight
-        return tower + self.cosine_weight * cosine + pair
-
-    def rating(
-        self,
-        user_emb: torch.Tensor,
-        user_features: torch.Tensor,
-        item_emb: torch.Tensor,
-        item_features: torch.Tensor,
-        cosine: torch.Tensor,
-    ) -> torch.Tensor:
-        """Unclipped predicted stars for aligned rows (any leading shape; the user
-        inputs broadcast against the item inputs)."""
-        user_emb, item_emb = torch.broadcast_tensors(user_emb, item_emb)
-        lead = item_emb.shape[:-1]
-        user_features = user_features.expand(*lead, user_features.shape[-1])
-        x = torch.cat(
-            [
-                user_emb * item_emb,
-                user_emb,
-                item_emb,
-                user_features,
-                item_features,
-                cosine.unsqueeze(-1),
-            ],
-            dim=-1,
-        )
-        return self.global_mean + self.rating_head(x).squeeze(-1)
-
-
-def weights_version(net: TwoTowerNet) -> str:
-    """``two-tower-v4-<8 hex>``: a digest of the weights, so two trainings differ."""
-    return f"{VERSION_PREFIX}-{state_digest(net)[:8]}"
-
-
 # --- inference ------------------------------------------------------------------------------
 
 
@@ -237,38 +75,62 @@ def _as_matrix(name: str, array: Any, width: int, rows: int | None = None) -> np
 
 
 class Ranker:
-    """A trained ``TwoTowerNet`` behind numpy calls, for the recommender and evaluation.
+    """A trained two-tower net's weights behind numpy calls, for the recommender and
+    evaluation.
 
-    Every call runs the net in eval mode without gradients. ``score`` and
-    ``predict_rating`` are ``score_batch`` / ``predict_rating_batch`` with one user, so
-    a batch and single calls agree (up to float rounding).
+    ``score`` and ``predict_rating`` are ``score_batch`` / ``predict_rating_batch`` with
+    one user, so a batch and single calls agree (up to float rounding).
 
     Args:
-        net: the trained net.
-        model_version: published with every recommendation (default: the weights' digest).
+        state: the net's weights by ``state_dict`` name (``user_tower.N``,
+            ``item_vector_tower.N``, ``item_feature_tower.N``, ``rating_head.N``,
+            ``cosine_weight``, ``pair_weight``, ``global_mean``); every width is read
+            from their shapes.
+        model_version: published with every recommendation.
         item_stats_params: ``ItemStats`` parameters the net was trained with (default:
             ``ItemStats``'s defaults); ``new_item_stats`` builds a matching one.
         candidate_pools: how many candidates each extra pool added in training
             (``CandidateSources`` fields ``n_trending``, ``n_new``, ``n_rising``; default:
             its defaults); serving builds its sources with the same.
+
+    Raises:
+        ConfigurationError: the weights do not describe such a net.
     """
 
     def __init__(
         self,
-        net: TwoTowerNet,
-        model_version: str | None = None,
+        state: Mapping[str, np.ndarray],
+        model_version: str,
         item_stats_params: dict[str, float] | None = None,
         candidate_pools: dict[str, int] | None = None,
     ) -> None:
-        self.net = net.eval()
-        self.model_version = model_version or weights_version(net)
+        self.model_version = model_version
         self.item_stats_params = dict(item_stats_params or ItemStats().params())
         self.candidate_pools = dict(candidate_pools or {})
-
-    @property
-    def dim(self) -> int:
+        try:
+            self._cosine_weight = np.float32(state["cosine_weight"])
+            self._pair_weight = np.asarray(state["pair_weight"], dtype=np.float32)
+            self._global_mean = np.float32(state["global_mean"])
+        except KeyError as exc:
+            raise ConfigurationError(f"ranker weights lack {exc}") from exc
+        self._user_tower = Mlp.from_state(state, "user_tower")
+        self._item_vector_tower = Mlp.from_state(state, "item_vector_tower")
+        self._item_feature_tower = Mlp.from_state(state, "item_feature_tower")
+        self._rating_head = Mlp.from_state(state, "rating_head")
+        self.dim = self._item_vector_tower.n_in
         """Item (and user) vector dimension the net takes."""
-        return self.net.dim
+        self.n_user_features = self._user_tower.n_in - self.dim
+        self.n_pair_features = len(self._pair_weight)
+        self.n_item_features = self._item_feature_tower.n_in + self.n_pair_features
+        width = self._item_vector_tower.n_out
+        head_in = 3 * width + self.n_user_features + self.n_item_features + 1
+        if (
+            self._user_tower.n_out != width - 1
+            or self._item_feature_tower.n_out != width
+            or self._rating_head.n_in != head_in
+            or self._rating_head.n_out != 1
+        ):
+            raise ConfigurationError("the ranker's towers and rating head do not fit each other")
 
     def new_item_stats(self) -> ItemStats:
         """An empty ``ItemStats`` with the parameters the net was trained with."""
@@ -280,23 +142,23 @@ class Ranker:
         user_features: Matrix,
         cand_vectors: np.ndarray,
         cand_features: np.ndarray,
-    ) -> tuple[torch.Tensor, ...]:
-        net = self.net
-        users = _as_matrix("user_vectors", user_vectors, net.dim)
+    ) -> tuple[np.ndarray, ...]:
+        users = _as_matrix("user_vectors", user_vectors, self.dim)
         n = len(users)
-        ufeats = _as_matrix("user_features", user_features, net.n_user_features, n)
+        ufeats = _as_matrix("user_features", user_features, self.n_user_features, n)
         cands = np.asarray(cand_vectors, dtype=np.float32)
         cfeats = np.asarray(cand_features, dtype=np.float32)
-        if cands.ndim != 3 or cands.shape[0] != n or cands.shape[2] != net.dim:
-            raise ValueError(f"cand_vectors must have shape ({n}, c, {net.dim}), got {cands.shape}")
-        want = (n, cands.shape[1], net.n_item_features)
+        if cands.ndim != 3 or cands.shape[0] != n or cands.shape[2] != self.dim:
+            raise ValueError(
+                f"cand_vectors must have shape ({n}, c, {self.dim}), got {cands.shape}"
+            )
+        want = (n, cands.shape[1], self.n_item_features)
         if cfeats.shape != want:
             raise ValueError(f"cand_features must have shape {want}, got {cfeats.shape}")
         if not (np.isfinite(cands).all() and np.isfinite(cfeats).all()):
             raise NumericalError("NaN or infinity in the candidates")
-        return tuple(torch.from_numpy(a) for a in (users, ufeats, cands, cfeats))
+        return users, ufeats, cands, cfeats
 
-    @torch.inference_mode()
     def score_and_rate_batch(
         self,
         user_vectors: Matrix,
@@ -328,16 +190,35 @@ class Ranker:
         if n == 0 or c == 0:
             empty = np.zeros((n, c), dtype=np.float32)
             return empty, empty.copy()
-        net = self.net
-        user_emb = net.user_embedding(users, ufeats)
-        item_emb = net.item_embedding(cands, cfeats)
-        scores = net.logits_candidates(user_emb, users, item_emb, cands, cfeats)
-        cosine = (cands * users[:, None, :]).sum(-1)
-        ratings = net.rating(user_emb[:, None, :], ufeats[:, None, :], item_emb, cfeats, cosine)
-        ratings = ratings.clamp(MIN_RATING, MAX_RATING)
-        if not (torch.isfinite(scores).all() and torch.isfinite(ratings).all()):
+        item_columns = self.n_item_features - self.n_pair_features
+        user_out = self._user_tower(np.concatenate([users, ufeats], axis=-1))
+        user_emb = np.concatenate([user_out, np.ones((n, 1), dtype=np.float32)], axis=-1)
+        item_emb = self._item_vector_tower(cands) + self._item_feature_tower(
+            cfeats[..., :item_columns]
+        )
+        cosine = np.einsum("ncd,nd->nc", cands, users)
+        scores = (
+            np.einsum("nce,ne->nc", item_emb, user_emb)
+            + self._cosine_weight * cosine
+            + cfeats[..., item_columns:] @ self._pair_weight
+        )
+        user_rows = np.broadcast_to(user_emb[:, None, :], item_emb.shape)
+        head_in = np.concatenate(
+            [
+                user_rows * item_emb,
+                user_rows,
+                item_emb,
+                np.broadcast_to(ufeats[:, None, :], (n, c, ufeats.shape[1])),
+                cfeats,
+                cosine[..., None],
+            ],
+            axis=-1,
+        )
+        ratings = self._global_mean + self._rating_head(head_in)[..., 0]
+        ratings = np.clip(ratings, MIN_RATING, MAX_RATING)
+        if not (np.isfinite(scores).all() and np.isfinite(ratings).all()):
             raise NumericalError("NaN encountered in ranker outputs")
-        return scores.numpy().astype(np.float32), ratings.numpy().astype(np.float32)
+        return scores.astype(np.float32), ratings.astype(np.float32)
 
     def score_batch(
         self,
@@ -421,7 +302,7 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
     state, config = load_checkpoint(directory, KIND)
     try:
         dim = int(config["dim"])
-        net = TwoTowerNet(
+        shapes = state_shapes(
             dim,
             int(config["n_user_features"]),
             int(config["n_item_features"]),
@@ -435,6 +316,7 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
         ItemStats(**stats_params)
         pools = {str(k): int(v) for k, v in dict(config.get("candidate_pools", {})).items()}
         names = (tuple(config["user_feature_names"]), tuple(config["item_feature_names"]))
+        version = str(config["version"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigurationError(
             f"checkpoint {directory} config does not describe a ranker: {exc}"
@@ -449,7 +331,40 @@ def load_ranker(directory: Path, expected_dim: int | None = None) -> Ranker:
             f"checkpoint {directory} was trained on {dim}-d item vectors; "
             f"the item encoder gives {expected_dim}-d"
         )
-    load_into(net, state, Path(directory))
-    ranker = Ranker(net, str(config["version"]), stats_params, pools)
+    check_shapes(state, shapes, Path(directory))
+    ranker = Ranker(state, version, stats_params, pools)
     log.info("ranker loaded version=%s dim=%d dir=%s", ranker.model_version, dim, directory)
     return ranker
+
+
+def state_shapes(
+    dim: int,
+    n_user_features: int,
+    n_item_features: int,
+    n_pair_features: int,
+    *,
+    embed_dim: int,
+    hidden: int,
+    feature_hidden: int,
+    rating_hidden: int,
+) -> dict[str, tuple[int, ...]]:
+    """The ``state_dict`` of a two-tower net of this config, name by name (each tower
+    an ``nn.Sequential`` of ``Linear``, ``GELU``, ``Dropout``, ``Linear``)."""
+    width = embed_dim + 1  # the bias column
+    head_in = 3 * width + n_user_features + n_item_features + 1
+    towers = {
+        "user_tower": (dim + n_user_features, hidden, embed_dim),
+        "item_vector_tower": (dim, hidden, width),
+        "item_feature_tower": (n_item_features - n_pair_features, feature_hidden, width),
+        "rating_head": (head_in, rating_hidden, 1),
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (n_in, n_hidden, n_out) in towers.items():
+        shapes |= {
+            f"{name}.0.weight": (n_hidden, n_in),
+            f"{name}.0.bias": (n_hidden,),
+            f"{name}.3.weight": (n_out, n_hidden),
+            f"{name}.3.bias": (n_out,),
+        }
+    shapes |= {"cosine_weight": (), "pair_weight": (n_pair_features,), "global_mean": ()}
+    return shapes

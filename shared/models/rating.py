@@ -34,8 +34,6 @@ reached RMSE 0.944 and this predictor 0.903 (0.909 without the co-rating term;
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -44,13 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from shared.domain import Rating
 from shared.exceptions import ConfigurationError, NumericalError
-from shared.models.checkpoint import load_checkpoint, load_into, state_digest
+from shared.models.checkpoint import check_shapes, load_checkpoint
 from shared.models.item_stats import ItemStats
 from shared.types import Matrix, MovieId
 
@@ -90,22 +86,6 @@ class RatingParams:
         for name, value in asdict(self).items():
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-
-
-class ItemFactors(nn.Module):
-    """The fitted part, as a module so it is stored like every other checkpoint: per
-    TRAIN movie (``movie_ids`` in the config give the order) a row of factors and its
-    ``keep`` most similar movies by co-rating (rows, similarities; similarity 0 pads)."""
-
-    factors: torch.Tensor
-    neighbour_rows: torch.Tensor
-    neighbour_similarity: torch.Tensor
-
-    def __init__(self, n_items: int, dim: int, keep: int) -> None:
-        super().__init__()
-        self.register_buffer("factors", torch.zeros(n_items, dim))
-        self.register_buffer("neighbour_rows", torch.zeros(n_items, keep, dtype=torch.int64))
-        self.register_buffer("neighbour_similarity", torch.zeros(n_items, keep))
 
 
 @dataclass(frozen=True)
@@ -380,14 +360,6 @@ class RatingModel:
         return np.divide(kernel @ deviation, total, out=np.zeros(len(target_rows)), where=total > 0)
 
 
-def rating_version(factors: ItemFactors, params: RatingParams) -> str:
-    """``fold-in-v2-<8 hex>``: a digest of the fitted arrays and the settings, so new
-    settings on the same fit publish a new version."""
-    digest = hashlib.sha256(state_digest(factors).encode())
-    digest.update(json.dumps(asdict(params), sort_keys=True).encode())
-    return f"{VERSION_PREFIX}-{digest.hexdigest()[:8]}"
-
-
 def load_rating_model(directory: Path) -> RatingModel:
     """The ``RatingModel`` of a ``rating-model`` checkpoint.
 
@@ -398,7 +370,7 @@ def load_rating_model(directory: Path) -> RatingModel:
     state, config = load_checkpoint(directory, KIND)
     try:
         movie_ids = [str(m) for m in config["movie_ids"]]
-        module = ItemFactors(len(movie_ids), int(config["dim"]), int(config["similarity_keep"]))
+        n, dim, keep = len(movie_ids), int(config["dim"]), int(config["similarity_keep"])
         counts = ("neighbours", "corating_neighbours")
         settings: dict[str, Any] = {
             k: int(v) if k in counts else float(v) for k, v in dict(config["params"]).items()
@@ -409,19 +381,28 @@ def load_rating_model(directory: Path) -> RatingModel:
         raise ConfigurationError(
             f"checkpoint {directory} config does not describe a rating model: {exc}"
         ) from exc
-    load_into(module, state, directory)
-    factors = module.factors.numpy()
-    similarity = module.neighbour_similarity.numpy()
-    if not (np.isfinite(factors).all() and np.isfinite(similarity).all()):
-        raise ConfigurationError(f"checkpoint {directory} has non-finite item factors")
+    try:
+        check_shapes(
+            state,
+            {
+                "factors": (n, dim),
+                "neighbour_rows": (n, keep),
+                "neighbour_similarity": (n, keep),
+            },
+            Path(directory),
+        )
+    except ConfigurationError as exc:
+        if "NaN" in str(exc):
+            raise ConfigurationError(f"checkpoint {directory} has non-finite item factors") from exc
+        raise
     try:
         return RatingModel(
             movie_ids,
-            factors,
+            state["factors"],
             params,
             rating_range,
             str(config["version"]),
-            (module.neighbour_rows.numpy(), similarity),
+            (state["neighbour_rows"], state["neighbour_similarity"]),
         )
     except ValueError as exc:
         raise ConfigurationError(f"checkpoint {directory}: {exc}") from exc

@@ -9,8 +9,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import torch
-
 from shared.config import Settings
 from shared.exceptions import ConfigurationError
 from shared.kafka.batch_consumer import BatchConsumer
@@ -55,7 +53,6 @@ def run_worker(
     configure_logging(service)
     try:
         settings = Settings()
-        torch.set_num_threads(settings.torch_threads)
         worker = build(settings)
     except ConfigurationError as exc:
         log.error("service=%s cannot start: %s", service, exc)

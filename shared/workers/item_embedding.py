@@ -16,6 +16,8 @@ import os
 from datetime import UTC, datetime
 from typing import cast
 
+import torch
+
 # Every model is read from local files; make the Hugging Face libraries refuse to reach
 # the network rather than stall or download at run time. Set before they are imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,6 +70,8 @@ class ItemEmbeddingWorker:
     """
 
     def __init__(self, settings: Settings, encoder: ItemEncoder | None = None) -> None:
+        # The one worker that runs torch: its nets on as few threads as the cores allow.
+        torch.set_num_threads(settings.torch_threads)
         self.encoder = encoder or build_deployed_item_encoder(settings)
         self.store = QdrantStore(settings, self.encoder.dim)
         self.table = ChangelogTable(settings, settings.changelog(SERVICE, TABLE))

@@ -276,7 +276,7 @@ def test_the_image_holds_the_trained_models_and_cpu_torch(ours: dict[str, Servic
         line.strip().strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
     }
     assert "models" not in ignored
-    assert any((ROOT / "models").rglob("state_dict.pt")), "no checkpoint in models/ to copy"
+    assert any((ROOT / "models").rglob("weights.safetensors")), "no checkpoint in models/ to copy"
     assert re.search(
         rf'^ARG TORCH_INDEX_URL="{re.escape(CPU_TORCH_INDEX)}"$', DOCKERFILE.read_text(), re.M
     )

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import torch
 
-from shared.models.residual import ResidualNet
+from infra.lab.training.residual import ResidualNet
 from shared.models.updater import UserState, UserUpdater
 from shared.types import Matrix
 

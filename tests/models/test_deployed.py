@@ -5,7 +5,10 @@ trained for another item encoder."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -110,3 +113,29 @@ def test_without_an_item_encoder_checkpoint_everything_falls_back(
     assert isinstance(build_deployed_item_encoder(settings), ConcatItemEncoder)
     assert isinstance(build_user_updater(settings), RatingWeightedMean)
     assert build_reranker(settings) is None
+
+
+def test_the_user_profile_and_recommender_workers_run_their_models_without_torch(
+    models_dir: Path,
+) -> None:
+    """Their nets run in numpy (``shared.models.layers``); importing torch would cost each
+    process some 470 MB of resident memory. Only item-embedding loads it."""
+    code = """
+import sys
+import shared.workers.recommender, shared.workers.user_profile
+from shared.config import Settings
+from shared.models.deployed import build_reranker, build_user_updater
+settings = Settings()
+updater, reranker = build_user_updater(settings), build_reranker(settings)
+assert reranker is not None and reranker.rating_model is not None
+print(updater.model_version, reranker.ranker.model_version)
+print([m for m in ("torch", "torchvision", "open_clip", "transformers") if m in sys.modules])
+"""
+    env = {**os.environ, "REELSTREAM_MODELS_DIR": str(models_dir), "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    versions, loaded = run.stdout.strip().splitlines()
+    assert versions.startswith("residual-v1-") and "two-tower-v4-" in versions
+    assert loaded == "[]"

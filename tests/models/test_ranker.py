@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from infra.lab.training.ranker import save_ranker, train_ranker
+from infra.lab.training.ranker import TwoTowerNet, ranker_of, save_ranker, train_ranker
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.models.item_stats import N_CANDIDATE_FEATURES
-from shared.models.ranker import Ranker, TwoTowerNet, load_ranker
+from shared.models.ranker import load_ranker
 from tests.models.ranker_data import DIM, ITEMS, N_ITEMS, SMALL, TRAIN, VALID, candidates
 
 torch.set_num_threads(1)
@@ -27,7 +27,7 @@ def trained() -> tuple[TwoTowerNet, dict, dict]:
 
 
 def test_batch_equals_single(trained: tuple[TwoTowerNet, dict, dict]) -> None:
-    ranker = Ranker(trained[0])
+    ranker = ranker_of(trained[0])
     users, ufeats, cands, cfeats = candidates(VALID, 7)
     scores, ratings = ranker.score_and_rate_batch(users, ufeats, cands, cfeats)
     assert scores.shape == ratings.shape == (7, N_ITEMS)
@@ -54,7 +54,7 @@ def test_score_is_the_towers_plus_weighted_cosine_and_pair_columns(
     pairs = net.n_pair_features
     assert pairs == 2
     cfeats[..., -pairs:] = np.random.default_rng(5).normal(size=(*cfeats.shape[:2], pairs))
-    scores = Ranker(net).score_batch(users, ufeats, cands, cfeats)
+    scores = ranker_of(net).score_batch(users, ufeats, cands, cfeats)
     with torch.no_grad():
         u, f = torch.from_numpy(users), torch.from_numpy(ufeats)
         v, g = torch.from_numpy(cands), torch.from_numpy(cfeats)
@@ -67,8 +67,25 @@ def test_score_is_the_towers_plus_weighted_cosine_and_pair_columns(
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_predicted_stars_are_the_torch_nets_rating_head(
+    trained: tuple[TwoTowerNet, dict, dict],
+) -> None:
+    """The recommender runs the weights in numpy; on the same weights the lab's torch
+    module gives the same stars (float32 rounding)."""
+    net = trained[0]
+    users, ufeats, cands, cfeats = candidates(VALID, 4)
+    stars = ranker_of(net).predict_rating_batch(users, ufeats, cands, cfeats)
+    with torch.no_grad():
+        u, f = torch.from_numpy(users), torch.from_numpy(ufeats)
+        v, g = torch.from_numpy(cands), torch.from_numpy(cfeats)
+        e_u, e_i = net.user_embedding(u, f), net.item_embedding(v, g)
+        cosine = (v * u[:, None, :]).sum(-1)
+        expected = net.rating(e_u[:, None, :], f[:, None, :], e_i, g, cosine).clamp(0.5, 5.0)
+    np.testing.assert_allclose(stars, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_are_refused(trained: tuple[TwoTowerNet, dict, dict]) -> None:
-    ranker = Ranker(trained[0])
+    ranker = ranker_of(trained[0])
     users, ufeats, cands, cfeats = candidates(VALID, 2)
     with pytest.raises(ValueError):
         ranker.score(users[0][:-1], ufeats[0], cands[0], cfeats[0])
@@ -88,14 +105,12 @@ def test_save_load_roundtrip(trained: tuple[TwoTowerNet, dict, dict], tmp_path: 
     config = {**config, "item_stats": params}
     save_ranker(tmp_path / "ranker", net, config)
     loaded = load_ranker(tmp_path / "ranker", expected_dim=DIM)
-    assert loaded.model_version == config["version"] == Ranker(net).model_version
+    assert loaded.model_version == config["version"] == ranker_of(net).model_version
     assert loaded.dim == DIM
     assert loaded.new_item_stats().params() == params
-    assert torch.equal(loaded.net.cosine_weight, net.cosine_weight)
-    global_mean = float(loaded.net.state_dict()["global_mean"])
-    assert global_mean == pytest.approx(float(TRAIN.ratings.mean()))
+    assert float(net.global_mean) == pytest.approx(float(TRAIN.ratings.mean()))
     users, ufeats, cands, cfeats = candidates(VALID, 5)
-    original = Ranker(net).score_and_rate_batch(users, ufeats, cands, cfeats)
+    original = ranker_of(net).score_and_rate_batch(users, ufeats, cands, cfeats)
     again = loaded.score_and_rate_batch(users, ufeats, cands, cfeats)
     np.testing.assert_array_equal(original[0], again[0])
     np.testing.assert_array_equal(original[1], again[1])

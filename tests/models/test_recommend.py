@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from infra.lab.training.ranker import TwoTowerNet, ranker_of
 from shared.domain import Rating
 from shared.events import ItemEmbedded, RatingSubmitted
 from shared.exceptions import ConfigurationError
@@ -21,7 +22,7 @@ from shared.models.item_stats import (
     co_rated,
     user_features_batch,
 )
-from shared.models.ranker import Ranker, TwoTowerNet
+from shared.models.ranker import Ranker
 from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
 from shared.models.recommend import (
     CandidateSources,
@@ -415,7 +416,7 @@ def small_ranker() -> Ranker:
     its candidates are the right ones."""
     torch.manual_seed(0)
     net = TwoTowerNet(DIM, embed_dim=8, hidden=16, feature_hidden=8, rating_hidden=8)
-    return Ranker(net)
+    return ranker_of(net)
 
 
 def test_recommend_batch_with_a_reranker_never_returns_an_excluded_movie() -> None:

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from infra.lab.training.checkpoint import save_checkpoint
-from infra.lab.training.residual import save_residual
+from infra.lab.training.residual import ResidualNet, save_residual, updater_of
 from shared.events import ItemRated, RatingSubmitted, UserProfileUpdated
 from shared.exceptions import ConfigurationError, NumericalError
 from shared.handlers.user_profile import handle_ratings
 from shared.kafka.message import Incoming, Source
-from shared.models.residual import ResidualNet, ResidualUpdater, load_residual_updater
+from shared.models.residual import ResidualUpdater, load_residual_updater
 from shared.models.updater import DEFAULT_PRIOR_RATING, UserState, UserUpdater, shrunk_mean_rating
 from shared.types import MovieId, Vector
 from tests.models.residual_data import DIM, T0, history, random_net, unit_rows
@@ -30,7 +30,7 @@ def one_thread(one_torch_thread: None) -> None:
 
 @pytest.fixture
 def updater() -> ResidualUpdater:
-    return ResidualUpdater(random_net())
+    return updater_of(random_net())
 
 
 # --- the net ------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def test_follows_the_protocol(updater: ResidualUpdater) -> None:
 
 def test_the_centre_is_the_prior_every_new_user_starts_from() -> None:
     net = random_net()
-    updater = ResidualUpdater(net)
+    updater = updater_of(net)
     centre = updater.centre()
     assert centre.dtype == np.float32 and centre.shape == (DIM,)
     np.testing.assert_allclose(centre, net.prior_vector().detach().numpy(), atol=1e-6)
@@ -104,10 +104,11 @@ def test_no_vector_before_any_rating_then_unit_float32(updater: ResidualUpdater)
         assert updater.mean_rating(later) == pytest.approx(shrunk_mean_rating(later))
 
 
-def test_first_rating_is_applied_to_the_prior(updater: ResidualUpdater) -> None:
+def test_first_rating_is_applied_to_the_prior() -> None:
+    net = random_net().double()
+    updater = updater_of(net)
     item = unit_rows(1, seed=7)[0]
     state = updater.learn_one(updater.initial_state(), item, 4.0, T0)
-    net = updater._net  # the float64 copy the updater runs
     with torch.no_grad():
         expected = net(
             net.prior_vector()[None],
@@ -118,6 +119,28 @@ def test_first_rating_is_applied_to_the_prior(updater: ResidualUpdater) -> None:
         )[0].numpy()
     assert state.vector is not None
     np.testing.assert_allclose(state.vector, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("use_gap", "use_count"), [(True, True), (False, True), (True, False)])
+def test_the_numpy_step_is_the_torch_nets_forward(use_gap: bool, use_count: bool) -> None:
+    """The service runs the weights in numpy; the lab trains the torch module: on the
+    same weights both give the same vectors (float64 rounding)."""
+    torch.manual_seed(3)
+    net = ResidualNet(DIM, hidden=32, layers=3, use_gap=use_gap, use_count=use_count).double()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.normal_(0.0, 0.3)
+    rng = np.random.default_rng(4)
+    users, items = (
+        unit_rows(64, seed=5).astype(np.float64),
+        unit_rows(64, seed=6).astype(np.float64),
+    )
+    stars = rng.integers(1, 11, 64) / 2.0
+    gaps, counts = rng.exponential(50.0, 64), rng.integers(0, 300, 64).astype(np.float64)
+    with torch.no_grad():
+        expected = net(*(torch.from_numpy(a) for a in (users, items, stars, gaps, counts))).numpy()
+    got = updater_of(net).step(users, items, stars, gaps, counts)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_counters_follow_and_bookkeeping_is_untouched(updater: ResidualUpdater) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from infra.lab.training.ranker import TwoTowerNet, ranker_of
 from shared.config import Settings
 from shared.convert import item_features_of
 from shared.domain import Rating
@@ -47,7 +48,6 @@ from shared.handlers.recommender import (
 from shared.kafka.message import Incoming, Outgoing, Source
 from shared.kafka.publisher import Publisher
 from shared.models.item_stats import ItemStats, days
-from shared.models.ranker import Ranker, TwoTowerNet
 from shared.models.rating import RatingModel, RatingParams, fit_rating_factors
 from shared.models.recommend import CandidateSources, Reranker
 from shared.retrieval.catalogue import Catalogue
@@ -170,7 +170,7 @@ def test_with_a_reranker_the_profiles_ratings_give_the_predicted_stars(
     catalogue: Catalogue,
 ) -> None:
     torch.manual_seed(0)
-    ranker = Ranker(TwoTowerNet(DIM, embed_dim=8, hidden=16, feature_hidden=8, rating_hidden=8))
+    ranker = ranker_of(TwoTowerNet(DIM, embed_dim=8, hidden=16, feature_hidden=8, rating_hidden=8))
     fit = fit_rating_factors(
         [
             Rating(user_id=str(u), movie_id=f"r{m}", rating=1.0 + (u + 2 * m) % 5)

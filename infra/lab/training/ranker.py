@@ -1,4 +1,7 @@
-"""Training of the two-tower ranker (``shared.models.ranker``) and its checkpoint writer.
+"""The two-tower ranker as a torch module, its training and its checkpoint writer.
+
+``TwoTowerNet`` is the net ``shared.models.ranker`` describes; the recommender runs its
+weights in numpy (``Ranker``; ``ranker_of`` makes one of a net).
 
 ``train_ranker`` fits a ``TwoTowerNet`` on ``RankerExamples``, one row per TRAIN rating
 event in time order with the user's profile vector and features as they were just
@@ -38,22 +41,200 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
+from torch import nn
 from tqdm import tqdm
 
 from infra.lab.training.best_epoch import BestEpoch
-from infra.lab.training.checkpoint import save_checkpoint
+from infra.lab.training.checkpoint import numpy_state, save_checkpoint
 from shared.exceptions import NumericalError
+from shared.models.checkpoint import state_digest
 from shared.models.item_stats import (
     CANDIDATE_FEATURE_NAMES,
     N_CANDIDATE_FEATURES,
+    N_PAIR_FEATURES,
     N_USER_FEATURES,
     USER_FEATURE_NAMES,
     ItemStats,
 )
-from shared.models.ranker import KIND, TwoTowerNet, weights_version
+from shared.models.ranker import KIND, VERSION_PREFIX, Ranker
+from shared.models.updater import DEFAULT_PRIOR_RATING
 from shared.types import Matrix, Vector
 
 log = logging.getLogger(__name__)
+
+# --- the net (the recommender runs its weights in numpy: Ranker) ---------------------------
+
+
+def _mlp(n_in: int, hidden: int, layers: int, n_out: int, dropout: float) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    width = n_in
+    for _ in range(layers):
+        modules += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
+        width = hidden
+    modules.append(nn.Linear(width, n_out))
+    return nn.Sequential(*modules)
+
+
+class TwoTowerNet(nn.Module):
+    """User and item towers, a weight on the plain cosine and a rating head (module
+    docstring).
+
+    Args:
+        dim: item (and user) vector dimension, the item encoder's.
+        n_user_features, n_item_features: feature widths (``item_stats`` layouts; the
+            candidates' columns, ``CANDIDATE_FEATURE_NAMES``, end with the
+            ``n_pair_features`` pair columns).
+        n_pair_features: the trailing candidate columns that describe the (user, item)
+            pair (``PAIR_FEATURE_NAMES``): they enter the score through learned weights
+            (``pair_weight``), like the cosine, not through the item tower.
+        embed_dim, hidden, feature_hidden, rating_hidden, init_cosine_weight,
+            init_pair_weight, dropout: as in the lab's ``RankerConfig``.
+        global_mean: the rating head's offset in stars (the training ratings' mean).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_user_features: int = N_USER_FEATURES,
+        n_item_features: int = N_CANDIDATE_FEATURES,
+        n_pair_features: int = N_PAIR_FEATURES,
+        *,
+        embed_dim: int = 64,
+        hidden: int = 256,
+        feature_hidden: int = 64,
+        rating_hidden: int = 64,
+        init_cosine_weight: float = 10.0,
+        init_pair_weight: float = 0.5,
+        dropout: float = 0.0,
+        global_mean: float = DEFAULT_PRIOR_RATING,
+    ) -> None:
+        super().__init__()
+        if not 0 <= n_pair_features <= n_item_features:
+            raise ValueError(f"{n_pair_features} pair columns of {n_item_features} features")
+        self.dim = dim
+        self.n_user_features = n_user_features
+        self.n_item_features = n_item_features
+        self.n_pair_features = n_pair_features
+        self.embed_dim = embed_dim
+        self.hidden = hidden
+        self.feature_hidden = feature_hidden
+        self.rating_hidden = rating_hidden
+        width = embed_dim + 1  # the bias column
+        self.user_tower = _mlp(dim + n_user_features, hidden, 1, embed_dim, dropout)
+        self.item_vector_tower = _mlp(dim, hidden, 1, width, dropout)
+        self.item_feature_tower = _mlp(
+            n_item_features - n_pair_features, feature_hidden, 1, width, dropout
+        )
+        self.cosine_weight = nn.Parameter(torch.tensor(float(init_cosine_weight)))
+        self.pair_weight = nn.Parameter(torch.full((n_pair_features,), float(init_pair_weight)))
+        head_in = 3 * width + n_user_features + n_item_features + 1
+        self.rating_head = _mlp(head_in, rating_hidden, 1, 1, dropout)
+        self.register_buffer("global_mean", torch.tensor(float(global_mean)))
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint config needs to rebuild this net."""
+        return {
+            "dim": self.dim,
+            "n_user_features": self.n_user_features,
+            "n_item_features": self.n_item_features,
+            "n_pair_features": self.n_pair_features,
+            "embed_dim": self.embed_dim,
+            "hidden": self.hidden,
+            "feature_hidden": self.feature_hidden,
+            "rating_hidden": self.rating_hidden,
+        }
+
+    def user_embedding(self, vectors: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``(..., embed_dim + 1)`` user-tower outputs, the last column 1."""
+        out = self.user_tower(torch.cat([vectors, features], dim=-1))
+        return torch.cat([out, torch.ones_like(out[..., :1])], dim=-1)
+
+    def item_embedding(
+        self,
+        vectors: torch.Tensor,
+        features: torch.Tensor,
+        vector_part: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(..., embed_dim + 1)`` item-tower outputs of the item vectors and the item
+        feature columns of ``features`` (any pair columns at its end are not read);
+        ``vector_part`` is ``item_vector_tower(vectors)`` when the caller already has it."""
+        if vector_part is None:
+            vector_part = self.item_vector_tower(vectors)
+        items = features[..., : self.n_item_features - self.n_pair_features]
+        return vector_part + self.item_feature_tower(items)
+
+    def logits_all_pairs(
+        self,
+        user_emb: torch.Tensor,
+        user_vectors: torch.Tensor,
+        item_emb: torch.Tensor,
+        item_vectors: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(n_users, n_items)`` scores of every user row against every item row."""
+        return user_emb @ item_emb.T + self.cosine_weight * (user_vectors @ item_vectors.T)
+
+    def logits_candidates(
+        self,
+        user_emb: torch.Tensor,
+        user_vectors: torch.Tensor,
+        item_emb: torch.Tensor,
+        item_vectors: torch.Tensor,
+        features: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(n, c)`` scores of user row ``b`` against its own candidates ``[b, :]``
+        (``item_emb`` ``(n, c, e)``, ``item_vectors`` ``(n, c, dim)``, ``features``
+        ``(n, c, n_item_features)``): towers, weighted cosine and weighted pair columns."""
+        tower = (item_emb * user_emb[:, None, :]).sum(-1)
+        cosine = (item_vectors * user_vectors[:, None, :]).sum(-1)
+        pair = features[..., self.n_item_features - self.n_pair_features :] @ self.pair_weight
+        return tower + self.cosine_weight * cosine + pair
+
+    def rating(
+        self,
+        user_emb: torch.Tensor,
+        user_features: torch.Tensor,
+        item_emb: torch.Tensor,
+        item_features: torch.Tensor,
+        cosine: torch.Tensor,
+    ) -> torch.Tensor:
+        """Unclipped predicted stars for aligned rows (any leading shape; the user
+        inputs broadcast against the item inputs)."""
+        user_emb, item_emb = torch.broadcast_tensors(user_emb, item_emb)
+        lead = item_emb.shape[:-1]
+        user_features = user_features.expand(*lead, user_features.shape[-1])
+        x = torch.cat(
+            [
+                user_emb * item_emb,
+                user_emb,
+                item_emb,
+                user_features,
+                item_features,
+                cosine.unsqueeze(-1),
+            ],
+            dim=-1,
+        )
+        return self.global_mean + self.rating_head(x).squeeze(-1)
+
+
+def weights_version(net: TwoTowerNet) -> str:
+    """``two-tower-v4-<8 hex>``: a digest of the weights, so two trainings differ."""
+    return f"{VERSION_PREFIX}-{state_digest(net.state_dict())[:8]}"
+
+
+def ranker_of(
+    net: TwoTowerNet,
+    model_version: str | None = None,
+    item_stats_params: dict[str, float] | None = None,
+    candidate_pools: dict[str, int] | None = None,
+) -> Ranker:
+    """The service's numpy ``Ranker`` over a net's current weights."""
+    return Ranker(
+        numpy_state(net),
+        model_version or weights_version(net),
+        item_stats_params,
+        candidate_pools,
+    )
+
 
 TOP_K = 10
 """The list length validation scores (HR@10, NDCG@10 among the candidates)."""

@@ -8,6 +8,8 @@ ratings as the recommender would predict them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -15,19 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from infra.lab.training.checkpoint import save_checkpoint
 from shared.events import RatingSubmitted
+from shared.models.checkpoint import state_digest
 from shared.models.item_stats import ItemStats
 from shared.models.rating import (
     KIND,
-    ItemFactors,
+    VERSION_PREFIX,
     RatingFit,
     RatingModel,
     RatingParams,
     load_rating_model,
-    rating_version,
 )
 from shared.types import MovieId
 
@@ -36,11 +37,8 @@ def save_rating_model(
     directory: Path, fit: RatingFit, params: RatingParams, extra: dict[str, Any]
 ) -> RatingModel:
     """Write the fit as a ``rating-model`` checkpoint; returns the model as it loads."""
-    module = ItemFactors(len(fit.movie_ids), fit.factors.shape[1], fit.neighbour_rows.shape[1])
-    module.factors.copy_(torch.from_numpy(fit.factors))
-    module.neighbour_rows.copy_(torch.from_numpy(fit.neighbour_rows.astype(np.int64)))
-    module.neighbour_similarity.copy_(torch.from_numpy(fit.neighbour_similarity))
-    version = rating_version(module, params)
+    arrays = fit_arrays(fit)
+    version = rating_version(arrays, params)
     config = {
         **extra,
         **fit.config,
@@ -49,8 +47,27 @@ def save_rating_model(
         "kind": KIND,
         "version": version,
     }
-    save_checkpoint(directory, module, config)
+    save_checkpoint(directory, arrays, config)
     return load_rating_model(directory)
+
+
+def fit_arrays(fit: RatingFit) -> dict[str, np.ndarray]:
+    """The fitted arrays as the checkpoint stores them: per TRAIN movie (``movie_ids`` in
+    the config give the order) a row of factors and its ``keep`` most similar movies by
+    co-rating (rows, similarities; similarity 0 pads)."""
+    return {
+        "factors": np.ascontiguousarray(fit.factors, dtype=np.float32),
+        "neighbour_rows": np.ascontiguousarray(fit.neighbour_rows, dtype=np.int64),
+        "neighbour_similarity": np.ascontiguousarray(fit.neighbour_similarity, dtype=np.float32),
+    }
+
+
+def rating_version(arrays: dict[str, np.ndarray], params: RatingParams) -> str:
+    """``fold-in-v2-<8 hex>``: a digest of the fitted arrays and the settings, so new
+    settings on the same fit publish a new version."""
+    digest = hashlib.sha256(state_digest(arrays).encode())
+    digest.update(json.dumps(asdict(params), sort_keys=True).encode())
+    return f"{VERSION_PREFIX}-{digest.hexdigest()[:8]}"
 
 
 def prequential_rmse(

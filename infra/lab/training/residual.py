@@ -1,6 +1,8 @@
 """Training of the residual user updater and its checkpoint writer.
 
-``train_residual`` fits a ``ResidualNet`` (``shared.models.residual``) on TRAIN
+``ResidualNet`` is the updater as a torch module (the service runs its weights in
+numpy, ``shared.models.residual.ResidualUpdater``; ``updater_of`` makes one of a net).
+``train_residual`` fits a ``ResidualNet`` on TRAIN
 histories in time order with a next-item objective, unrolled on its own outputs exactly
 as it runs online: the current ``u`` scores every catalogue item (full softmax, items
 the user already rated masked, as the evaluation excludes them) against the next rated
@@ -30,13 +32,155 @@ from torch import nn
 from tqdm import tqdm
 
 from infra.lab.training.best_epoch import BestEpoch
-from infra.lab.training.checkpoint import save_checkpoint
+from infra.lab.training.checkpoint import numpy_state, save_checkpoint
 from shared.events import RatingSubmitted
 from shared.exceptions import NumericalError
-from shared.models.residual import KIND, ResidualNet, weights_version
+from shared.models.checkpoint import state_digest
+from shared.models.residual import (
+    FEATURE_SCALE,
+    KIND,
+    LIKED_STARS,
+    NORM_EPS,
+    VERSION_PREFIX,
+    ResidualUpdater,
+    n_inputs,
+)
 from shared.types import Matrix, MovieId
 
 log = logging.getLogger(__name__)
+
+
+def rating_features(ratings: torch.Tensor) -> torch.Tensor:
+    """``[(r - 3) / 2, liked]`` per rating in stars: shape ``(n, 2)``."""
+    centred = (ratings - 3.0) / 2.0
+    liked = (ratings >= LIKED_STARS).to(ratings.dtype)
+    return torch.stack([centred, liked], dim=-1)
+
+
+class ResidualNet(nn.Module):
+    """One online update ``u' = normalise(u + f(u, v, rating, gap, count))``.
+
+    ``f``'s input is ``[sqrt(d) u, sqrt(d) v, d (u * v), (r-3)/2, liked,
+    log1p(gap_h)/4, log1p(count)/4]`` (the gap and count only when enabled; the scaling
+    makes unit vectors' entries order one). Its output layer gives a direction ``delta``
+    (divided by ``sqrt(d)``) and a scalar ``a``: ``f = delta + a * v``, so a rating can
+    pull the user towards (or push away from) the item directly and bend the vector
+    elsewhere. That layer starts at zero: an untrained net is the identity.
+
+    Args:
+        dim: item (and user) vector dimension.
+        hidden: hidden width (default 256).
+        layers: hidden layers (default 2).
+        use_gap: feed the time gap feature (default True).
+        use_count: feed the rating-count feature (default True).
+        init_scale: starting softmax scale used in training (default 10).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 256,
+        layers: int = 2,
+        *,
+        use_gap: bool = True,
+        use_count: bool = True,
+        init_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or hidden < 1 or layers < 1:
+            raise ValueError(f"dim, hidden and layers must be >= 1, got {dim}, {hidden}, {layers}")
+        self.dim = dim
+        self.use_gap = use_gap
+        self.use_count = use_count
+        n_in = n_inputs(dim, use_gap=use_gap, use_count=use_count)
+        blocks: list[nn.Module] = []
+        width = n_in
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.GELU()]
+            width = hidden
+        self.mlp = nn.Sequential(*blocks)
+        self.out = nn.Linear(hidden, dim + 1)
+        """f's output layer: ``delta`` (dim) and the pull ``a`` along the item (1)."""
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.prior = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
+        """Cold users' vector before normalisation."""
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        """Training only: logits = exp(log_scale) * cosine."""
+
+    def prior_vector(self) -> torch.Tensor:
+        """The normalised prior, shape ``(dim,)``."""
+        return F.normalize(self.prior, dim=0, eps=NORM_EPS)
+
+    def scale(self) -> torch.Tensor:
+        """The softmax scale, clamped to [1, 100] so the loss cannot blow up."""
+        return self.log_scale.exp().clamp(1.0, 100.0)
+
+    def forward(
+        self,
+        user: torch.Tensor,
+        item: torch.Tensor,
+        rating: torch.Tensor,
+        gap_hours: torch.Tensor,
+        count: torch.Tensor,
+    ) -> torch.Tensor:
+        """The next user vectors.
+
+        Args:
+            user: ``(n, dim)`` unit user vectors.
+            item: ``(n, dim)`` unit item vectors.
+            rating: ``(n,)`` stars.
+            gap_hours: ``(n,)`` hours since the user's previous rating (0 for the first).
+            count: ``(n,)`` ratings the user gave before this one.
+
+        Returns:
+            ``(n, dim)``, L2-normalised (a zero-length result stays zero: callers check).
+        """
+        root = math.sqrt(self.dim)
+        parts = [user * root, item * root, user * item * self.dim, rating_features(rating)]
+        if self.use_gap:
+            parts.append((torch.log1p(gap_hours.clamp_min(0.0)) / FEATURE_SCALE)[:, None])
+        if self.use_count:
+            parts.append((torch.log1p(count.clamp_min(0.0)) / FEATURE_SCALE)[:, None])
+        out = self.out(self.mlp(torch.cat(parts, dim=-1)))
+        delta, pull = out[:, : self.dim] / root, out[:, self.dim :]
+        return F.normalize(user + delta + pull * item, dim=-1, eps=NORM_EPS)
+
+    def describe(self) -> dict[str, Any]:
+        """What rebuilds this module (goes into the checkpoint config)."""
+        first = self.mlp[0]
+        assert isinstance(first, nn.Linear)
+        return {
+            "dim": self.dim,
+            "hidden": first.out_features,
+            "layers": sum(isinstance(m, nn.Linear) for m in self.mlp),
+            "use_gap": self.use_gap,
+            "use_count": self.use_count,
+            "features": [
+                "sqrt(d)*u",
+                "sqrt(d)*v",
+                "d*u*v",
+                "(r-3)/2",
+                f"r>={LIKED_STARS:g}",
+                *(["log1p(gap_hours)/4"] if self.use_gap else []),
+                *(["log1p(count)/4"] if self.use_count else []),
+            ],
+        }
+
+
+def weights_version(net: ResidualNet) -> str:
+    """``residual-v1-<8 hex>``: a digest of the weights, so two trainings differ."""
+    return f"{VERSION_PREFIX}-{state_digest(net.state_dict())[:8]}"
+
+
+def updater_of(net: ResidualNet, model_version: str | None = None) -> ResidualUpdater:
+    """The service's numpy ``ResidualUpdater`` over a net's current weights."""
+    return ResidualUpdater(
+        numpy_state(net),
+        use_gap=net.use_gap,
+        use_count=net.use_count,
+        model_version=model_version or weights_version(net),
+    )
 
 
 @dataclass(frozen=True)

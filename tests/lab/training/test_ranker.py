@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from infra.lab.training.ranker import ExampleBuilder, RankerConfig, RankerExamples, train_ranker
+from infra.lab.training.ranker import (
+    ExampleBuilder,
+    RankerConfig,
+    RankerExamples,
+    TwoTowerNet,
+    ranker_of,
+    train_ranker,
+)
 from shared.exceptions import NumericalError
 from shared.models.item_stats import N_CANDIDATE_FEATURES, N_USER_FEATURES
-from shared.models.ranker import Ranker, TwoTowerNet
 from tests.models.ranker_data import (
     DIM,
     ITEM_BIAS,
@@ -104,7 +110,7 @@ def test_learns_preference_that_cosine_gets_wrong(
     # Cosine's numbers do not depend on training.
     assert len(set(history["val_cosine_ndcg"])) == 1
 
-    ranker = Ranker(trained[0])
+    ranker = ranker_of(trained[0])
     users, ufeats, cands, cfeats = candidates(VALID, 200)
     scores = ranker.score_batch(users, ufeats, cands, cfeats)
     side_a = users[:, 0] > users[:, 1]  # these users rate group B
@@ -165,7 +171,7 @@ def test_logq_correction_raises_popular_items() -> None:
             progress=False,
         )
         users, ufeats, cands, cfeats = candidates(VALID, 200)
-        scores = Ranker(net).score_batch(users, ufeats, cands, cfeats)
+        scores = ranker_of(net).score_batch(users, ufeats, cands, cfeats)
         popular = np.r_[0:3, 20:23]
         rare = np.r_[15:20, 35:40]
         gaps[corrected] = float(scores[:, popular].mean() - scores[:, rare].mean())
@@ -173,7 +179,7 @@ def test_logq_correction_raises_popular_items() -> None:
 
 
 def test_rating_head_learns_the_item_bias(trained: tuple[TwoTowerNet, dict, dict]) -> None:
-    ranker = Ranker(trained[0])
+    ranker = ranker_of(trained[0])
     users, ufeats = VALID.user_vectors, VALID.user_features
     cands = ITEMS[VALID.item_rows][:, None, :]
     cfeats = VALID.item_features[:, None, :]

@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from infra.lab.training.residual import ResidualConfig, save_residual, train_residual
+from infra.lab.training.residual import (
+    ResidualConfig,
+    ResidualNet,
+    save_residual,
+    train_residual,
+    updater_of,
+)
 from shared.events import RatingSubmitted
 from shared.exceptions import NumericalError
-from shared.models.residual import KIND, ResidualNet, ResidualUpdater, load_residual_updater
+from shared.models.residual import KIND, load_residual_updater
 from shared.models.updater import RatingWeightedMean, UserState, UserUpdater
 from shared.types import Matrix, MovieId
 from tests.models.residual_data import DIM, T0, history, unit_rows
@@ -131,7 +137,7 @@ def test_trained_updater_ranks_the_next_item_better_than_the_mean(
 ) -> None:
     ids, items, _ = sequential_data(80, seed=1)
     _, _, fresh_users = sequential_data(30, seed=4)
-    residual = mean_rank(ResidualUpdater(trained[0]), ids, items, fresh_users)
+    residual = mean_rank(updater_of(trained[0]), ids, items, fresh_users)
     mean = mean_rank(RatingWeightedMean(), ids, items, fresh_users)
     assert residual < 0.8 * mean, f"residual {residual:.2f} vs mean {mean:.2f}"
 
@@ -155,7 +161,7 @@ def test_checkpoint_roundtrip(trained: tuple[ResidualNet, dict, dict], tmp_path:
     net, config, _ = trained
     save_residual(tmp_path / "ck", net, config)
     loaded = load_residual_updater(tmp_path / "ck", expected_dim=DIM)
-    direct = ResidualUpdater(net)
+    direct = updater_of(net)
     assert loaded.model_version == direct.model_version == config["version"]
     a, b = history(loaded, 6, seed=22), history(direct, 6, seed=22)
     assert a.vector is not None and b.vector is not None
