@@ -93,9 +93,10 @@ class Settings(BaseSettings):
 
     # --- Stream processing -------------------------------------------------------
     torch_threads: int = Field(1, ge=1, validation_alias="REELSTREAM_TORCH_THREADS")
-    """Torch intra-op threads of the item-embedding worker, the one that runs torch
-    [REELSTREAM_TORCH_THREADS]. Several processes share the cores: more threads
-    spin-wait for each other instead of computing."""
+    """Threads of each worker's model code [REELSTREAM_TORCH_THREADS]: torch's intra-op
+    pool in item-embedding, the BLAS and OpenMP pools of the numpy models and faiss in
+    every worker. Several processes share the cores: more threads spin-wait for each
+    other instead of computing."""
 
     batch_size: int = Field(2000, ge=1, validation_alias="REELSTREAM_BATCH_SIZE")
     """Most messages handled in one micro-batch [REELSTREAM_BATCH_SIZE]. A batch is what

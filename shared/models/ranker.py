@@ -31,7 +31,8 @@ checkpoint. The net as a torch module (``TwoTowerNet``), its training (``train_r
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from shared.models.item_stats import (
     ItemStats,
 )
 from shared.models.layers import Mlp
-from shared.types import Matrix, Vector
+from shared.types import Matrix, MovieId, Vector
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,59 @@ MAX_RATING = 5.0
 
 
 # --- inference ------------------------------------------------------------------------------
+
+
+class _VectorPartMemo:
+    """The item-vector tower's output per movie id, with the vector it was computed
+    from (rows grow by doubling). A movie is computed when first seen and when its
+    vector changes: about 20 microseconds each, once per catalogue movie."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        self.rows: dict[MovieId, int] = {}
+        self.vectors = np.zeros((64, dim), dtype=np.float32)
+        self.outputs = np.zeros((64, width), dtype=np.float32)
+
+    def parts(self, movie_ids: Sequence[MovieId], vectors: np.ndarray, tower: Mlp) -> np.ndarray:
+        rows = np.fromiter(
+            (self.rows.get(m, -1) for m in movie_ids), dtype=np.int64, count=len(movie_ids)
+        )
+        fresh = rows >= 0
+        fresh[fresh] = (self.vectors[rows[fresh]] == vectors[fresh]).all(axis=1)
+        stale = np.flatnonzero(~fresh)
+        if len(stale):
+            for i in stale.tolist():
+                if rows[i] < 0:
+                    rows[i] = self.rows.setdefault(movie_ids[i], len(self.rows))
+            self._grow(len(self.rows))
+            self.vectors[rows[stale]] = vectors[stale]
+            # One row at a time: a movie's part does not depend on which movies shared
+            # its call (BLAS rounds a batch otherwise), so lists stay deterministic.
+            for i in stale.tolist():
+                self.outputs[rows[i]] = tower(vectors[i : i + 1])[0]
+        return self.outputs[rows]
+
+    def _grow(self, size: int) -> None:
+        if size <= len(self.vectors):
+            return
+        capacity = max(size, 2 * len(self.vectors))
+        for name in ("vectors", "outputs"):
+            old = getattr(self, name)
+            grown = np.zeros((capacity, old.shape[1]), dtype=np.float32)
+            grown[: len(old)] = old
+            setattr(self, name, grown)
+
+
+@dataclass(frozen=True)
+class _Towers:
+    """One call's checked inputs and tower outputs (None when there is no candidate)."""
+
+    users: np.ndarray
+    ufeats: np.ndarray
+    cands: np.ndarray
+    cfeats: np.ndarray
+    user_emb: np.ndarray | None
+    item_emb: np.ndarray | None
+    cosine: np.ndarray | None
 
 
 def _as_matrix(name: str, array: Any, width: int, rows: int | None = None) -> np.ndarray:
@@ -131,6 +185,18 @@ class Ranker:
             or self._rating_head.n_out != 1
         ):
             raise ConfigurationError("the ranker's towers and rating head do not fit each other")
+        self._memo = _VectorPartMemo(self.dim, width)
+
+    def item_vector_parts(self, movie_ids: Sequence[MovieId], vectors: Matrix) -> np.ndarray:
+        """``(c, embed_dim + 1)``: the vector part of each movie's item-tower output
+        (the item-vector MLP, the bulk of a candidate's cost), computed once per movie
+        and vector and remembered by id; a movie whose vector changed is computed again.
+
+        Raises:
+            ValueError: ``vectors`` is not ``(len(movie_ids), dim)``.
+        """
+        vectors = _as_matrix("vectors", vectors, self.dim, len(movie_ids))
+        return self._memo.parts(movie_ids, vectors, self._item_vector_tower)
 
     def new_item_stats(self) -> ItemStats:
         """An empty ``ItemStats`` with the parameters the net was trained with."""
@@ -183,42 +249,8 @@ class Ranker:
             ValueError: shapes that do not fit the net or each other.
             NumericalError: a NaN or infinity in the inputs or the outputs.
         """
-        users, ufeats, cands, cfeats = self._inputs(
-            user_vectors, user_features, cand_vectors, cand_features
-        )
-        n, c = cands.shape[:2]
-        if n == 0 or c == 0:
-            empty = np.zeros((n, c), dtype=np.float32)
-            return empty, empty.copy()
-        item_columns = self.n_item_features - self.n_pair_features
-        user_out = self._user_tower(np.concatenate([users, ufeats], axis=-1))
-        user_emb = np.concatenate([user_out, np.ones((n, 1), dtype=np.float32)], axis=-1)
-        item_emb = self._item_vector_tower(cands) + self._item_feature_tower(
-            cfeats[..., :item_columns]
-        )
-        cosine = np.einsum("ncd,nd->nc", cands, users)
-        scores = (
-            np.einsum("nce,ne->nc", item_emb, user_emb)
-            + self._cosine_weight * cosine
-            + cfeats[..., item_columns:] @ self._pair_weight
-        )
-        user_rows = np.broadcast_to(user_emb[:, None, :], item_emb.shape)
-        head_in = np.concatenate(
-            [
-                user_rows * item_emb,
-                user_rows,
-                item_emb,
-                np.broadcast_to(ufeats[:, None, :], (n, c, ufeats.shape[1])),
-                cfeats,
-                cosine[..., None],
-            ],
-            axis=-1,
-        )
-        ratings = self._global_mean + self._rating_head(head_in)[..., 0]
-        ratings = np.clip(ratings, MIN_RATING, MAX_RATING)
-        if not (np.isfinite(scores).all() and np.isfinite(ratings).all()):
-            raise NumericalError("NaN encountered in ranker outputs")
-        return scores.astype(np.float32), ratings.astype(np.float32)
+        towers = self._towers(user_vectors, user_features, cand_vectors, cand_features)
+        return self._scores(towers), self._ratings(towers)
 
     def score_batch(
         self,
@@ -226,11 +258,14 @@ class Ranker:
         user_features: Matrix,
         cand_vectors: np.ndarray,
         cand_features: np.ndarray,
+        vector_parts: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``(n, c)`` relevance scores (see ``score_and_rate_batch``)."""
-        return self.score_and_rate_batch(user_vectors, user_features, cand_vectors, cand_features)[
-            0
-        ]
+        """``(n, c)`` relevance scores (see ``score_and_rate_batch``), without running
+        the rating head. ``vector_parts`` ``(n, c, embed_dim + 1)`` are the candidates'
+        ``item_vector_parts`` when the caller has them."""
+        return self._scores(
+            self._towers(user_vectors, user_features, cand_vectors, cand_features, vector_parts)
+        )
 
     def predict_rating_batch(
         self,
@@ -240,9 +275,70 @@ class Ranker:
         cand_features: np.ndarray,
     ) -> np.ndarray:
         """``(n, c)`` predicted stars in [0.5, 5] (see ``score_and_rate_batch``)."""
-        return self.score_and_rate_batch(user_vectors, user_features, cand_vectors, cand_features)[
-            1
-        ]
+        return self._ratings(self._towers(user_vectors, user_features, cand_vectors, cand_features))
+
+    def _towers(
+        self,
+        user_vectors: Matrix,
+        user_features: Matrix,
+        cand_vectors: np.ndarray,
+        cand_features: np.ndarray,
+        vector_parts: np.ndarray | None = None,
+    ) -> _Towers:
+        users, ufeats, cands, cfeats = self._inputs(
+            user_vectors, user_features, cand_vectors, cand_features
+        )
+        n, c = cands.shape[:2]
+        if n == 0 or c == 0:
+            return _Towers(users, ufeats, cands, cfeats, None, None, None)
+        item_columns = self.n_item_features - self.n_pair_features
+        user_out = self._user_tower(np.concatenate([users, ufeats], axis=-1))
+        user_emb = np.concatenate([user_out, np.ones((n, 1), dtype=np.float32)], axis=-1)
+        if vector_parts is None:
+            vector_parts = self._item_vector_tower(cands)
+        elif vector_parts.shape != (n, c, self._item_vector_tower.n_out):
+            raise ValueError(f"vector_parts of shape {vector_parts.shape} for {n} x {c} candidates")
+        item_emb = vector_parts + self._item_feature_tower(cfeats[..., :item_columns])
+        cosine = (cands @ users[:, :, None])[..., 0]
+        return _Towers(users, ufeats, cands, cfeats, user_emb, item_emb, cosine)
+
+    def _scores(self, t: _Towers) -> np.ndarray:
+        """Towers' dot product + weighted cosine + weighted pair columns, ``(n, c)``."""
+        if t.user_emb is None or t.item_emb is None or t.cosine is None:
+            return np.zeros(t.cands.shape[:2], dtype=np.float32)
+        item_columns = self.n_item_features - self.n_pair_features
+        scores = (
+            (t.item_emb @ t.user_emb[:, :, None])[..., 0]
+            + self._cosine_weight * t.cosine
+            + t.cfeats[..., item_columns:] @ self._pair_weight
+        )
+        if not np.isfinite(scores).all():
+            raise NumericalError("NaN encountered in ranker outputs")
+        return scores.astype(np.float32)
+
+    def _ratings(self, t: _Towers) -> np.ndarray:
+        """The rating head's stars, clipped to [0.5, 5], ``(n, c)``."""
+        if t.user_emb is None or t.item_emb is None or t.cosine is None:
+            return np.zeros(t.cands.shape[:2], dtype=np.float32)
+        n, c = t.cands.shape[:2]
+        user_rows = np.broadcast_to(t.user_emb[:, None, :], t.item_emb.shape)
+        head_in = np.concatenate(
+            [
+                user_rows * t.item_emb,
+                user_rows,
+                t.item_emb,
+                np.broadcast_to(t.ufeats[:, None, :], (n, c, t.ufeats.shape[1])),
+                t.cfeats,
+                t.cosine[..., None],
+            ],
+            axis=-1,
+        )
+        ratings = np.clip(
+            self._global_mean + self._rating_head(head_in)[..., 0], MIN_RATING, MAX_RATING
+        )
+        if not np.isfinite(ratings).all():
+            raise NumericalError("NaN encountered in ranker outputs")
+        return ratings.astype(np.float32)
 
     def score(
         self,

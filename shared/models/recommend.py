@@ -393,28 +393,34 @@ def recommend_batch(
             )
             continue
         assert user_features is not None  # checked above
-        logits, stars = reranker.ranker.score_and_rate_batch(
-            queries[row : row + 1],
-            np.asarray(user_features[row : row + 1], dtype=np.float32),
-            vectors[None, :, :],
-            reranker.sources.features(
-                catalogue, candidates, () if recents is None else recents[row]
-            )[None, :, :],
+        cand_features = reranker.sources.features(
+            catalogue, candidates, () if recents is None else recents[row]
+        )[None, :, :]
+        user = (queries[row : row + 1], np.asarray(user_features[row : row + 1], dtype=np.float32))
+        parts = reranker.ranker.item_vector_parts(candidates, vectors)
+        logits = reranker.ranker.score_batch(
+            *user, vectors[None, :, :], cand_features, parts[None, :, :]
         )
         order = mmr(relevance_scale(logits[0]), vectors, k, mmr_lambda)
         listed = [candidates[i] for i in order]
+        # The listed items' stars: the rating model from the user's ratings, or else the
+        # ranker's rating head, run on the listed items only.
         predicted = (
             None
             if histories is None
             else reranker.predict_ratings(catalogue, histories[row], listed)
         )
+        if predicted is None:
+            predicted = reranker.ranker.predict_rating_batch(
+                *user, vectors[None, order, :], cand_features[:, order, :]
+            )[0]
         lists.append(
             [
                 ScoredItem(
                     candidates[i],
                     float(logits[0, i]),
                     rank,
-                    float(stars[0, i] if predicted is None else predicted[rank - 1]),
+                    float(predicted[rank - 1]),
                 )
                 for rank, i in enumerate(order, start=1)
             ]

@@ -9,6 +9,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from threadpoolctl import threadpool_limits
+
 from shared.config import Settings
 from shared.exceptions import ConfigurationError
 from shared.kafka.batch_consumer import BatchConsumer
@@ -53,6 +55,9 @@ def run_worker(
     configure_logging(service)
     try:
         settings = Settings()
+        # The numpy models' BLAS (and faiss's OpenMP) on as few threads as torch's: with
+        # more, the workers' threads spin-wait for each other on shared cores.
+        threadpool_limits(settings.torch_threads)
         worker = build(settings)
     except ConfigurationError as exc:
         log.error("service=%s cannot start: %s", service, exc)

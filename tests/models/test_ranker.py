@@ -146,3 +146,27 @@ def test_load_refuses_what_does_not_fit(
     path.write_text(json.dumps({**stored, "dim": DIM + 1}))
     with pytest.raises(ConfigurationError, match="does not fit"):
         load_ranker(directory)
+
+
+def test_remembered_vector_parts_score_as_computed_ones_and_follow_a_changed_vector(
+    trained: tuple[TwoTowerNet, dict, dict],
+) -> None:
+    ranker = ranker_of(trained[0])
+    users, ufeats, cands, cfeats = candidates(VALID, 1)
+    ids = [f"m{i}" for i in range(cands.shape[1])]
+    direct = ranker.score_batch(users, ufeats, cands, cfeats)
+    first = ranker.item_vector_parts(ids, cands[0])
+    np.testing.assert_array_equal(ranker.item_vector_parts(ids, cands[0]), first)  # remembered
+    np.testing.assert_allclose(
+        ranker.score_batch(users, ufeats, cands, cfeats, first[None]), direct, rtol=1e-5, atol=1e-5
+    )
+    moved = cands.copy()
+    moved[0, 3] = moved[0, 4]  # movie m3 was embedded again
+    again = ranker.item_vector_parts(ids, moved[0])
+    np.testing.assert_array_equal(again[3], again[4])
+    np.testing.assert_allclose(
+        ranker.score_batch(users, ufeats, moved, cfeats, again[None]),
+        ranker.score_batch(users, ufeats, moved, cfeats),
+        rtol=1e-5,
+        atol=1e-5,
+    )
