@@ -225,8 +225,16 @@ class MovieStats:
     def top_co(self, n: int = CO_TOP) -> dict[MovieId, int]:
         """The ``n`` most co-rated movies and their counts (ties: the smaller id first),
         most co-rated first."""
-        ranked = sorted(self.co.items(), key=lambda pair: (-pair[1], pair[0]))
-        return dict(ranked[:n])
+        co = self.co
+        if n <= 0:
+            return {}
+        if len(co) > n:
+            # Only the movies counted at least the n-th highest count can make the list.
+            cut = sorted(co.values(), reverse=True)[n - 1]
+            pairs = [pair for pair in co.items() if pair[1] >= cut]
+        else:
+            pairs = list(co.items())
+        return dict(sorted(pairs, key=lambda pair: (-pair[1], pair[0]))[:n])
 
     def published(self) -> MovieStats:
         """These statistics with only the ``CO_TOP`` most co-rated movies, as they are
@@ -275,6 +283,11 @@ class ItemStats:
         self._followers: dict[MovieId, dict[MovieId, float]] = {}
         self._indexed: dict[MovieId, tuple[MovieId, ...]] = {}
         self._stale: set[MovieId] = set()
+        # The same per movie r as arrays (columns of the followers, their weights), built
+        # when first read after a change; a column per movie ever indexed.
+        self._follower_arrays: dict[MovieId, tuple[np.ndarray, np.ndarray]] = {}
+        self._columns: dict[MovieId, int] = {}
+        self._column_ids: list[MovieId] = []
         # Read-side caches of the decayed counts, rebuilt when a movie changes.
         self._decayed: tuple[list[MovieId], np.ndarray, np.ndarray] | None = None
 
@@ -509,11 +522,12 @@ class ItemStats:
 
     def _reindex(self) -> None:
         """Bring the reverse co-rating index up to date with the changed movies."""
-        followers, items = self._followers, self._items
+        followers, items, arrays = self._followers, self._items, self._follower_arrays
         for movie_id in self._stale:
             for other in self._indexed.pop(movie_id, ()):
                 followed = followers[other]
                 del followed[movie_id]
+                arrays.pop(other, None)
                 if not followed:
                     del followers[other]
             entry = items.get(movie_id)
@@ -521,31 +535,54 @@ class ItemStats:
                 continue
             top = entry.top_co()
             scale = 1.0 / math.sqrt(entry.count)
+            if movie_id not in self._columns:
+                self._columns[movie_id] = len(self._column_ids)
+                self._column_ids.append(movie_id)
             for other, co in top.items():
                 followers.setdefault(other, {})[movie_id] = co * scale
+                arrays.pop(other, None)
             self._indexed[movie_id] = tuple(top)
         self._stale.clear()
 
-    def _co_totals(self, recent: Sequence[MovieId], window: int) -> dict[MovieId, float]:
+    def _followed_by(self, movie_id: MovieId) -> tuple[np.ndarray, np.ndarray] | None:
+        """The columns of the movies that keep ``movie_id`` among their most co-rated
+        and their weights ``co / sqrt(n)``, in the reverse index's order; None if none."""
+        cached = self._follower_arrays.get(movie_id)
+        if cached is not None:
+            return cached
+        followed = self._followers.get(movie_id)
+        if not followed:
+            return None
+        columns = self._columns
+        pair = (
+            np.fromiter((columns[m] for m in followed), dtype=np.int64, count=len(followed)),
+            np.fromiter(followed.values(), dtype=np.float64, count=len(followed)),
+        )
+        self._follower_arrays[movie_id] = pair
+        return pair
+
+    def _co_totals(self, recent: Sequence[MovieId], window: int) -> np.ndarray:
         """``Σ_r co(m, r) / sqrt(n_m * n_r)`` over the last ``window`` distinct movies
-        ``r`` of ``recent``, for every movie ``m`` that keeps one of them among its
-        ``CO_TOP`` most co-rated (the others score 0), from the reverse index."""
+        ``r`` of ``recent``, by column (``_columns``) of every movie ``m``: 0 for one that
+        keeps none of them among its ``CO_TOP`` most co-rated. From the reverse index;
+        each movie's sum is added up in the order of ``recent``."""
         latest = list(dict.fromkeys(recent))[-window:]
-        if not latest:
-            return {}
         if self._stale:
             self._reindex()
+        columns: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
         items = self._items
-        totals: dict[MovieId, float] = {}
         for r in latest:
             entry = items.get(r)
-            followed = self._followers.get(r)
-            if entry is None or entry.count == 0 or not followed:
+            followed = self._followed_by(r)
+            if entry is None or entry.count == 0 or followed is None:
                 continue
-            weight = 1.0 / math.sqrt(entry.count)
-            for movie_id, value in followed.items():
-                totals[movie_id] = totals.get(movie_id, 0.0) + value * weight
-        return totals
+            columns.append(followed[0])
+            weights.append(followed[1] * (1.0 / math.sqrt(entry.count)))
+        size = len(self._column_ids)
+        if not columns:
+            return np.zeros(size, dtype=np.float64)
+        return np.bincount(np.concatenate(columns), np.concatenate(weights), minlength=size)
 
     def co_candidates(
         self, recent: Sequence[MovieId], n: int, exclude: Collection[MovieId] = ()
@@ -557,8 +594,19 @@ class ItemStats:
         if n <= 0:
             return []
         totals = self._co_totals(recent, CO_RATED_WINDOW)
+        scored = np.flatnonzero(totals > 0)
+        wanted = n + len(exclude)
+        if len(scored) > wanted:
+            # Only movies at least as high as the wanted-th highest can make the list.
+            cut = np.partition(totals[scored], len(scored) - wanted)[len(scored) - wanted]
+            scored = scored[totals[scored] >= cut]
+        ids = self._column_ids
         ranked = sorted(
-            (pair for pair in totals.items() if pair[0] not in exclude),
+            (
+                pair
+                for pair in zip((ids[c] for c in scored), totals[scored].tolist(), strict=True)
+                if pair[0] not in exclude
+            ),
             key=lambda pair: (-pair[1], pair[0]),
         )
         return [movie_id for movie_id, _ in ranked[:n]]
@@ -577,9 +625,11 @@ class ItemStats:
         if not movie_ids:
             return np.zeros(0, dtype=np.float64)
         totals = self._co_totals(recent, window)
-        out = np.fromiter(
-            (totals.get(m, 0.0) for m in movie_ids), dtype=np.float64, count=len(movie_ids)
+        columns = self._columns
+        rows = np.fromiter(
+            (columns.get(m, -1) for m in movie_ids), dtype=np.int64, count=len(movie_ids)
         )
+        out = np.where(rows >= 0, totals[np.maximum(rows, 0)] if len(totals) else 0.0, 0.0)
         # Equal scores carry no signal; float rounding may leave them a spread of ~1e-17.
         std = float(out.std())
         if not math.isfinite(std) or std <= EQUAL_SPREAD * max(1.0, float(np.abs(out).max())):
