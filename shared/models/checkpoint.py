@@ -125,18 +125,11 @@ def load_into(module: torch.nn.Module, state: Mapping[str, np.ndarray], where: P
         raise ConfigurationError(f"checkpoint {where} does not fit its config: {exc}") from exc
 
 
-def state_digest(state: Mapping[str, Any]) -> str:
-    """SHA-256 hex digest of weights (every entry by name, torch tensors or numpy
-    arrays): two states digest equal exactly when their weights are equal. Versions of
-    trained models are built from it."""
+def state_digest(state: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 hex digest of weights (every array by name): two states digest equal
+    exactly when their weights are equal. Versions of trained models are built from it."""
     digest = hashlib.sha256()
-    for name, value in sorted(state.items()):
+    for name, array in sorted(state.items()):
         digest.update(name.encode())
-        digest.update(_as_array(value).tobytes())
+        digest.update(np.asarray(array, order="C").tobytes())
     return digest.hexdigest()
-
-
-def _as_array(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().contiguous().numpy()
-    return np.asarray(value, order="C")

@@ -107,15 +107,15 @@ class _VectorPartMemo:
 
 @dataclass(frozen=True)
 class _Towers:
-    """One call's checked inputs and tower outputs (None when there is no candidate)."""
+    """One call's checked inputs and tower outputs."""
 
     users: np.ndarray
     ufeats: np.ndarray
     cands: np.ndarray
     cfeats: np.ndarray
-    user_emb: np.ndarray | None
-    item_emb: np.ndarray | None
-    cosine: np.ndarray | None
+    user_emb: np.ndarray
+    item_emb: np.ndarray
+    cosine: np.ndarray
 
 
 def _as_matrix(name: str, array: Any, width: int, rows: int | None = None) -> np.ndarray:
@@ -289,8 +289,6 @@ class Ranker:
             user_vectors, user_features, cand_vectors, cand_features
         )
         n, c = cands.shape[:2]
-        if n == 0 or c == 0:
-            return _Towers(users, ufeats, cands, cfeats, None, None, None)
         item_columns = self.n_item_features - self.n_pair_features
         user_out = self._user_tower(np.concatenate([users, ufeats], axis=-1))
         user_emb = np.concatenate([user_out, np.ones((n, 1), dtype=np.float32)], axis=-1)
@@ -304,8 +302,6 @@ class Ranker:
 
     def _scores(self, t: _Towers) -> np.ndarray:
         """Towers' dot product + weighted cosine + weighted pair columns, ``(n, c)``."""
-        if t.user_emb is None or t.item_emb is None or t.cosine is None:
-            return np.zeros(t.cands.shape[:2], dtype=np.float32)
         item_columns = self.n_item_features - self.n_pair_features
         scores = (
             (t.item_emb @ t.user_emb[:, :, None])[..., 0]
@@ -318,8 +314,6 @@ class Ranker:
 
     def _ratings(self, t: _Towers) -> np.ndarray:
         """The rating head's stars, clipped to [0.5, 5], ``(n, c)``."""
-        if t.user_emb is None or t.item_emb is None or t.cosine is None:
-            return np.zeros(t.cands.shape[:2], dtype=np.float32)
         n, c = t.cands.shape[:2]
         user_rows = np.broadcast_to(t.user_emb[:, None, :], t.item_emb.shape)
         head_in = np.concatenate(

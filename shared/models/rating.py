@@ -381,20 +381,15 @@ def load_rating_model(directory: Path) -> RatingModel:
         raise ConfigurationError(
             f"checkpoint {directory} config does not describe a rating model: {exc}"
         ) from exc
-    try:
-        check_shapes(
-            state,
-            {
-                "factors": (n, dim),
-                "neighbour_rows": (n, keep),
-                "neighbour_similarity": (n, keep),
-            },
-            Path(directory),
-        )
-    except ConfigurationError as exc:
-        if "NaN" in str(exc):
-            raise ConfigurationError(f"checkpoint {directory} has non-finite item factors") from exc
-        raise
+    check_shapes(
+        state,
+        {
+            "factors": (n, dim),
+            "neighbour_rows": (n, keep),
+            "neighbour_similarity": (n, keep),
+        },
+        Path(directory),
+    )
     try:
         return RatingModel(
             movie_ids,

@@ -218,7 +218,7 @@ class TwoTowerNet(nn.Module):
 
 def weights_version(net: TwoTowerNet) -> str:
     """``two-tower-v4-<8 hex>``: a digest of the weights, so two trainings differ."""
-    return f"{VERSION_PREFIX}-{state_digest(net.state_dict())[:8]}"
+    return f"{VERSION_PREFIX}-{state_digest(numpy_state(net))[:8]}"
 
 
 def ranker_of(

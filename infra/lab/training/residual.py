@@ -170,7 +170,7 @@ class ResidualNet(nn.Module):
 
 def weights_version(net: ResidualNet) -> str:
     """``residual-v1-<8 hex>``: a digest of the weights, so two trainings differ."""
-    return f"{VERSION_PREFIX}-{state_digest(net.state_dict())[:8]}"
+    return f"{VERSION_PREFIX}-{state_digest(numpy_state(net))[:8]}"
 
 
 def updater_of(net: ResidualNet, model_version: str | None = None) -> ResidualUpdater:
