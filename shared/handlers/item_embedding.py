@@ -157,7 +157,7 @@ class ItemRecord:
 
 def handle_items(
     batch: Sequence[Incoming[ItemEvent]],
-    records: Mapping[MovieId, bytes],
+    records: Mapping[MovieId, bytes | ItemRecord],
     encoder: ItemEncoder,
     store: QdrantStore,
     now: datetime,
@@ -185,7 +185,9 @@ def handle_items(
         record of every movie that changed (to write back to the table).
 
     Args:
-        records: stored ``ItemRecord`` bytes of (at least) the batch's movies.
+        records: the stored record of (at least) the batch's movies: its bytes, or the
+            ``ItemRecord`` they read as (a caller that keeps the records it wrote need
+            not read them again).
         item_pull: how far a taste moves a movie's vector (0: vectors stay as encoded).
 
     Raises:
@@ -197,9 +199,15 @@ def handle_items(
 
     def record(movie_id: MovieId, incoming: Incoming[Any]) -> ItemRecord | None:
         if movie_id not in current:
-            raw = records.get(movie_id)
+            stored = records.get(movie_id)
             try:
-                current[movie_id] = ItemRecord() if raw is None else ItemRecord.from_bytes(raw)
+                current[movie_id] = (
+                    ItemRecord()
+                    if stored is None
+                    else stored
+                    if isinstance(stored, ItemRecord)
+                    else ItemRecord.from_bytes(stored)
+                )
             except InvalidEventError as exc:
                 # Dead-letter rather than reset: resetting would forget its raters.
                 out.append(dead_letter(incoming.source, f"stored state of movie: {exc}", SERVICE))
@@ -207,7 +215,8 @@ def handle_items(
         return current[movie_id]
 
     changed: set[MovieId] = set()  # the served vector may have moved
-    rated: dict[MovieId, None] = {}  # the statistics moved; in order of first rating
+    # The ratings each movie counts, in order; the movies in order of first rating.
+    rated: dict[MovieId, list[ItemRated]] = {}
     latest: dict[MovieId, Incoming[MoviePublished]] = {}
     for one in batch:
         event = one.event
@@ -219,9 +228,13 @@ def handle_items(
             after = _rated(item, event, one, out)
             if after is not item:
                 current[event.movie_id] = after
-                rated[event.movie_id] = None
+                rated.setdefault(event.movie_id, []).append(event)
                 if after.n_tastes != item.n_tastes:
                     changed.add(event.movie_id)
+    for movie_id, ratings in rated.items():
+        counted = ((e.rating, e.occurred_at, e.co_rated) for e in ratings)
+        stats = current[movie_id].stats.added_many(counted, *HALF_LIVES)
+        current[movie_id] = replace(current[movie_id], stats=stats)
     chosen = [m for m in latest.values() if record(m.event.movie_id, m) is not None]
     if chosen:
         encoded = encoder.encode([movie_of(incoming.event) for incoming in chosen])
@@ -265,8 +278,8 @@ def handle_items(
 def _rated(
     item: ItemRecord, event: ItemRated, incoming: Incoming[Any], out: list[Outgoing]
 ) -> ItemRecord:
-    """``item`` with the rating of ``event`` (and its taste, if any) added; ``item``
-    itself for a copy."""
+    """``item`` with the rating of ``event`` taken in (its id and offset, its taste if
+    it has one; the caller adds it to the statistics); ``item`` itself for a copy."""
     offset = incoming.source.offset
     if offset is not None and item.seen_offset is not None and offset <= item.seen_offset:
         return item
@@ -283,7 +296,6 @@ def _rated(
         seen_offset=item.seen_offset if offset is None else offset,
         recent=(*item.recent, digest)[-RECENT_EVENTS:],
         last_event_id=event.rating_event_id,
-        stats=item.stats.added(event.rating, event.occurred_at, event.co_rated, *HALF_LIVES),
     )
     taste = event.taste
     if taste is None:

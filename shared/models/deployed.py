@@ -55,7 +55,7 @@ def build_deployed_item_encoder(settings: Settings) -> ItemEncoder:
         ConfigurationError: a model file is missing, or the checkpoint does not fit the
             configured text/image encoders.
     """
-    from shared.models.device import resolve_device
+    from shared.models.device import resolve_device, resolve_precision
     from shared.models.fusion import load_fusion_encoder
     from shared.models.image import load_image_encoder
     from shared.models.item_encoder import build_item_encoder
@@ -68,7 +68,11 @@ def build_deployed_item_encoder(settings: Settings) -> ItemEncoder:
 
     device = resolve_device(settings.device)
     encoder = load_fusion_encoder(
-        path, TextEncoder(settings.text_model, device), load_image_encoder(settings)
+        path,
+        TextEncoder(
+            settings.text_model, device, resolve_precision(settings.text_precision, device)
+        ),
+        load_image_encoder(settings),
     )
     log.info("item encoder: trained %s from %s", encoder.model_version, path)
     return encoder

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from shared.exceptions import ConfigurationError
@@ -36,3 +38,36 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ConfigurationError(f"REELSTREAM_DEVICE={name!r}: only cpu and cuda are supported")
     return device
+
+
+CPU_BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+"""``/proc/cpuinfo`` flags of x86 instructions that multiply bfloat16 matrices natively."""
+
+
+def resolve_precision(
+    name: str, device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")
+) -> torch.dtype:
+    """The dtype of a model's matrix products named by ``Settings.text_precision``.
+
+    ``"auto"`` is bfloat16 where the hardware computes it natively (a CUDA device that
+    supports it; a CPU whose ``cpuinfo`` flags list AVX-512 BF16 or AMX), float32
+    elsewhere: without the instructions bfloat16 is emulated and slower.
+    """
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        try:
+            flags = {
+                flag
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("flags")
+                for flag in line.partition(":")[2].split()
+            }
+        except OSError:
+            flags = set()
+        native = bool(flags & CPU_BFLOAT16_FLAGS)
+    return torch.bfloat16 if native else torch.float32

@@ -20,7 +20,7 @@ import numpy as np
 from shared.config import Settings
 from shared.domain import Modality, Movie
 from shared.exceptions import ConfigurationError, NumericalError
-from shared.models.device import resolve_device
+from shared.models.device import resolve_device, resolve_precision
 from shared.models.image import ImageEncoder, load_image_encoder, load_posters
 from shared.models.metadata import GENRE_FEATURES, PEOPLE_DIM, genre_features, people_features
 from shared.models.text import TextEncoder, movie_text
@@ -262,7 +262,9 @@ def build_item_encoder(
         ConfigurationError: a model directory or checkpoint is missing or does not fit.
     """
     device = resolve_device(settings.device)
-    text = TextEncoder(settings.text_model, device)
+    text = TextEncoder(
+        settings.text_model, device, resolve_precision(settings.text_precision, device)
+    )
     image = load_image_encoder(settings)
     encoder = ConcatItemEncoder(
         text,

@@ -207,18 +207,42 @@ class MovieStats:
         Raises:
             NumericalError: ``rating`` is NaN or infinite.
         """
-        if not math.isfinite(rating):
-            raise NumericalError(f"rating is not finite: {rating}")
-        day = days(occurred_at)
+        return self.added_many(
+            [(rating, occurred_at, co_rated)], half_life_days, fast_half_life_days
+        )
+
+    def added_many(
+        self,
+        ratings: Iterable[tuple[float, datetime, Iterable[MovieId]]],
+        half_life_days: float,
+        fast_half_life_days: float,
+    ) -> MovieStats:
+        """``added`` of each ``(rating, occurred_at, co_rated)`` in turn (the very same
+        statistics), with the co-rating counts copied once rather than per rating.
+
+        Raises:
+            NumericalError: a rating is NaN or infinite.
+        """
+        count, rating_sum, last_day = self.count, self.rating_sum, self.last_day
+        log_decayed, log_fast = self.log_decayed, self.log_fast_decayed
         co = dict(self.co)
-        for other in co_rated:
-            co[other] = co.get(other, 0) + 1
+        for rating, occurred_at, co_rated in ratings:
+            if not math.isfinite(rating):
+                raise NumericalError(f"rating is not finite: {rating}")
+            day = days(occurred_at)
+            for other in co_rated:
+                co[other] = co.get(other, 0) + 1
+            count += 1
+            rating_sum += float(rating)
+            log_decayed = _log2_add(log_decayed, day / half_life_days)
+            log_fast = _log2_add(log_fast, day / fast_half_life_days)
+            last_day = day if last_day is None else max(last_day, day)
         return MovieStats(
-            count=self.count + 1,
-            rating_sum=self.rating_sum + float(rating),
-            log_decayed=_log2_add(self.log_decayed, day / half_life_days),
-            log_fast_decayed=_log2_add(self.log_fast_decayed, day / fast_half_life_days),
-            last_day=day if self.last_day is None else max(self.last_day, day),
+            count=count,
+            rating_sum=rating_sum,
+            log_decayed=log_decayed,
+            log_fast_decayed=log_fast,
+            last_day=last_day,
             co=co,
         )
 

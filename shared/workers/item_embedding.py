@@ -25,13 +25,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from shared.config import Settings
 from shared.events import ITEM_FEEDBACK, MOVIES, Event
-from shared.handlers.item_embedding import SERVICE, TABLE, ItemEvent, handle_items
+from shared.handlers.item_embedding import SERVICE, TABLE, ItemEvent, ItemRecord, handle_items
 from shared.kafka.batch_consumer import BatchConsumer, BatchHandler
 from shared.kafka.message import Incoming, Outgoing
 from shared.kafka.table import ChangelogTable
 from shared.models.deployed import build_deployed_item_encoder
 from shared.models.item_encoder import ItemEncoder
 from shared.retrieval.qdrant_store import QdrantStore
+from shared.types import MovieId
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,40 @@ log = logging.getLogger(__name__)
 def make_handler(
     settings: Settings, encoder: ItemEncoder, store: QdrantStore, table: ChangelogTable
 ) -> BatchHandler:
-    """``handle_items`` as a ``BatchConsumer`` handler that keeps its records in ``table``."""
+    """``handle_items`` as a ``BatchConsumer`` handler that keeps its records in ``table``.
+
+    The records it writes are also kept as read (``ItemRecord``), each with the bytes
+    object it put in the table: while the table holds that very object, the next batch
+    takes the record as is instead of parsing it again (a popular movie's co-rating
+    counts are kilobytes of JSON, and most batches touch it). A table restored, or a
+    batch discarded after a failed commit, holds other objects, which are parsed.
+    """
+    read: dict[MovieId, tuple[bytes, ItemRecord]] = {}
+    generation = table.generation
+
+    def stored(movie_id: MovieId) -> bytes | ItemRecord | None:
+        raw = table.get(movie_id.encode())
+        kept = read.get(movie_id)
+        return kept[1] if kept is not None and raw is kept[0] else raw
 
     def handler(batch: list[Incoming[Event]]) -> list[Outgoing]:
+        nonlocal generation
+        if table.generation != generation:  # partitions restored or revoked
+            generation = table.generation
+            read.clear()
         # The consumer reads only movies and item-feedback, both keyed by movie_id.
         events = cast(list[Incoming[ItemEvent]], batch)
         partitions = {i.event.movie_id: i.source.partition for i in events}
-        records = {m: raw for m in partitions if (raw := table.get(m.encode())) is not None}
+        records = {m: record for m in partitions if (record := stored(m)) is not None}
         out, updated = handle_items(
             events, records, encoder, store, datetime.now(UTC), item_pull=settings.item_pull
         )
         for movie_id, record in updated.items():
             partition = partitions[movie_id]
             if partition is not None:
-                table.put(movie_id.encode(), record.to_bytes(), partition)
+                raw = record.to_bytes()
+                table.put(movie_id.encode(), raw, partition)
+                read[movie_id] = (raw, record)
         return out
 
     return handler

@@ -189,6 +189,14 @@ def test_movie_stats_added_by_hand() -> None:
     assert (first.count, first.co) == (1, {"x": 1, "y": 1})
     assert MovieStats().log_decayed == -math.inf
     assert MovieStats().last_day is None
+    # Several at once: the very same statistics as one by one.
+    ratings = [(4.0, t2, ["x", "y"]), (2.5, t1, ["y"]), (5.0, t1, [])]
+    one_by_one = MovieStats()
+    for rating, at, co in ratings:
+        one_by_one = one_by_one.added(rating, at, co, 3.0, 1.0)
+    assert MovieStats().added_many(ratings, 3.0, 1.0) == one_by_one
+    with pytest.raises(NumericalError):
+        first.added_many([(math.nan, t1, [])], 3.0, 1.0)
 
 
 def test_features_by_hand() -> None:

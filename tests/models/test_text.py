@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from shared.domain import Movie, People
 from shared.exceptions import ConfigurationError
+from shared.models.device import resolve_precision
 from shared.models.text import TextEncoder, is_freebase_id, movie_text
 
 
@@ -73,6 +75,38 @@ def test_batch_equals_single(encoder: TextEncoder) -> None:
     batch = encoder.encode(texts, batch_size=3)
     singles = np.concatenate([encoder.encode([t]) for t in texts])
     np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_bfloat16_embeddings_agree_with_float32(encoder: TextEncoder) -> None:
+    bf16 = TextEncoder(dtype=torch.bfloat16)
+    texts = [movie_text(m) for m in (STAR_WARS, EMPIRE, SENSE)] + ["Toy Story", "Heat"]
+    exact, fast = encoder.encode(texts), bf16.encode(texts)
+    assert fast.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+    assert (exact * fast).sum(axis=1).min() > 0.999
+
+
+@pytest.mark.parametrize(
+    ("name", "flags", "expected"),
+    [
+        ("auto", "fpu avx2 avx512f avx512_bf16", torch.bfloat16),
+        ("auto", "fpu amx_bf16 amx_tile", torch.bfloat16),
+        ("auto", "fpu avx2 fma", torch.float32),
+        ("float32", "avx512_bf16", torch.float32),
+        ("bfloat16", "avx2", torch.bfloat16),
+    ],
+)
+def test_text_precision_is_bfloat16_where_the_cpu_has_it(
+    tmp_path: Path, name: str, flags: str, expected: torch.dtype
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert resolve_precision(name, torch.device("cpu"), cpuinfo) is expected
+
+
+def test_text_precision_without_cpuinfo_is_float32(tmp_path: Path) -> None:
+    missing = tmp_path / "cpuinfo"
+    assert resolve_precision("auto", torch.device("cpu"), missing) is torch.float32
 
 
 def test_empty_batch(encoder: TextEncoder) -> None:

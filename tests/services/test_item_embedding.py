@@ -202,8 +202,13 @@ def test_raters_tastes_move_a_new_movie_the_same_in_any_order_and_batching(
 
         features: list[ItemFeaturesUpdated] = []
 
-        def apply(*batches: list[int]) -> tuple[list[ItemEmbedded], dict[str, bytes]]:
-            records, published, offset = dict(stored), [], 10
+        def apply(
+            *batches: list[int], as_read: bool = False
+        ) -> tuple[list[ItemEmbedded], dict[str, bytes]]:
+            # as_read: the records go from one batch to the next as read, not as bytes.
+            records: dict[str, bytes | ItemRecord] = dict(stored)
+            published: list[ItemEmbedded] = []
+            offset = 10
             for batch in batches:
                 events = [
                     incoming(rated("1", tastes[i], i), offset + j, None)
@@ -213,8 +218,10 @@ def test_raters_tastes_move_a_new_movie_the_same_in_any_order_and_batching(
                 out, updated = handle_items(events, records, encoder, store, NOW, item_pull=0.5)
                 published += embedded(out)
                 features.extend(statistics(out))
-                records |= {m: r.to_bytes() for m, r in updated.items()}
-            return published, records
+                records |= {m: r if as_read else r.to_bytes() for m, r in updated.items()}
+            return published, {
+                m: r.to_bytes() if isinstance(r, ItemRecord) else r for m, r in records.items()
+            }
 
         one_batch, records = apply([0, 1, 2])
         # One statistics message per batch that rated the movie.
@@ -236,6 +243,10 @@ def test_raters_tastes_move_a_new_movie_the_same_in_any_order_and_batching(
         # ... and the same statistics.
         assert [f.n_ratings for f in features[1:]] == [1, 2, 3]
         last = features[-1]
+        # Records handed on as read, not as bytes (the worker's way): the same again.
+        as_read, read_records = apply([2], [0], [1], as_read=True)
+        np.testing.assert_array_equal(as_read[-1].vector, one_by_one[-1].vector)
+        assert read_records["1"] == apply([2], [0], [1])[1]["1"]
         assert last.model_dump(exclude={"event_id", "last_rating_event_id"}) == stats.model_dump(
             exclude={"event_id", "last_rating_event_id"}
         )
