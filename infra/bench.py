@@ -450,6 +450,7 @@ def measure_steady(
     lists: Lists,
     rate: float,
     seconds: float,
+    pids: dict[str, int],
 ) -> dict[str, Any]:
     tag = f"r{int(rate)}-{uuid.uuid4().hex[:6]}"
     count = int(rate * seconds)
@@ -468,6 +469,7 @@ def measure_steady(
     sent: dict[str, float] = {}
     published: dict[str, float] = {}
     pacer = Pacer()
+    before = cpu_seconds(pids)
     started = time.time()
     try:
         for i, rating in enumerate(ratings):
@@ -482,6 +484,7 @@ def measure_steady(
         publisher.flush()
         offered_s = time.time() - started
         missing = lists.wait_for(last_event_per_user(ratings), timeout_s=600)
+        after = cpu_seconds(pids)
         deadline = time.monotonic() + 60
         while len(embedded) < len(published) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -500,6 +503,9 @@ def measure_steady(
         "latency_ms_field": percentiles(field_ms),
         "new_movie_to_vector_ms": percentiles(new_ms),
         "new_movies_missing": len(published) - len(new_ms),
+        "cpu_s_per_1000_events": {
+            name: round((after[name] - before[name]) / count * 1000, 3) for name in pids
+        },
     }
 
 
@@ -553,7 +559,7 @@ def _passes(
         steady = []
         for rate in rates:
             print(f"steady {rate:g}/s for {steady_s:g}s...", file=sys.stderr)
-            steady.append(measure_steady(settings, dataset, lists, rate, steady_s))
+            steady.append(measure_steady(settings, dataset, lists, rate, steady_s, pids))
     finally:
         recommendations.stop()
     rss = {name: round(proc_usage(pid)[0], 1) for name, pid in pids.items()}

@@ -33,6 +33,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 Vector: TypeAlias = npt.NDArray[np.float32]
 """A 1-D float32 array."""
@@ -40,19 +41,34 @@ Vector: TypeAlias = npt.NDArray[np.float32]
 MAX_VECTOR_DIM = 4096
 
 
-def _coerce_id(value: Any) -> Any:
-    # JSON producers often send numeric ids; bool is an int subclass but never an id.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+MAX_ID_LENGTH = 64
+
+
+def _id(value: Any) -> str:
+    # One function rather than a coercion and two length constraints: every event
+    # carries ids (an item-features event 50 of them), and each validator is a Python
+    # call. The errors are pydantic's own for a string.
     if isinstance(value, str):
-        return value.strip()
-    return value
+        text = value.strip()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        # JSON producers often send numeric ids; bool is an int subclass but never an id.
+        text = str(value)
+    else:
+        raise PydanticCustomError("string_type", "Input should be a valid string")
+    if not text:
+        raise PydanticCustomError("string_too_short", "String should have at least 1 character")
+    if len(text) > MAX_ID_LENGTH:
+        raise PydanticCustomError(
+            "string_too_long",
+            "String should have at most {max_length} characters",
+            {"max_length": MAX_ID_LENGTH},
+        )
+    return text
 
 
 Id = Annotated[
     str,
-    BeforeValidator(_coerce_id),
-    StringConstraints(min_length=1, max_length=64, strict=True),
+    PlainValidator(_id),
     WithJsonSchema(
         {
             "anyOf": [

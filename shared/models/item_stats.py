@@ -193,6 +193,10 @@ class MovieStats:
     """Per other movie, how many of this movie's raters had it among their
     ``CO_RATED_WINDOW`` latest earlier-rated movies (all of them, or the ``CO_TOP``
     most co-rated where the statistics were published)."""
+    _top: tuple[MovieId, ...] | None = field(default=None, init=False, compare=False, repr=False)
+    """The ``CO_TOP`` most co-rated movies in ``top_co``'s order, once asked for: ``co``
+    only grows, so the next statistics' are found among these and the movies a rating
+    added to (``added_many``) instead of among all of ``co``."""
 
     def added(
         self,
@@ -226,18 +230,20 @@ class MovieStats:
         count, rating_sum, last_day = self.count, self.rating_sum, self.last_day
         log_decayed, log_fast = self.log_decayed, self.log_fast_decayed
         co = dict(self.co)
+        counted: set[MovieId] = set()
         for rating, occurred_at, co_rated in ratings:
             if not math.isfinite(rating):
                 raise NumericalError(f"rating is not finite: {rating}")
             day = days(occurred_at)
             for other in co_rated:
                 co[other] = co.get(other, 0) + 1
+                counted.add(other)
             count += 1
             rating_sum += float(rating)
             log_decayed = _log2_add(log_decayed, day / half_life_days)
             log_fast = _log2_add(log_fast, day / fast_half_life_days)
             last_day = day if last_day is None else max(last_day, day)
-        return MovieStats(
+        stats = MovieStats(
             count=count,
             rating_sum=rating_sum,
             log_decayed=log_decayed,
@@ -245,6 +251,11 @@ class MovieStats:
             last_day=last_day,
             co=co,
         )
+        if self._top is not None:
+            # Counts only grow: a movie outside the old top whose count did not move
+            # still ranks below every movie of the old top.
+            stats._keep_top(_ranked(co, counted.union(self._top), CO_TOP))
+        return stats
 
     def top_co(self, n: int = CO_TOP) -> dict[MovieId, int]:
         """The ``n`` most co-rated movies and their counts (ties: the smaller id first),
@@ -252,18 +263,30 @@ class MovieStats:
         co = self.co
         if n <= 0:
             return {}
+        if n == CO_TOP and self._top is not None:
+            return {movie: co[movie] for movie in self._top}
         if len(co) > n:
             # Only the movies counted at least the n-th highest count can make the list.
             cut = sorted(co.values(), reverse=True)[n - 1]
-            pairs = [pair for pair in co.items() if pair[1] >= cut]
+            top = _ranked(co, [movie for movie, count in co.items() if count >= cut], n)
         else:
-            pairs = list(co.items())
-        return dict(sorted(pairs, key=lambda pair: (-pair[1], pair[0]))[:n])
+            top = _ranked(co, co, n)
+        if n == CO_TOP:
+            self._keep_top(top)
+        return {movie: co[movie] for movie in top}
+
+    def _keep_top(self, top: tuple[MovieId, ...]) -> None:
+        object.__setattr__(self, "_top", top)  # a cache of a frozen value
 
     def published(self) -> MovieStats:
         """These statistics with only the ``CO_TOP`` most co-rated movies, as they are
         published: reading them gives the same features as these."""
         return replace(self, co=self.top_co())
+
+
+def _ranked(co: Mapping[MovieId, int], movies: Iterable[MovieId], n: int) -> tuple[MovieId, ...]:
+    """The ``n`` most co-rated of ``movies`` (ties: the smaller id first)."""
+    return tuple(sorted(movies, key=lambda movie: (-co[movie], movie))[:n])
 
 
 class ItemStats:

@@ -627,6 +627,23 @@ def test_top_co_and_published() -> None:
     assert len(stats.co) == 60  # the original keeps all
 
 
+def test_top_co_carried_through_added_many_is_the_whole_ranking() -> None:
+    # The top found among the old top and the movies a batch counted, batch after
+    # batch, against the top ranked over all the counts each time.
+    rng = np.random.default_rng(7)
+    movies = [f"m{i:03d}" for i in range(300)]
+    carried = MovieStats()
+    for step in range(150):
+        batch = [
+            (4.0, MID_1998, list(rng.choice(movies, size=rng.integers(0, 11), replace=False)))
+            for _ in range(int(rng.integers(1, 6)))
+        ]
+        carried = carried.added_many(batch, 10.0, 1.0)
+        whole = MovieStats(co=dict(carried.co))
+        assert carried.top_co() == whole.top_co(), step
+        assert list(carried.top_co()) == list(whole.top_co())
+
+
 def test_published_stats_give_the_same_co_scores() -> None:
     # "x" co-rated with 60 movies, more than CO_TOP; "y" with a few.
     full, published = ItemStats(), ItemStats()
