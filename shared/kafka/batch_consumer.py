@@ -113,6 +113,10 @@ class BatchConsumer:
         healthy: extra health condition of the worker (e.g. its readers are alive).
         after_commit: called once a batch has committed (e.g. to keep in memory what
             the batch decided, which a retried batch must not see).
+        ahead: sources whose messages go first: when a batch holds some of them and
+            others, they are handled and committed as a batch of their own before the
+            rest (e.g. a new movie, which need not wait while the ratings fetched with
+            it are counted). A source's messages keep their order either way.
     """
 
     def __init__(
@@ -128,8 +132,10 @@ class BatchConsumer:
         has_work: Callable[[], bool] | None = None,
         healthy: Callable[[], bool] | None = None,
         after_commit: Callable[[], None] | None = None,
+        ahead: Sequence[TopicSpec] = (),
     ) -> None:
         self._settings = settings
+        self._ahead = frozenset(settings.topic(spec.name) for spec in ahead)
         self._service = service
         self._specs = {settings.topic(spec.name): spec for spec in sources}
         self._handler = handler
@@ -217,7 +223,8 @@ class BatchConsumer:
                 work = self._has_work is not None and self._has_work()
                 pacer.after_poll(found=bool(messages) or work)
                 if sources or work:
-                    self._run_batch(consumer, sources)
+                    for batch in self.batches(sources):
+                        self._run_batch(consumer, batch)
                 self._report_health()
                 self._measure_lag(consumer)
                 if time.monotonic() - last_report > REPORT_EVERY_S:
@@ -247,6 +254,14 @@ class BatchConsumer:
         if self._settings.batch_size == 1:
             return [first]
         return [first, *consumer.consume(self._settings.batch_size - 1, timeout=0)]
+
+    def batches(self, sources: list[Source]) -> list[list[Source]]:
+        """What was fetched, as the batches to run: the sources ``ahead`` first, in a
+        batch of their own, when there are others."""
+        first = [s for s in sources if s.topic in self._ahead]
+        if not first or len(first) == len(sources):
+            return [sources]
+        return [first, [s for s in sources if s.topic not in self._ahead]]
 
     def _watch(self) -> None:
         """End the process when the loop has not stepped for ``stall_s`` (see above)."""

@@ -2,7 +2,8 @@
 and its raters.
 
 Reads ``movies`` and ``item-feedback`` co-partitioned in micro-batches
-(``handle_items``): movies are encoded in one call per batch (in the consumer thread:
+(``handle_items``), the movies of a batch ahead of its feedback, in a batch of their
+own: movies are encoded in one call per batch (in the consumer thread:
 there is no event loop to block), the tastes of new movies' raters move their vectors
 (``Settings.item_pull``), and every changed vector is upserted into Qdrant and published
 on ``item-embeddings``. Per-movie records live in a ``ChangelogTable`` restored from
@@ -103,6 +104,8 @@ class ItemEmbeddingWorker:
             make_handler(settings, self.encoder, self.store, self.table),
             ready_file=settings.ready_file(SERVICE),
             table=self.table,
+            # A new movie is searchable without waiting for the feedback fetched with it.
+            ahead=[MOVIES],
         )
 
     def run(self) -> None:

@@ -13,10 +13,11 @@ import pytest
 
 from infra.stack import child_env
 from shared.config import Settings
-from shared.events import DEAD_LETTERS, RATINGS, DeadLetter, Event, RatingSubmitted
+from shared.events import DEAD_LETTERS, MOVIES, RATINGS, DeadLetter, Event, RatingSubmitted
 from shared.exceptions import UnprocessableEventError
 from shared.kafka.batch_consumer import STALLED_EXIT, BatchConsumer, BatchHandler
-from shared.kafka.message import Incoming, Outgoing
+from shared.kafka.client import make_producer
+from shared.kafka.message import Incoming, Outgoing, Source
 from tests.conftest import SettingsFactory
 from tests.kafka_helpers import produce_raw, read_topic
 
@@ -106,6 +107,47 @@ def test_an_event_the_handler_cannot_process_is_dead_lettered_alone(
     assert "UnprocessableEventError: movie poison cannot be rated" in letters[0].error
     assert letters[0].offset == 1
     assert "a" in handled and "b" in handled and "poison" not in handled
+
+
+def test_sources_ahead_are_handled_in_a_batch_of_their_own_first(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings()
+    producer = make_producer(settings)
+    for i in range(200):
+        producer.produce(settings.topic(RATINGS.name), rating("3", f"m{i}"), b"3")
+    producer.produce(settings.topic(MOVIES.name), b'{"movie_id": "new", "title": "New"}', b"new")
+    assert producer.flush(10) == 0
+    batches: list[list[str]] = []
+    done = threading.Event()
+
+    def handler(batch: list[Incoming[Event]]) -> list[Outgoing]:
+        batches.append([type(i.event).__name__ for i in batch])
+        if sum(map(len, batches)) == 201:
+            done.set()
+        return []
+
+    loop = BatchConsumer(settings, "test", [RATINGS, MOVIES], handler, ahead=[MOVIES])
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        assert done.wait(30)
+    finally:
+        loop.stop()
+        thread.join(30)
+    # Never in a batch with ratings.
+    assert ["MoviePublished"] in batches
+    assert all(len(set(batch)) == 1 for batch in batches), batches
+    assert sum(batch.count("RatingSubmitted") for batch in batches) == 200
+    # Fetched together, the movie goes first.
+    fetched = [
+        Source(settings.topic(topic.name), 0, offset, None, None, None)
+        for topic, offset in [(RATINGS, 0), (MOVIES, 0), (RATINGS, 1), (MOVIES, 1)]
+    ]
+    first, rest = loop.batches(fetched)
+    assert first == [fetched[1], fetched[3]] and rest == [fetched[0], fetched[2]]
+    assert loop.batches(fetched[::2]) == [fetched[::2]]
+    assert loop.batches([]) == [[]]
 
 
 def test_offsets_are_committed_after_the_work_so_a_restart_resumes(
