@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     most diverse lambda within 1% of the best NDCG@10 on the validation split (the last
     10% of TRAIN) with the trained models: `make eval VALIDATION=1`."""
 
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "lz4", validation_alias="REELSTREAM_COMPRESSION"
+    )
+    """How every producer compresses its record batches [REELSTREAM_COMPRESSION]. With
+    lz4, batches of ratings and of item feedback shrink to about a fifth of their
+    size, the item side's changelog (base64 vectors and digests) to two thirds."""
+
     # --- Stream processing -------------------------------------------------------
     torch_threads: int = Field(1, ge=1, validation_alias="REELSTREAM_TORCH_THREADS")
     """Threads of each worker's model code [REELSTREAM_TORCH_THREADS]: torch's intra-op

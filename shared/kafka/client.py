@@ -36,6 +36,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "partitioner": "murmur2_random",
         "linger.ms": 5,
         "queue.buffering.max.messages": 500_000,
+        "compression.type": settings.compression,
     }
     config.update(overrides)
     return config
