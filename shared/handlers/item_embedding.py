@@ -201,13 +201,9 @@ def handle_items(
         if movie_id not in current:
             stored = records.get(movie_id)
             try:
-                current[movie_id] = (
-                    ItemRecord()
-                    if stored is None
-                    else stored
-                    if isinstance(stored, ItemRecord)
-                    else ItemRecord.from_bytes(stored)
-                )
+                if isinstance(stored, bytes):
+                    stored = ItemRecord.from_bytes(stored)
+                current[movie_id] = ItemRecord() if stored is None else stored
             except InvalidEventError as exc:
                 # Dead-letter rather than reset: resetting would forget its raters.
                 out.append(dead_letter(incoming.source, f"stored state of movie: {exc}", SERVICE))

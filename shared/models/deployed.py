@@ -55,25 +55,16 @@ def build_deployed_item_encoder(settings: Settings) -> ItemEncoder:
         ConfigurationError: a model file is missing, or the checkpoint does not fit the
             configured text/image encoders.
     """
-    from shared.models.device import resolve_device, resolve_precision
     from shared.models.fusion import load_fusion_encoder
     from shared.models.image import load_image_encoder
-    from shared.models.item_encoder import build_item_encoder
-    from shared.models.text import TextEncoder
+    from shared.models.item_encoder import build_item_encoder, build_text_encoder
 
     path = settings.checkpoint(ITEM_ENCODER)
     if path is None:
         log.info("item encoder: baseline concat encoder (%s)", _why(settings, ITEM_ENCODER))
         return build_item_encoder(settings)
 
-    device = resolve_device(settings.device)
-    encoder = load_fusion_encoder(
-        path,
-        TextEncoder(
-            settings.text_model, device, resolve_precision(settings.text_precision, device)
-        ),
-        load_image_encoder(settings),
-    )
+    encoder = load_fusion_encoder(path, build_text_encoder(settings), load_image_encoder(settings))
     log.info("item encoder: trained %s from %s", encoder.model_version, path)
     return encoder
 

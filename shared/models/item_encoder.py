@@ -253,6 +253,19 @@ class ConcatItemEncoder:
         return [m for m in MODALITY_ORDER if m in present]
 
 
+def build_text_encoder(settings: Settings) -> TextEncoder:
+    """The text model the settings name, on their device and in their precision.
+
+    Raises:
+        ConfigurationError: the model directory is missing or unusable, or the device
+            is not available.
+    """
+    device = resolve_device(settings.device)
+    return TextEncoder(
+        settings.text_model, device, resolve_precision(settings.text_precision, device)
+    )
+
+
 def build_item_encoder(
     settings: Settings, weights: BlockWeights | None = None
 ) -> ConcatItemEncoder:
@@ -261,10 +274,7 @@ def build_item_encoder(
     Raises:
         ConfigurationError: a model directory or checkpoint is missing or does not fit.
     """
-    device = resolve_device(settings.device)
-    text = TextEncoder(
-        settings.text_model, device, resolve_precision(settings.text_precision, device)
-    )
+    text = build_text_encoder(settings)
     image = load_image_encoder(settings)
     encoder = ConcatItemEncoder(
         text,
@@ -277,6 +287,6 @@ def build_item_encoder(
         encoder.describe(),
         encoder.model_version,
         encoder.dim,
-        device,
+        text.device,
     )
     return encoder

@@ -126,6 +126,11 @@ class TextEncoder:
         return self._dim
 
     @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return self._device
+
+    @property
     def name(self) -> str:
         """Short model name, part of the item encoder's model version."""
         return self._name
