@@ -70,11 +70,16 @@ def test_similar_titles_are_closer_than_unrelated_ones(encoder: TextEncoder) -> 
     assert toy @ toy2 > toy @ schindler
 
 
-def test_batch_equals_single(encoder: TextEncoder) -> None:
-    texts = [movie_text(m) for m in (STAR_WARS, EMPIRE, SENSE)] + ["Heat"]
-    batch = encoder.encode(texts, batch_size=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_texts_embedding_does_not_depend_on_its_batch(dtype: torch.dtype) -> None:
+    """Alone, with texts of other lengths, in any order: the same to float32 rounding
+    (padding would move a bfloat16 embedding by about 1e-3)."""
+    encoder = TextEncoder(dtype=dtype)
+    texts = [movie_text(m) for m in (STAR_WARS, EMPIRE, SENSE)] + ["Heat", "Toy Story", "Fargo"]
     singles = np.concatenate([encoder.encode([t]) for t in texts])
-    np.testing.assert_allclose(batch, singles, atol=1e-5)
+    for batch in (encoder.encode(texts), encoder.encode(texts, batch_size=2)):
+        np.testing.assert_allclose(batch, singles, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(encoder.encode(texts[::-1])[::-1], singles, rtol=0, atol=1e-6)
 
 
 def test_bfloat16_embeddings_agree_with_float32(encoder: TextEncoder) -> None:
