@@ -363,22 +363,15 @@ def _settled(name: str, history: list[dict[str, int | None]], bound: int) -> boo
     return lag == 0 or (lag <= bound and all(h.get(name) == lag for h in history))
 
 
-def wait_program_ready(
-    settings: Settings, name: str, old_pid: int | None, timeout_s: float = RECOVERY_LIMIT_S
+def kill_and_time(
+    settings: Settings, name: str, pid: int, timeout_s: float = RECOVERY_LIMIT_S
 ) -> float | None:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        info = stack.program_infos(settings).get(name, {})
-        pid = int(info.get("pid") or 0)
-        if (
-            pid
-            and pid != old_pid
-            and info.get("statename") == "RUNNING"
-            and stack.is_ready(settings, name, since=stack.started_at(info))
-        ):
-            return time.monotonic() - start
-        time.sleep(0.25)
-    return None
+    """``kill -9`` program ``name`` (process ``pid``): seconds until its restarted process
+    first wrote its ready file (None: not within ``timeout_s``)."""
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    times = stack.first_ready(settings, name, old_pid=pid, timeout_s=timeout_s)
+    return None if times is None else times[1] - killed
 
 
 # --- Faults -----------------------------------------------------------------------------
@@ -432,9 +425,8 @@ def inject(settings: Settings, faults: list[Fault], t0: float, out: Output) -> N
             if pid is None:
                 out(f"  fault       {name} not running, skipped")
                 continue
-            os.kill(pid, signal.SIGKILL)
             out(f"  fault       t={fault.started_s:.1f}s kill -9 {name} (pid {pid})")
-            recovery = wait_program_ready(settings, name, pid)
+            recovery = kill_and_time(settings, name, pid)
             fault.recovery_s = None if recovery is None else round(recovery, 2)
             out(f"  fault       {name} ready again after {fault.recovery_s} s")
 
@@ -788,8 +780,7 @@ def restart_times(
         pid = stack.program_pid(settings, name)
         if pid is None:
             raise stack.StackError(f"{name} is not running: `make up` first")
-        os.kill(pid, signal.SIGKILL)
-        recovery = wait_program_ready(settings, name, pid)
+        recovery = kill_and_time(settings, name, pid)
         times[name] = None if recovery is None else round(recovery, 1)
         out(f"kill -9 {name}: ready again after {times[name]} s")
     return times

@@ -329,6 +329,29 @@ def is_ready(
     return now - mtime <= READY_MAX_AGE_S and (since is None or mtime >= since)
 
 
+def first_ready(
+    settings: Settings, name: str, old_pid: int | None, timeout_s: float
+) -> tuple[float, float] | None:
+    """Wait for a process of program ``name`` other than ``old_pid`` to write its ready
+    file: when that process started and when it first wrote the file (epoch seconds),
+    or None after ``timeout_s``.
+
+    supervisord calls a process STARTING until it has stayed up ``startsecs`` (10 s for
+    a service), so readiness is read from the file, not from RUNNING. The file is polled
+    every 50 ms and rewritten every 2 s while healthy, so the time read is its first
+    write.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = program_infos(settings).get(name, {})
+        pid = int(info.get("pid") or 0)
+        began = started_at(info) if pid and pid != old_pid else None
+        if began is not None and is_ready(settings, name, since=began):
+            return began, settings.ready_file(name).stat().st_mtime
+        time.sleep(0.05)
+    return None
+
+
 def started_at(info: ProgramInfo) -> float | None:
     """When the program's current process started (epoch seconds): from ``/proc`` to
     the clock tick where there is one, else supervisord's ``start`` (whole seconds,

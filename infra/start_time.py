@@ -86,16 +86,11 @@ def restart_seconds(settings: Settings) -> float:
     name = stack.RECOMMENDER.name
     stack.stop_program(settings, name)
     stack.start_program(settings, name, wait=False)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    began: float | None = None
-    while time.monotonic() < deadline:
-        info = stack.program_infos(settings).get(name)
-        if began is None and info is not None and info.get("statename") == "RUNNING":
-            began = stack.started_at(info)
-        if began is not None and stack.is_ready(settings, name, since=began):
-            return settings.ready_file(name).stat().st_mtime - began
-        time.sleep(0.05)
-    raise SystemExit(f"the recommender was not ready {READY_TIMEOUT_S:.0f} s after its start")
+    times = stack.first_ready(settings, name, old_pid=None, timeout_s=READY_TIMEOUT_S)
+    if times is None:
+        raise SystemExit(f"the recommender was not ready {READY_TIMEOUT_S:.0f} s after its start")
+    began, ready = times
+    return ready - began
 
 
 def main() -> None:

@@ -171,13 +171,14 @@ def test_supervisord_restarts_a_killed_program_and_down_leaves_nothing(
     server = stack.program_pid(settings, stack.BROKER)
     assert server is not None
 
-    # kill -9 a service: supervisord starts it again, and it becomes ready again.
+    # kill -9 a service: supervisord starts it again, and it becomes ready again; the
+    # restarted process's first ready file is seen before supervisord calls it RUNNING.
+    killed = time.time()
     os.kill(pids["ingest"], signal.SIGKILL)
-    _wait_for(
-        lambda: stack.program_pid(settings, "ingest") not in (None, pids["ingest"]),
-        10,
-        "ingest restarted",
-    )
+    times = stack.first_ready(settings, "ingest", old_pid=pids["ingest"], timeout_s=60)
+    assert times is not None
+    began, ready = times
+    assert began <= ready and ready > killed
     restarted = stack.wait_ready(settings, ["ingest"], timeout_s=60, out=lines.append)
     assert restarted["ingest"] != pids["ingest"]
 
